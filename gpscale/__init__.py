@@ -1,0 +1,16 @@
+"""gpscale: exact Gaussian processes at millions of points.
+
+Data flow: ``X -> kernels -> operators -> solvers / precond -> logdet -> likelihood -> models``.
+"""
+
+from . import kernels, operators, precond, solvers
+from . import logdet
+from .likelihood import CHOLESKY_CROSSOVER, MLLResult, marginal_log_likelihood, mll_estimate
+from .operators import CrossKernelOperator, KernelOperator
+from .solvers import CGResult, CGStatus, CGWarning, ConjugateGradients, cg
+
+__version__ = "0.1.0"
+
+__all__ = ["kernels", "operators", "precond", "solvers", "logdet", "KernelOperator", "CrossKernelOperator",
+           "cg", "ConjugateGradients", "CGResult", "CGStatus", "CGWarning", "marginal_log_likelihood",
+           "mll_estimate", "MLLResult", "CHOLESKY_CROSSOVER", "__version__"]

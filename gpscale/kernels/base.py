@@ -1,0 +1,160 @@
+"""Stationary kernel base class: hyperparameters, transforms and the dense reference.
+
+Every gpscale kernel is *stationary* and written as
+
+.. math:: k(x, z) = s \\, f(q), \\qquad q = \\sum_d (x_d - z_d)^2 / \\ell_d^2,
+
+with outputscale :math:`s > 0`, lengthscales :math:`\\ell_d > 0` (one shared or one per dimension,
+"ARD") and a profile :math:`f` of the squared scaled distance ``q``.  Writing every kernel this way lets
+the operators compute products, derivative products and gradients for all kernels with one code
+path: a kernel only supplies :math:`f(q)` and :math:`f'(q)`.
+
+Positivity
+----------
+Hyperparameters are stored unconstrained (``raw_*``) and mapped through
+``softplus(raw) + 1e-6`` (the same transform GPyTorch uses, so fitted values are comparable).
+``kernel.parameters()`` are these raw tensors; ``kernel.lengthscale`` / ``kernel.outputscale`` are the
+constrained values and carry autograd to the raw ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.functional import softplus
+
+from .._validation import check_positive_hyper
+
+_FLOOR = 1e-6
+
+
+def to_raw(value: torch.Tensor) -> torch.Tensor:
+    """Inverse of the positive transform ``softplus(raw) + 1e-6``."""
+    v = value - _FLOOR
+    # softplus^{-1}(v) = v + log(-expm1(-v)), stable for large and small v.
+    return v + torch.log(-torch.expm1(-v))
+
+
+def to_positive(raw: torch.Tensor) -> torch.Tensor:
+    """Positive transform ``softplus(raw) + 1e-6`` used for every hyperparameter."""
+    return softplus(raw) + _FLOOR
+
+
+class StationaryKernel(nn.Module):
+    """Base class of gpscale's stationary kernels :math:`s f(\\|(x-z)/\\ell\\|^2)`.
+
+    Parameters
+    ----------
+    lengthscale : float or sequence or tensor, default 1.0
+        A scalar for one shared lengthscale, or a 1-D tensor of length ``d`` for ARD.
+    outputscale : float, default 1.0
+        Signal variance :math:`s`.
+    ard_num_dims : int, optional
+        Shortcut for ARD: replicate a scalar ``lengthscale`` over ``ard_num_dims`` dimensions.
+
+    Notes
+    -----
+    Subclasses implement :meth:`profile` (``f(q)``) and :meth:`profile_derivative` (``f'(q)``), both
+    elementwise and safe at ``q = 0``.
+    """
+
+    #: short name used by the estimator and the CLI
+    name = "stationary"
+
+    def __init__(self, lengthscale=1.0, outputscale=1.0, ard_num_dims: int | None = None):
+        super().__init__()
+        ls = torch.as_tensor(lengthscale, dtype=torch.get_default_dtype()).detach().clone()
+        if ls.dim() > 1:
+            raise ValueError(
+                f"lengthscale must be a scalar or a 1-D tensor of length d, got shape {tuple(ls.shape)}"
+            )
+        if ard_num_dims is not None:
+            if ls.dim() == 0 or ls.numel() == 1:
+                ls = ls.reshape(()).repeat(int(ard_num_dims))
+            elif ls.numel() != ard_num_dims:
+                raise ValueError(f"lengthscale has {ls.numel()} entries but ard_num_dims={ard_num_dims}")
+        os_ = torch.as_tensor(outputscale, dtype=ls.dtype).detach().clone()
+        if os_.dim() != 0:
+            raise ValueError("outputscale must be a scalar")
+        check_positive_hyper("lengthscale", ls)
+        check_positive_hyper("outputscale", os_)
+        self.raw_lengthscale = nn.Parameter(to_raw(ls))
+        self.raw_outputscale = nn.Parameter(to_raw(os_))
+
+    # ------------------------------------------------------------------ hyperparameters
+    @property
+    def lengthscale(self) -> torch.Tensor:
+        """Constrained lengthscale(s): a scalar tensor, or shape ``(d,)`` for ARD."""
+        return to_positive(self.raw_lengthscale)
+
+    @lengthscale.setter
+    def lengthscale(self, value) -> None:
+        value = torch.as_tensor(value, dtype=self.raw_lengthscale.dtype)
+        check_positive_hyper("lengthscale", value)
+        with torch.no_grad():
+            self.raw_lengthscale.copy_(to_raw(value).expand_as(self.raw_lengthscale))
+
+    @property
+    def outputscale(self) -> torch.Tensor:
+        """Constrained outputscale :math:`s`."""
+        return to_positive(self.raw_outputscale)
+
+    @outputscale.setter
+    def outputscale(self, value) -> None:
+        value = torch.as_tensor(value, dtype=self.raw_outputscale.dtype)
+        check_positive_hyper("outputscale", value)
+        with torch.no_grad():
+            self.raw_outputscale.copy_(to_raw(value))
+
+    @property
+    def ard(self) -> bool:
+        """Whether the kernel has one lengthscale per input dimension."""
+        return self.raw_lengthscale.dim() == 1
+
+    def check_dims(self, d: int) -> None:
+        """Raise a clear error when an ARD kernel meets inputs of the wrong width."""
+        if self.ard and self.raw_lengthscale.numel() != d:
+            raise ValueError(
+                f"{type(self).__name__} has {self.raw_lengthscale.numel()} ARD lengthscales but X has "
+                f"d={d} columns; build the kernel with ard_num_dims={d} (or a length-{d} lengthscale)"
+            )
+
+    def hyper_values(self, dtype=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(lengthscale, outputscale)``, keeping the autograd graph to the raw parameters."""
+        ls, s = self.lengthscale, self.outputscale
+        if dtype is not None or device is not None:
+            ls, s = ls.to(dtype=dtype, device=device), s.to(dtype=dtype, device=device)
+        return ls, s
+
+    # ------------------------------------------------------------------ profile
+    def profile(self, q: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """``f(q)``: the kernel as a function of the squared scaled distance ``q >= 0``."""
+        raise NotImplementedError
+
+    def profile_derivative(self, q: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """``f'(q) = df/dq``, finite (or zero by the limit argument) at ``q = 0``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ dense reference
+    def forward(self, X: torch.Tensor, Z: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense ``K(X, Z)`` through plain torch ops (autograd-capable reference).
+
+        Complexity :math:`O(n m d)` time and :math:`O(n m)` memory: meant for tests and small problems.
+        The operators in :mod:`gpscale.operators` never call this on the full data.
+        """
+        Z = X if Z is None else Z
+        ls, s = self.hyper_values(X.dtype, X.device)
+        diff = (X.unsqueeze(-2) - Z.unsqueeze(-3)) / ls
+        q = diff.pow(2).sum(-1)
+        return s * self.profile(q)
+
+    def extra_repr(self) -> str:
+        ls = self.lengthscale.detach()
+        ls_txt = f"{ls.item():.4g}" if ls.dim() == 0 else "[" + ", ".join(f"{v:.3g}" for v in ls.tolist()) + "]"
+        return f"lengthscale={ls_txt}, outputscale={self.outputscale.item():.4g}"
+
+
+SQRT3 = math.sqrt(3.0)
+SQRT5 = math.sqrt(5.0)

@@ -1,0 +1,144 @@
+"""Public marginal log-likelihood entry point: validation and Cholesky/iterative dispatch."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .._validation import (as_tensor, check_inputs, check_positive_hyper, check_positive_int, check_same,
+                           check_targets)
+from ..kernels.base import StationaryKernel
+from ..precond.pivoted_cholesky import PivotedCholesky
+from ..solvers.cg import ConjugateGradients
+from .cholesky import cholesky_mll
+from .iterative import iterative_mll
+
+#: Largest n for which ``method="auto"`` uses the dense Cholesky path.  Measured on the 2-core CI
+#: machine (benchmarks/crossover.py, results in benchmarks/results/crossover.json): below this
+#: size one Cholesky MLL+grad is faster than the iterative path at rtol 1e-2, 10 probes.
+CHOLESKY_CROSSOVER = 2500
+
+_METHODS = ("auto", "cholesky", "iterative")
+
+
+@dataclass
+class MLLResult:
+    """A marginal log-likelihood value with how it was computed.
+
+    Attributes
+    ----------
+    value : 0-d tensor
+        :math:`\\log p(y)` summed over points, differentiable w.r.t. the hyperparameters.
+    method : str
+        ``"cholesky"`` or ``"iterative"``.
+    stats : dict
+        Solver statistics (CG status, iterations, log-det standard error, timings).
+    """
+
+    value: torch.Tensor
+    method: str
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def converged(self) -> bool:
+        return self.stats.get("status", "CONVERGED") == "CONVERGED"
+
+
+def _prepare(X, y, kernel, noise, mean):
+    check_inputs(X, "X", min_rows=2)
+    y = check_targets(as_tensor("y", y, dtype=X.dtype if not isinstance(y, torch.Tensor) else None), X.shape[0])
+    check_same(X, y, "X", "y")
+    if not isinstance(kernel, StationaryKernel):
+        raise TypeError(f"kernel must be a gpscale kernel such as gpscale.kernels.RBF(), got {type(kernel).__name__}")
+    kernel.check_dims(X.shape[1])
+    noise = noise if isinstance(noise, torch.Tensor) else torch.as_tensor(noise, dtype=X.dtype)
+    mean = mean if isinstance(mean, torch.Tensor) else torch.as_tensor(mean, dtype=X.dtype)
+    if noise.numel() != 1 or mean.numel() != 1:
+        raise ValueError("noise and mean must be scalars (a constant mean and homoscedastic noise)")
+    check_positive_hyper("noise", noise.detach())
+    check_positive_hyper("lengthscale", kernel.lengthscale.detach())
+    check_positive_hyper("outputscale", kernel.outputscale.detach())
+    noise = noise.reshape(()).to(dtype=X.dtype, device=X.device)
+    mean = mean.reshape(()).to(dtype=X.dtype, device=X.device)
+    return y, noise, mean
+
+
+def mll_estimate(X, y, kernel, noise=1.0, mean=0.0, *, method: str = "auto", rtol: float = 1e-2,
+                 max_iter: int = 1000, num_probes: int = 10, preconditioner=PivotedCholesky(rank=100),
+                 seed: int | None = None, generator: torch.Generator | None = None,
+                 memory_budget: int | None = None, warn: bool = True) -> MLLResult:
+    """Like :func:`marginal_log_likelihood` but returns an :class:`MLLResult` with statistics."""
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    y, noise, mean = _prepare(X, y, kernel, noise, mean)
+    n = X.shape[0]
+    if method == "auto":
+        method = "cholesky" if n <= CHOLESKY_CROSSOVER else "iterative"
+    t0 = time.perf_counter()
+    if method == "cholesky":
+        value = cholesky_mll(X, y, kernel, noise, mean)
+        return MLLResult(value, "cholesky", {"method": "cholesky", "status": "CONVERGED",
+                                             "forward_seconds": time.perf_counter() - t0})
+    check_positive_int("num_probes", num_probes, minimum=1)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=X.device).manual_seed(int(seed))
+    solver = ConjugateGradients(rtol=rtol, max_iter=max_iter)
+    info = iterative_mll(X, y, kernel, noise, mean, solver=solver, num_probes=num_probes,
+                         preconditioner=preconditioner, generator=generator,
+                         op_kwargs={"memory_budget": memory_budget}, warn=warn)
+    stats = info.stats()
+    stats["forward_seconds"] = time.perf_counter() - t0
+    return MLLResult(info.value, "iterative", stats)
+
+
+def marginal_log_likelihood(X, y, kernel, noise=1.0, mean=0.0, *, method: str = "auto", rtol: float = 1e-2,
+                            max_iter: int = 1000, num_probes: int = 10,
+                            preconditioner=PivotedCholesky(rank=100), seed: int | None = None,
+                            generator: torch.Generator | None = None, memory_budget: int | None = None,
+                            warn: bool = True) -> torch.Tensor:
+    """Log marginal likelihood :math:`\\log p(y \\mid X, \\theta)` of an exact GP, summed over points.
+
+    Differentiable with torch autograd w.r.t. every kernel hyperparameter, ``noise`` and ``mean``
+    (pass tensors with ``requires_grad=True`` for the latter two).
+
+    Parameters
+    ----------
+    X : (n, d) tensor
+    y : (n,) tensor
+    kernel : StationaryKernel
+    noise : float or 0-d tensor, > 0
+        Observation noise variance :math:`\\sigma^2`.
+    mean : float or 0-d tensor
+        Constant prior mean.
+    method : {"auto", "cholesky", "iterative"}
+        ``auto`` uses Cholesky for ``n <= CHOLESKY_CROSSOVER`` and the iterative path above.
+    rtol, max_iter : CG settings (see :func:`gpscale.cg`).
+    num_probes : int
+        Probe vectors of the stochastic log-det and trace estimates.
+    preconditioner : factory or None
+        Default ``PivotedCholesky(rank=100)``.
+    seed, generator : make the probes reproducible.
+    memory_budget : int, optional
+        Bytes for the kernel operator (cache + tiles).
+    warn : bool
+        Warn (``CGWarning``) when CG did not converge.
+
+    Returns
+    -------
+    0-d tensor
+
+    Notes
+    -----
+    Iterative cost: one batched CG solve of ``num_probes + 1`` columns (``O(n^2 (d + t))`` per
+    iteration, memory bounded by ``memory_budget``) and one derivative pass of about two kernel
+    products in backward.  Cholesky: :math:`O(n^3)`.
+
+    References
+    ----------
+    Gardner et al. 2018 (BBMM); Wenger et al. 2022 (preconditioned log-det estimator).
+    """
+    return mll_estimate(X, y, kernel, noise, mean, method=method, rtol=rtol, max_iter=max_iter,
+                        num_probes=num_probes, preconditioner=preconditioner, seed=seed, generator=generator,
+                        memory_budget=memory_budget, warn=warn).value

@@ -1,0 +1,8 @@
+"""Kernel operators: memory-bounded products with ``K(X, Z)`` and ``K(X, X) + noise I``."""
+
+from .blocking import DEFAULT_MEMORY_BUDGET, Tiling, plan_tiling
+from .derivatives import bilinear_derivative, derivative_matmul
+from .kernel_operator import CrossKernelOperator, KernelOperator
+
+__all__ = ["KernelOperator", "CrossKernelOperator", "derivative_matmul", "bilinear_derivative",
+           "DEFAULT_MEMORY_BUDGET", "Tiling", "plan_tiling"]
