@@ -137,6 +137,23 @@ class StationaryKernel(nn.Module):
         """``f'(q) = df/dq``, finite (or zero by the limit argument) at ``q = 0``."""
         raise NotImplementedError
 
+    #: The tiled products compute ``u = sqdist_scale * q`` in one GEMM; see :meth:`profile_scaled_`.
+    sqdist_scale = 1.0
+
+    def profile_(self, q: torch.Tensor) -> torch.Tensor:
+        """``f(q)``, allowed to overwrite ``q`` (subclasses do it in place to save memory passes)."""
+        return self.profile(q)
+
+    def profile_scaled_(self, u: torch.Tensor) -> torch.Tensor:
+        """``f(u / sqdist_scale)`` from a tile ``u`` that may be overwritten.
+
+        ``u`` comes from an expanded-distance GEMM and can be slightly out of range by round-off
+        (``q < 0``); implementations clamp where their formula needs it.
+        """
+        if self.sqdist_scale != 1.0:
+            u = u.div_(self.sqdist_scale)
+        return self.profile_(u.clamp_min_(0.0))
+
     # ------------------------------------------------------------------ dense reference
     def forward(self, X: torch.Tensor, Z: torch.Tensor | None = None) -> torch.Tensor:
         """Dense ``K(X, Z)`` through plain torch ops (autograd-capable reference).

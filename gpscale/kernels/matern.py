@@ -75,9 +75,5 @@ class Matern(StationaryKernel):
         e = torch.exp(-a)
         return (1 + a + (5.0 / 3.0) * q) * e, -(5.0 / 6.0) * (1 + a) * e
 
-    def profile_(self, q: torch.Tensor) -> torch.Tensor:
-        """``f(q)``, reusing ``q``'s storage where the formula allows."""
-        return self.profile(q)
-
     def extra_repr(self) -> str:
         return f"nu={self.nu}, " + super().extra_repr()

@@ -116,22 +116,23 @@ def bilinear_derivative(op: KernelOperator, A: torch.Tensor, B: torch.Tensor) ->
     B2, _ = op._check_rhs(B)
     if A2.shape != B2.shape:
         raise ValueError(f"A and B must have the same shape, got {tuple(A2.shape)} and {tuple(B2.shape)}")
-    n = op.shape[0]
     Xs, s, ls = op._Xs, op.outputscale, op.lengthscale
     ard = ls.dim() == 1
     acc_s = torch.zeros((), dtype=A2.dtype, device=A2.device)
     acc_l = torch.zeros(Xs.shape[1] if ard else (), dtype=A2.dtype, device=A2.device)
     X2 = Xs.pow(2)
-    for i0, i1 in op.tiling.row_tiles(n):
-        for j0, j1 in op.tiling.col_tiles(n):
-            q, f, fp = _tile_profile(op, i0, i1, j0, j1)
-            M = A2[i0:i1] @ B2[j0:j1].T
-            acc_s += (M * f).sum()
-            G = M.mul_(fp)
-            if not ard:
-                acc_l += (G * q).sum()
-                continue
-            acc_l += X2[i0:i1].T @ G.sum(1) - 2 * (Xs[i0:i1] * (G @ Xs[j0:j1])).sum(0) + X2[j0:j1].T @ G.sum(0)
+    # Symmetry: an off-diagonal tile IJ also stands for JI, whose weights are (A_J B_I^T)^T.
+    for i0, i1, j0, j1 in op.tiling.upper_tiles(op.shape[0]):
+        q, f, fp = _tile_profile(op, i0, i1, j0, j1)
+        M = A2[i0:i1] @ B2[j0:j1].T
+        if i0 != j0:
+            M.addmm_(B2[i0:i1], A2[j0:j1].T)
+        acc_s += (M * f).sum()
+        G = M.mul_(fp)
+        if not ard:
+            acc_l += (G * q).sum()
+            continue
+        acc_l += X2[i0:i1].T @ G.sum(1) - 2 * (Xs[i0:i1] * (G @ Xs[j0:j1])).sum(0) + X2[j0:j1].T @ G.sum(0)
     return {
         "lengthscale": acc_l * (-2.0 * s / ls),
         "outputscale": acc_s,

@@ -15,7 +15,7 @@ import torch
 
 from .._validation import check_inputs, check_positive_hyper, check_same
 from ..kernels.base import StationaryKernel
-from .blocking import plan_tiling
+from .blocking import plan_symmetric_tiling, plan_tiling
 
 _BACKENDS = ("auto", "torch")
 
@@ -58,6 +58,7 @@ class CrossKernelOperator:
             ls, s = kernel.hyper_values(X.dtype, X.device)
             check_positive_hyper("lengthscale", ls)
             self.lengthscale, self.outputscale = ls.detach(), s.detach()
+            self._outputscale_value = float(s)
             # Centre before scaling: the expanded distance ||x||^2 - 2 x.z + ||z||^2 loses
             # |x|^2 * eps to cancellation, so moving the data to the origin keeps q accurate.
             center = X.mean(0)
@@ -65,6 +66,14 @@ class CrossKernelOperator:
             self._Zs = self._Xs if Z is X else (Z - center) / self.lengthscale
             self._xn = self._Xs.pow(2).sum(1)
             self._zn = self._xn if Z is X else self._Zs.pow(2).sum(1)
+            # Augmented features: one GEMM of width d+2 yields c*q = c(|x|^2 - 2 x.z + |z|^2)
+            # directly (c = kernel.sqdist_scale, -1/2 for RBF), so a tile costs a GEMM write and
+            # one in-place elementwise pass instead of four memory passes.
+            c = float(kernel.sqdist_scale)
+            one_x = torch.ones_like(self._xn[:, None])
+            one_z = torch.ones_like(self._zn[:, None])
+            self._Xa = torch.cat([self._Xs, self._xn[:, None], one_x], dim=1)
+            self._Za = torch.cat([-2.0 * c * self._Zs, c * one_z, c * self._zn[:, None]], dim=1)
         self.X, self.Z = X, Z
         self._symmetric = Z is X
         self.tiling = plan_tiling(X.shape[0], Z.shape[0], X.dtype, X.device, memory_budget,
@@ -99,8 +108,13 @@ class CrossKernelOperator:
         return q
 
     def profile_tile(self, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
-        """Tile of ``f(q)``: the kernel divided by the outputscale."""
-        return self.kernel.profile_(self.scaled_sqdist(i0, i1, j0, j1))
+        """Tile of ``f(q)``: the kernel divided by the outputscale (the hot path of every product)."""
+        u = self._Xa[i0:i1] @ self._Za[j0:j1].T
+        lo, hi = max(i0, j0), min(i1, j1)
+        if self._symmetric and lo < hi:
+            r = torch.arange(lo, hi, device=u.device)
+            u[r - i0, r - j0] = 0.0
+        return self.kernel.profile_scaled_(u)
 
     def _ensure_cache(self) -> None:
         c = self.tiling.cached_rows
@@ -127,7 +141,7 @@ class CrossKernelOperator:
     def matmul(self, V: torch.Tensor) -> torch.Tensor:
         """``K(X, Z) @ V`` for ``V`` of shape ``(m,)`` or ``(m, t)``."""
         V2, vec = self._check_rhs(V)
-        out = self._profile_matmul(V2).mul_(self.outputscale)
+        out = self._profile_matmul(V2).mul_(self._outputscale_value)
         return out[:, 0] if vec else out
 
     def _profile_matmul(self, V: torch.Tensor) -> torch.Tensor:
@@ -177,9 +191,19 @@ class KernelOperator(CrossKernelOperator):
     kernel : StationaryKernel
     noise : float or 0-d tensor, > 0
         Gaussian observation noise variance :math:`\\sigma^2`.
-    **kwargs
-        ``memory_budget``, ``tile_rows``, ``tile_cols``, ``cache``, ``backend`` as in
-        :class:`CrossKernelOperator`.
+    memory_budget : int, optional
+        Bytes for the tile cache and workspace (default 1 GiB).
+    tile : int, optional
+        Edge of the square tiles (``tile_rows`` / ``tile_cols`` are accepted as aliases).
+    cache : bool, default True
+        Keep upper-triangle tiles in memory while they fit ``memory_budget``.
+    backend : {"auto", "torch"}
+
+    Notes
+    -----
+    Symmetry halves the work: only upper-triangle tiles are evaluated, each off-diagonal tile
+    serves ``K_IJ V_J`` and ``K_IJ^T V_I``, and the cache holds about ``n^2/2`` entries when full
+    (a 20k-point float32 problem is cached whole in ~0.9 GB).
 
     Examples
     --------
@@ -187,21 +211,54 @@ class KernelOperator(CrossKernelOperator):
     >>> Y = op.matmul(V)        # (K + 0.1 I) V, memory-bounded
     """
 
-    def __init__(self, X, kernel: StationaryKernel, noise=1.0, **kwargs):
+    def __init__(self, X, kernel: StationaryKernel, noise=1.0, *, memory_budget=None, tile=None, tile_rows=None,
+                 tile_cols=None, cache: bool = True, backend: str = "auto"):
         check_inputs(X, "X", min_rows=1)
-        super().__init__(X, X, kernel, **kwargs)
+        super().__init__(X, X, kernel, memory_budget=memory_budget, cache=False, backend=backend)
+        self.tiling = plan_symmetric_tiling(X.shape[0], X.dtype, X.device, memory_budget,
+                                            tile or tile_rows or tile_cols, cache)
+        self._tiles = self.tiling.upper_tiles(X.shape[0])
+        self._tile_cache: list[torch.Tensor] = []
+        self._cache_used = 0
         noise_t = (noise.detach() if isinstance(noise, torch.Tensor)
                    else torch.as_tensor(noise, dtype=X.dtype))
         if noise_t.numel() != 1:
             raise ValueError(f"noise must be a scalar, got shape {tuple(noise_t.shape)}")
         check_positive_hyper("noise", noise_t)
         self.noise = noise_t.reshape(()).to(dtype=X.dtype, device=X.device)
+        self._noise_value = float(noise_t)  # one host read at build time, none per product
+
+    @property
+    def cached_fraction(self) -> float:
+        """Fraction of the upper-triangle tiles held in memory (after the first product)."""
+        return len(self._tile_cache) / max(1, len(self._tiles))
+
+    def _tile(self, idx: int) -> torch.Tensor:
+        if idx < len(self._tile_cache):
+            return self._tile_cache[idx]
+        i0, i1, j0, j1 = self._tiles[idx]
+        F = self.profile_tile(i0, i1, j0, j1)
+        if idx == len(self._tile_cache) and self._cache_used + F.numel() * F.element_size() <= self.tiling.cache_bytes:
+            self._tile_cache.append(F)
+            self._cache_used += F.numel() * F.element_size()
+        return F
+
+    def _profile_matmul(self, V: torch.Tensor) -> torch.Tensor:
+        """``F @ V`` over upper-triangle tiles, each off-diagonal tile applied twice."""
+        self.num_products += 1
+        out = torch.zeros(self.shape[0], V.shape[1], dtype=V.dtype, device=V.device)
+        for idx, (i0, i1, j0, j1) in enumerate(self._tiles):
+            F = self._tile(idx)
+            out[i0:i1].addmm_(F, V[j0:j1])
+            if i0 != j0:
+                out[j0:j1].addmm_(F.T, V[i0:i1])
+        return out
 
     @torch.no_grad()
     def matmul(self, V: torch.Tensor) -> torch.Tensor:
         """``(K + noise I) @ V``."""
         V2, vec = self._check_rhs(V)
-        out = self._profile_matmul(V2).mul_(self.outputscale).add_(V2, alpha=float(self.noise))
+        out = self._profile_matmul(V2).mul_(self.outputscale).add_(V2, alpha=self._noise_value)
         return out[:, 0] if vec else out
 
     __matmul__ = matmul
