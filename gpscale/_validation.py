@@ -10,7 +10,8 @@ import numbers
 
 import torch
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Inputs are float32 or float64; low-precision *products* are a solver policy, not an input dtype.
+_FLOATS = (torch.float32, torch.float64)
 
 
 def as_tensor(name: str, value, dtype=None, device=None) -> torch.Tensor:

@@ -92,9 +92,14 @@ class StationaryKernel(nn.Module):
     @lengthscale.setter
     def lengthscale(self, value) -> None:
         value = torch.as_tensor(value, dtype=self.raw_lengthscale.dtype)
+        if value.numel() != 1 and value.shape != self.raw_lengthscale.shape:
+            want = f"a scalar or {self.raw_lengthscale.numel()} values (one per input dimension)" if self.ard \
+                else "a scalar (this kernel has one shared lengthscale; build it with ard_num_dims=d for ARD)"
+            raise ValueError(f"lengthscale must be {want}, got shape {tuple(value.shape)}")
         check_positive_hyper("lengthscale", value)
         with torch.no_grad():
-            self.raw_lengthscale.copy_(to_raw(value).expand_as(self.raw_lengthscale))
+            self.raw_lengthscale.copy_(to_raw(value).reshape(-1 if value.numel() > 1 else ()).expand_as(
+                self.raw_lengthscale))
 
     @property
     def outputscale(self) -> torch.Tensor:

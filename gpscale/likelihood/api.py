@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._validation import (as_tensor, check_inputs, check_positive_hyper, check_positive_int, check_same,
-                           check_targets)
+from .._validation import (as_tensor, check_finite, check_inputs, check_positive_hyper, check_positive_int,
+                           check_same, check_targets)
 from ..kernels.base import StationaryKernel
 from ..precond.pivoted_cholesky import PivotedCholesky
 from ..solvers.cg import ConjugateGradients
@@ -58,6 +58,7 @@ def _prepare(X, y, kernel, noise, mean):
     if noise.numel() != 1 or mean.numel() != 1:
         raise ValueError("noise and mean must be scalars (a constant mean and homoscedastic noise)")
     check_positive_hyper("noise", noise.detach())
+    check_finite("mean", mean.detach())
     check_positive_hyper("lengthscale", kernel.lengthscale.detach())
     check_positive_hyper("outputscale", kernel.outputscale.detach())
     noise = noise.reshape(()).to(dtype=X.dtype, device=X.device)

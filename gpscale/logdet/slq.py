@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validation import check_positive_int
 from ..precond.base import Identity
 from ..solvers.cg import CGResult, ConjugateGradients
 
@@ -94,6 +95,7 @@ def probe_solve(op, extra_rhs: torch.Tensor | None, num_probes: int, solver: Con
     generator : torch.Generator, optional
         Makes the probes reproducible.
     """
+    check_positive_int("num_probes", num_probes, minimum=1)
     P = build_preconditioner(op, preconditioner)
     Z = P.sample(num_probes, generator=generator).to(op.dtype)
     rhs = Z if extra_rhs is None else torch.cat([Z, extra_rhs.reshape(op.shape[0], -1)], dim=1)

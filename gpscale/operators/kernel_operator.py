@@ -57,6 +57,7 @@ class CrossKernelOperator:
         with torch.no_grad():
             ls, s = kernel.hyper_values(X.dtype, X.device)
             check_positive_hyper("lengthscale", ls)
+            check_positive_hyper("outputscale", s)
             self.lengthscale, self.outputscale = ls.detach(), s.detach()
             self._outputscale_value = float(s)
             # Centre before scaling: the expanded distance ||x||^2 - 2 x.z + ||z||^2 loses

@@ -100,9 +100,11 @@ class LowRankPlusDiagonal(BuiltPreconditioner):
     def solve(self, R):
         if self.rank == 0:
             return R / self.noise
-        LtR = (self.L.T @ R).to(torch.float64)
+        R2 = R[:, None] if R.dim() == 1 else R
+        LtR = (self.L.T @ R2).to(torch.float64)
         corr = torch.cholesky_solve(LtR, self._chol).to(R.dtype)
-        return (R - self.L @ corr) / self.noise
+        out = (R2 - self.L @ corr) / self.noise
+        return out[:, 0] if R.dim() == 1 else out
 
     def logdet(self):
         return self._logdet.to(self.L.dtype)

@@ -150,6 +150,10 @@ class ConjugateGradients:
 
     def __call__(self, A, B: torch.Tensor, x0: torch.Tensor | None = None, preconditioner=None) -> CGResult:
         matmul = _as_matmul(A)
+        if not isinstance(B, torch.Tensor):
+            raise TypeError(f"B must be a torch.Tensor, got {type(B).__name__}")
+        if x0 is not None and not isinstance(x0, torch.Tensor):
+            raise TypeError(f"x0 must be a torch.Tensor or None, got {type(x0).__name__}")
         vec = B.dim() == 1
         B2 = B[:, None] if vec else B
         X0 = None if x0 is None else (x0[:, None] if x0.dim() == 1 else x0)
@@ -171,8 +175,10 @@ class ConjugateGradients:
         bnorm = B.norm(dim=0)
         tol = torch.clamp(self.rtol * bnorm, min=self.atol)
         rnorm = r.norm(dim=0)
-        active = rnorm > tol
-        status = torch.zeros(t, dtype=torch.long, device=dev)
+        # "not <=" rather than ">": a NaN residual must not count as converged.
+        active = ~(rnorm <= tol)
+        status = torch.where(torch.isfinite(rnorm), CGStatus.CONVERGED.value, CGStatus.NON_FINITE.value)
+        active = active & torch.isfinite(rnorm)
         iters = torch.zeros(t, dtype=torch.long, device=dev)
         nt = min(self.num_tridiag, t)
         rz0 = rz[:nt].clone()
@@ -227,8 +233,13 @@ def _check_system(A, B, X0) -> None:
         raise ValueError(f"A has shape {shape} but B has {B.shape[0]} rows; A must be square (n, n) with n = B.shape[0]")
     if not torch.isfinite(B).all():
         raise ValueError("B contains NaN/Inf; clean the right-hand side before solving")
-    if X0 is not None and X0.shape != B.shape:
-        raise ValueError(f"x0 must have the shape of B {tuple(B.shape)}, got {tuple(X0.shape)}")
+    if X0 is not None:
+        if X0.shape != B.shape:
+            raise ValueError(f"x0 must have the shape of B {tuple(B.shape)}, got {tuple(X0.shape)}")
+        if X0.dtype != B.dtype or X0.device != B.device:
+            raise TypeError(f"x0 ({X0.dtype}, {X0.device}) must match B ({B.dtype}, {B.device}); use x0.to(B)")
+        if not torch.isfinite(X0).all():
+            raise ValueError("x0 contains NaN/Inf; pass a finite initial guess or None")
     ref = getattr(A, "dtype", None)
     if ref is not None and ref != B.dtype:
         raise TypeError(f"A has dtype {ref} but B has dtype {B.dtype}; convert B with B.to({ref})")

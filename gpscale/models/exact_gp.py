@@ -1,0 +1,419 @@
+"""``ExactGP``: a scikit-learn style exact Gaussian process regressor on top of the BBMM engine."""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .._validation import as_tensor, check_inputs, check_positive_int, check_targets, check_tolerance
+from ..kernels import StationaryKernel, make_kernel
+from ..likelihood.api import CHOLESKY_CROSSOVER
+from ..likelihood.cholesky import cholesky_factor
+from ..logdet.slq import build_preconditioner
+from ..operators import DEFAULT_MEMORY_BUDGET, CrossKernelOperator, KernelOperator
+from ..precond.pivoted_cholesky import PivotedCholesky
+from ..solvers.cg import CGWarning, cg
+from .checkpoint import check_compatible, fingerprint, load_checkpoint
+from .fit import FitReport, FitSession, GPParams, Objective, run_adam, run_lbfgs
+
+_KERNELS = ("rbf", "matern12", "matern32", "matern52")
+_OPTIMIZERS = ("lbfgs", "adam")
+_METHODS = ("auto", "cholesky", "iterative")
+#: ``max_iter`` when none is given: L-BFGS-B usually stops earlier on its own (``tol``).
+DEFAULT_MAX_ITER = {"lbfgs": 100, "adam": 200}
+
+
+class ExactGP:
+    """Exact GP regression with learned hyperparameters, scikit-learn style (``fit`` / ``predict``).
+
+    The model is :math:`y = m + f(x) + \\varepsilon` with :math:`f \\sim GP(0, k)`, a constant mean
+    ``m`` and Gaussian noise :math:`\\varepsilon \\sim N(0, \\sigma^2)`.  ``fit`` standardises the
+    inputs (per column) and the targets, then maximises the log marginal likelihood over the kernel
+    hyperparameters, :math:`\\sigma^2` and ``m``.
+
+    Parameters
+    ----------
+    kernel : {"rbf", "matern12", "matern32", "matern52"} or StationaryKernel, default "matern52"
+        A kernel instance is copied and its hyperparameters are the initial values (they act on the
+        *standardised* inputs).
+    ard : bool, default True
+        One lengthscale per input column (ignored when ``kernel`` is an instance).
+    optimizer : {"lbfgs", "adam"}, default "lbfgs"
+        L-BFGS-B (SciPy) on the unconstrained parameters with autograd gradients, or torch's Adam.
+    max_iter : int, optional
+        Optimiser iterations; default 100 (L-BFGS-B) or 200 (Adam).
+    lr : float, default 0.1
+        Adam step size.
+    tol : float, default 1e-7
+        L-BFGS-B stops when the loss (``-MLL / n``) improves by less than ``tol`` relatively.
+    method : {"auto", "cholesky", "iterative"}, default "auto"
+        ``auto``: dense Cholesky for ``n <= gpscale.CHOLESKY_CROSSOVER``, BBMM (CG + SLQ) above.
+    rtol : float, default 1e-2
+        CG tolerance of the training objective.
+    predict_rtol : float, default 1e-3
+        CG tolerance of the prediction solves (iterative method).
+    num_probes : int, default 10
+        Probe vectors of the stochastic log-det and trace estimates.
+    preconditioner : factory or None, default ``PivotedCholesky(rank=100)``
+    seed : int, default 0
+        Probe seed.  L-BFGS-B uses it for every step (a deterministic objective for its line
+        search); Adam uses ``seed + step``.
+    dtype : torch.dtype, default torch.float64
+        Precision of the kernel products.  float64 is the safe default on CPU; ``torch.float32``
+        is about twice as fast and is fine for the iterative method with moderate noise.
+    device : str or torch.device, optional
+        Where the data and products live (default CPU).
+    memory_budget : int, optional
+        Bytes for each kernel operator (cache and tiles), and a quarter of it for the right-hand
+        sides of the prediction solves; default ``gpscale.operators.DEFAULT_MEMORY_BUDGET``.
+    noise_init, noise_floor : float, default 0.1 and 1e-4
+        Initial noise variance and its lower bound, both on the standardised scale.
+    lengthscale_init : float, optional
+        Initial lengthscale on the standardised inputs; default ``sqrt(d)``, which keeps the typical
+        scaled distance between points of order one whatever the dimension.
+    verbose : bool, default False
+        Show a progress bar with the loss.
+    checkpoint : str or path, optional
+        Save the optimiser state after every step (atomically) and resume from the file when it
+        exists.  See :mod:`gpscale.models.checkpoint`.
+
+    Attributes
+    ----------
+    report_ : FitReport
+        Iterations, final MLL, hyperparameters in original units, CG statistics, timings.
+    kernel_ : StationaryKernel
+        Fitted kernel (on the standardised inputs).
+    noise_, mean_ : float
+        Fitted noise variance and constant mean (standardised scale).
+    method_ : str
+        ``"cholesky"`` or ``"iterative"``.
+
+    Notes
+    -----
+    Predictive means cost one kernel product with the training data.  Predictive variances cost a
+    triangular solve per test batch below the Cholesky crossover and a **batched CG solve per test
+    batch** above it: :math:`O(n^2 m)` per CG iteration for ``m`` test points, exact up to
+    ``predict_rtol`` but expensive for very large test sets.
+
+    Examples
+    --------
+    >>> gp = ExactGP(kernel="matern52").fit(X_train, y_train)
+    >>> mean, std = gp.predict(X_test, return_std=True)
+    >>> print(gp.report_)
+    """
+
+    def __init__(self, kernel="matern52", *, ard: bool = True, optimizer: str = "lbfgs", max_iter: int | None = None,
+                 lr: float = 0.1, tol: float = 1e-7, method: str = "auto", rtol: float = 1e-2,
+                 predict_rtol: float = 1e-3, num_probes: int = 10, preconditioner=PivotedCholesky(rank=100),
+                 seed: int = 0, dtype: torch.dtype = torch.float64, device=None, memory_budget: int | None = None,
+                 noise_init: float = 0.1, noise_floor: float = 1e-4, lengthscale_init: float | None = None,
+                 verbose: bool = False, checkpoint=None):
+        self.kernel, self.ard, self.optimizer, self.max_iter, self.lr, self.tol = kernel, ard, optimizer, max_iter, lr, tol
+        self.method, self.rtol, self.predict_rtol, self.num_probes = method, rtol, predict_rtol, num_probes
+        self.preconditioner, self.seed, self.dtype, self.device = preconditioner, seed, dtype, device
+        self.memory_budget, self.noise_init, self.noise_floor = memory_budget, noise_init, noise_floor
+        self.lengthscale_init, self.verbose, self.checkpoint = lengthscale_init, verbose, checkpoint
+
+    # ------------------------------------------------------------------ configuration
+    def _check_config(self) -> None:
+        """Validate constructor arguments (at fit time, as scikit-learn does)."""
+        if not isinstance(self.kernel, StationaryKernel) and str(self.kernel).lower() not in _KERNELS:
+            raise ValueError(f"kernel must be one of {_KERNELS} or a gpscale kernel, got {self.kernel!r}")
+        for name, value, allowed in (("optimizer", self.optimizer, _OPTIMIZERS), ("method", self.method, _METHODS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.max_iter is not None:
+            check_positive_int("max_iter", self.max_iter)
+        check_positive_int("num_probes", self.num_probes)
+        check_positive_int("seed", self.seed, minimum=0)
+        for name in ("rtol", "predict_rtol", "tol"):
+            check_tolerance(name, getattr(self, name))
+        if not (isinstance(self.lr, numbers.Real) and self.lr > 0):
+            raise ValueError(f"lr must be a number > 0, got {self.lr!r}")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {self.dtype!r}")
+        if not (0 < self.noise_floor < self.noise_init):
+            raise ValueError(f"need 0 < noise_floor < noise_init, got noise_floor={self.noise_floor!r}, "
+                             f"noise_init={self.noise_init!r}")
+        if self.lengthscale_init is not None and not self.lengthscale_init > 0:
+            raise ValueError(f"lengthscale_init must be > 0, got {self.lengthscale_init!r}")
+
+    def _resolved_max_iter(self) -> int:
+        return DEFAULT_MAX_ITER[self.optimizer] if self.max_iter is None else int(self.max_iter)
+
+    def _init_kernel(self, d: int) -> StationaryKernel:
+        if isinstance(self.kernel, StationaryKernel):
+            k = copy.deepcopy(self.kernel)
+            k.check_dims(d)
+            return k
+        ls0 = float(self.lengthscale_init) if self.lengthscale_init is not None else math.sqrt(d)
+        ls = torch.full((d,), ls0) if self.ard else ls0
+        return make_kernel(self.kernel, lengthscale=ls, outputscale=1.0)
+
+    def _fingerprint_config(self, method: str) -> dict:
+        kname = self.kernel.name if isinstance(self.kernel, StationaryKernel) else str(self.kernel).lower()
+        return {"kernel": kname, "ard": bool(self.ard), "optimizer": self.optimizer, "method": method,
+                "dtype": str(self.dtype), "seed": int(self.seed), "num_probes": int(self.num_probes),
+                "rtol": float(self.rtol), "tol": float(self.tol), "lr": float(self.lr),
+                "noise_init": float(self.noise_init), "noise_floor": float(self.noise_floor),
+                "lengthscale_init": self.lengthscale_init, "preconditioner": repr(self.preconditioner)}
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y) -> "ExactGP":
+        """Learn the hyperparameters by maximising the marginal likelihood, then cache the predictor.
+
+        Parameters
+        ----------
+        X : (n, d) array-like or tensor, n >= 2
+        y : (n,) or (n, 1) array-like or tensor
+
+        Returns
+        -------
+        self
+        """
+        self._check_config()
+        t_start = time.perf_counter()
+        X, y = _check_data(X, y)
+        self.scaler_ = Standardizer.fit(X, y)
+        dev = torch.device(self.device) if self.device is not None else X.device
+        Xs = self.scaler_.transform_X(X).to(self.dtype).to(dev)
+        ys = self.scaler_.transform_y(y).to(self.dtype).to(dev)
+        n, d = Xs.shape
+        method = self.method if self.method != "auto" else ("cholesky" if n <= CHOLESKY_CROSSOVER else "iterative")
+        params = GPParams(self._init_kernel(d), self.noise_init, 0.0, self.noise_floor)
+        theta0 = params.vector()
+        objective = Objective(Xs, ys, params, {"method": method, "rtol": self.rtol, "num_probes": self.num_probes,
+                                               "preconditioner": self.preconditioner,
+                                               "memory_budget": self.memory_budget})
+        fp = fingerprint(X, y, self._fingerprint_config(method))
+        state = self._load_state(fp)
+        max_iter = self._resolved_max_iter()
+        session = FitSession(objective, optimizer=self.optimizer, max_iter=max_iter, checkpoint=self.checkpoint,
+                             fingerprint=fp, verbose=self.verbose)
+        if self.optimizer == "lbfgs":
+            out = run_lbfgs(session, theta0, max_iter=max_iter, tol=self.tol, seed=self.seed, state=state)
+        else:
+            out = run_adam(session, theta0, max_iter=max_iter, lr=self.lr, seed=self.seed, state=state)
+        params.set_vector(out.theta)
+        self._params, self.method_, self.n_features_in_ = params, method, d
+        self.X_train_, self.y_train_ = Xs, ys
+        self.kernel_ = params.kernel
+        self.noise_, self.mean_ = float(params.noise.detach()), float(params.mean.detach())
+        t_pred = time.perf_counter()
+        alpha_stats = self._prepare_prediction()
+        self.report_ = FitReport.from_fit(self, out, alpha_stats, fit_seconds=time.perf_counter() - t_start,
+                                          predict_setup_seconds=time.perf_counter() - t_pred)
+        if out.cg_failures:
+            warnings.warn(f"CG did not converge in {out.cg_failures} of {out.evaluations} objective evaluations "
+                          "(see report_.cg_stats); the hyperparameters may be less accurate. Raise the "
+                          "preconditioner rank, loosen rtol, or use method='cholesky' for small n", CGWarning,
+                          stacklevel=2)
+        return self
+
+    def _load_state(self, fp: dict) -> dict | None:
+        if self.checkpoint is None:
+            return None
+        state = load_checkpoint(self.checkpoint)
+        if state is not None:
+            check_compatible(state, fp, self.checkpoint)
+            if state.get("optimizer") != self.optimizer:
+                raise ValueError(f"checkpoint {self.checkpoint} holds a {state.get('optimizer')} state, not "
+                                 f"{self.optimizer}; delete it or pass another path")
+        return state
+
+    def _prepare_prediction(self) -> dict:
+        """Cache ``alpha = K^-1 (y - m)`` (and the Cholesky factor / built preconditioner)."""
+        cache, stats = prepare_predictor(self.X_train_, self.y_train_, self.kernel_, self.noise_, self.mean_,
+                                          method=self.method_, rtol=self.predict_rtol,
+                                          preconditioner=self.preconditioner, memory_budget=self.memory_budget)
+        self._cache = cache
+        self.alpha_ = cache.alpha
+        if stats.get("status", "CONVERGED") != "CONVERGED":
+            warnings.warn(f"the CG solve for the predictive mean ended with status {stats['status']} "
+                          f"(relative residual {stats.get('relative_residual_max', float('nan')):.2e}); "
+                          "predictions may be inaccurate: lower predict_rtol's demands or raise the "
+                          "preconditioner rank", CGWarning, stacklevel=3)
+        return stats
+
+    # ------------------------------------------------------------------ predict
+    def _check_is_fitted(self) -> None:
+        if not hasattr(self, "alpha_"):
+            raise RuntimeError("this ExactGP instance is not fitted yet; call fit(X, y) before predict or score")
+
+    def _test_inputs(self, X) -> torch.Tensor:
+        X = as_tensor("X", X)
+        check_inputs(X, "X", min_rows=1)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} columns but the model was fitted on d={self.n_features_in_}; "
+                             "pass test inputs with the training columns")
+        return self.scaler_.transform_X(X).to(self.dtype).to(self.X_train_.device)
+
+    def predict(self, X, return_std: bool = False):
+        """Predictive mean (and standard deviation of ``y``) at new inputs, in original units.
+
+        Parameters
+        ----------
+        X : (m, d) array-like or tensor
+        return_std : bool, default False
+            Also return the std of a new observation: :math:`\\sqrt{\\operatorname{var} f + \\sigma^2}`.
+            Costs a solve per test batch (a batched CG above the Cholesky crossover).
+
+        Returns
+        -------
+        mean : (m,) array, or tensor when ``X`` is a tensor
+        std : (m,) array or tensor, only with ``return_std=True``
+        """
+        self._check_is_fitted()
+        as_numpy = not isinstance(X, torch.Tensor)
+        Xs = self._test_inputs(X)
+        with torch.no_grad():
+            mean_s = latent_mean(Xs, self.X_train_, self.kernel_, self.alpha_, self.mean_,
+                                            memory_budget=self.memory_budget)
+            mean = self.scaler_.inverse_y(mean_s)
+            if not return_std:
+                return _output(mean, as_numpy)
+            var = latent_variance(Xs, self.X_train_, self.kernel_, self.noise_, self._cache,
+                                             rtol=self.predict_rtol, memory_budget=self.memory_budget)
+            std = (var.to(torch.float64) + self.noise_).sqrt() * self.scaler_.y_scale
+        return _output(mean, as_numpy), _output(std, as_numpy)
+
+    def score(self, X, y) -> float:
+        """Coefficient of determination :math:`R^2` of the predictive mean (as in scikit-learn)."""
+        self._check_is_fitted()
+        y = as_tensor("y", y).to(torch.float64)
+        y = check_targets(y, y.shape[0] if y.dim() else 0)
+        mean = torch.as_tensor(self.predict(X if isinstance(X, torch.Tensor) else np.asarray(X)), dtype=torch.float64)
+        if mean.shape[0] != y.shape[0]:
+            raise ValueError(f"X has {mean.shape[0]} rows but y has {y.shape[0]} entries; they must match")
+        ss_res = float(((y - mean.to(y.device)) ** 2).sum())
+        ss_tot = float(((y - y.mean()) ** 2).sum())
+        return 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
+
+    def __repr__(self) -> str:
+        k = self.kernel if isinstance(self.kernel, str) else type(self.kernel).__name__
+        return f"ExactGP(kernel={k!r}, optimizer={self.optimizer!r}, method={self.method!r})"
+
+
+def _check_data(X, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate training data with the shared checks; return float64 tensors (standardisation precision)."""
+    X = as_tensor("X", X)
+    check_inputs(X, "X", min_rows=2)
+    y = check_targets(as_tensor("y", y), X.shape[0])
+    if not y.is_floating_point():
+        y = y.to(torch.float64)
+    return X.to(torch.float64), y.to(torch.float64).to(X.device)
+
+
+def _output(t: torch.Tensor, as_numpy: bool):
+    return t.detach().cpu().numpy().astype(np.float64) if as_numpy else t
+
+
+# ---------------------------------------------------------------------- standardisation and prediction
+@dataclass
+class Standardizer:
+    """Per-column affine map of the inputs and affine map of the targets (float64 statistics)."""
+
+    x_mean: torch.Tensor
+    x_scale: torch.Tensor
+    y_mean: float
+    y_scale: float
+
+    @classmethod
+    def fit(cls, X: torch.Tensor, y: torch.Tensor) -> "Standardizer":
+        xm, xs = X.mean(0), X.std(0, unbiased=False)
+        # A constant column carries no information: scale 1 keeps it finite (all zeros after centring).
+        xs = torch.where(xs > 1e-12 * (1 + xm.abs()), xs, torch.ones_like(xs))
+        ym, ys = float(y.mean()), float(y.std(unbiased=False))
+        return cls(xm, xs, ym, ys if ys > 1e-12 * (1 + abs(ym)) else 1.0)
+
+    def transform_X(self, X: torch.Tensor) -> torch.Tensor:
+        X = X.to(torch.float64)
+        return (X - self.x_mean.to(X.device)) / self.x_scale.to(X.device)
+
+    def transform_y(self, y: torch.Tensor) -> torch.Tensor:
+        return (y.to(torch.float64) - self.y_mean) / self.y_scale
+
+    def inverse_y(self, y: torch.Tensor) -> torch.Tensor:
+        return y.to(torch.float64) * self.y_scale + self.y_mean
+
+
+@dataclass
+class PredictCache:
+    """What ``fit`` keeps for prediction: ``alpha``, and the Cholesky factor or built preconditioner."""
+
+    alpha: torch.Tensor
+    chol: torch.Tensor | None = None
+    precond: object | None = None
+
+
+@torch.no_grad()
+def prepare_predictor(X, y, kernel, noise: float, mean: float, *, method: str, rtol: float, preconditioner,
+                      memory_budget=None) -> tuple[PredictCache, dict]:
+    """Solve :math:`\\alpha = \\hat K^{-1}(y - m)` once: dense Cholesky or preconditioned CG."""
+    r = y - mean
+    op = KernelOperator(X, kernel, noise=noise, memory_budget=memory_budget)
+    if method == "cholesky":
+        n = X.shape[0]
+        L = cholesky_factor(op.to_dense(max_entries=n * n))
+        return PredictCache(torch.cholesky_solve(r[:, None], L)[:, 0], chol=L), {"method": "cholesky",
+                                                                                 "status": "CONVERGED"}
+    P = build_preconditioner(op, preconditioner)
+    res = cg(op, r, rtol=rtol, preconditioner=P, warn=False)
+    stats = dict(res.summary(), method="iterative", preconditioner=P.stats.get("name"), preconditioner_rank=P.rank)
+    return PredictCache(res.x, precond=P), stats
+
+
+@torch.no_grad()
+def latent_mean(Xs, X_train, kernel, alpha, mean: float, memory_budget=None) -> torch.Tensor:
+    """:math:`m + K(X_*, X)\\,\\alpha`, memory-bounded by the cross operator's tiles."""
+    return CrossKernelOperator(Xs, X_train, kernel, memory_budget=memory_budget).matmul(alpha) + mean
+
+
+def _batch_size(n: int, m: int, element_size: int, per_column: int, memory_budget) -> int:
+    """Test points per batch so that ``per_column`` n-vectors per point fit a quarter of the budget."""
+    budget = (DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)) // 4
+    return int(max(1, min(m, budget // max(1, per_column * n * element_size), 4096)))
+
+
+@torch.no_grad()
+def latent_variance(Xs, X_train, kernel, noise: float, cache: PredictCache, *, rtol: float,
+                    memory_budget=None) -> torch.Tensor:
+    """:math:`\\operatorname{var} f(x_*) = k(x_*, x_*) - k_*^T \\hat K^{-1} k_*` for each test point.
+
+    Test points go in batches whose ``(n, b)`` right-hand sides fit a quarter of the memory budget.
+    With a Cholesky factor it is one triangular solve per batch.  Otherwise a batched CG solve
+    :math:`\\hat K V = K(X, X_b)` per batch, and the quadratic form is evaluated as
+    :math:`2 k^T v - v^T \\hat K v`, whose error :math:`(v - v^\\star)^T \\hat K (v - v^\\star) \\ge 0` is
+    *second* order in the CG error (the plain :math:`k^T v` is first order), so the variance stays
+    accurate, and never too small, when it is a small difference of large numbers.
+    """
+    n, m = X_train.shape[0], Xs.shape[0]
+    prior = float(kernel.outputscale) * float(kernel.profile(torch.zeros((), dtype=torch.float64)))
+    per_col = 3 if cache.chol is not None else 10  # CG keeps ~8 (n, b) work arrays
+    b = _batch_size(n, m, X_train.element_size(), per_col, memory_budget)
+    op = None if cache.chol is not None else KernelOperator(X_train, kernel, noise=noise, memory_budget=memory_budget)
+    idx = torch.arange(n, device=X_train.device)
+    out = torch.empty(m, dtype=torch.float64, device=X_train.device)
+    failed = 0
+    for j0 in range(0, m, b):
+        j1 = min(m, j0 + b)
+        Kb = CrossKernelOperator(X_train, Xs[j0:j1], kernel).rows(idx)
+        if cache.chol is not None:
+            V = torch.linalg.solve_triangular(cache.chol, Kb, upper=False)
+            q = (V * V).sum(0)
+        else:
+            res = cg(op, Kb, rtol=rtol, preconditioner=cache.precond, warn=False)
+            failed += int(not res.converged)
+            q = 2 * (Kb * res.x).sum(0) - (res.x * op.matmul(res.x)).sum(0)
+        out[j0:j1] = (prior - q.to(torch.float64)).clamp_min(0.0)
+    if failed:
+        warnings.warn(f"predictive variance: CG did not converge in {failed} test batch(es); the variances "
+                      "of those points may be too large", CGWarning, stacklevel=3)
+    return out

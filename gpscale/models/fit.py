@@ -1,0 +1,412 @@
+"""Hyperparameter optimisation of :class:`~gpscale.models.ExactGP`: parameters, objective, optimisers.
+
+The optimised vector is the concatenation of the *unconstrained* parameters
+``[raw_lengthscale (d or 1), raw_outputscale, raw_noise, mean]`` (float64 always: L-BFGS-B's
+finite-precision line search needs more than float32 even when the kernel products run in float32).
+The objective is :math:`-\\log p(y \\mid X, \\theta) / n` of the standardised data, computed by
+:func:`gpscale.mll_estimate`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..kernels.base import StationaryKernel, to_positive, to_raw
+from ..likelihood.api import mll_estimate
+from .checkpoint import FORMAT_VERSION, save_checkpoint
+
+_F64 = torch.float64
+
+
+def _raw(value: float) -> float:
+    return float(to_raw(torch.tensor(value, dtype=_F64)))
+
+
+class GPParams(nn.Module):
+    """All trainable parameters of an exact GP: kernel, noise (with a floor) and constant mean.
+
+    Parameters
+    ----------
+    kernel : StationaryKernel
+        Converted to float64 in place.
+    noise : float
+        Initial noise variance, ``> noise_floor``.
+    mean : float
+        Initial constant mean.
+    noise_floor : float
+        ``noise = noise_floor + softplus(raw_noise) + 1e-6``: keeps :math:`\\hat K` well conditioned
+        (CG iterations grow like ``sqrt(outputscale / noise)``) whatever the optimiser tries.
+    """
+
+    def __init__(self, kernel: StationaryKernel, noise: float, mean: float, noise_floor: float):
+        super().__init__()
+        self.kernel = kernel.to(_F64)
+        self.noise_floor = float(noise_floor)
+        self.raw_noise = nn.Parameter(to_raw(torch.tensor(noise - noise_floor, dtype=_F64)))
+        self.mean = nn.Parameter(torch.tensor(float(mean), dtype=_F64))
+
+    @property
+    def noise(self) -> torch.Tensor:
+        """Constrained noise variance (keeps the graph to ``raw_noise``)."""
+        return to_positive(self.raw_noise) + self.noise_floor
+
+    def vector(self) -> torch.Tensor:
+        """Detached copy of the unconstrained parameter vector."""
+        return torch.cat([p.detach().reshape(-1) for p in self.parameters()]).clone()
+
+    @torch.no_grad()
+    def set_vector(self, theta) -> None:
+        """Copy an unconstrained vector (numpy or tensor) into the parameters."""
+        theta = torch.as_tensor(theta, dtype=_F64)
+        offset = 0
+        for p in self.parameters():
+            k = p.numel()
+            p.copy_(theta[offset:offset + k].reshape(p.shape))
+            offset += k
+
+    def grad_vector(self) -> torch.Tensor:
+        grads = [torch.zeros(p.numel(), dtype=_F64) if p.grad is None else p.grad.detach().reshape(-1)
+                 for p in self.parameters()]
+        return torch.cat(grads)
+
+    def bounds(self) -> list[tuple[float | None, float | None]]:
+        """Box bounds for L-BFGS-B on the unconstrained scale (standardised data).
+
+        Wide enough never to bind at a sensible optimum; they stop the first line searches from
+        trying values (outputscale 1e8, lengthscale 1e-9) where CG cannot converge.
+        """
+        ls = (_raw(1e-4), _raw(1e4))
+        return [ls] * self.kernel.raw_lengthscale.numel() + [(_raw(1e-4), _raw(1e4)), (None, _raw(1e4)), (None, None)]
+
+    def hyperparameters(self) -> dict:
+        """Constrained values on the standardised scale, as plain python numbers."""
+        with torch.no_grad():
+            return {"lengthscale": self.kernel.lengthscale.reshape(-1).tolist(),
+                    "outputscale": float(self.kernel.outputscale), "noise": float(self.noise),
+                    "mean": float(self.mean)}
+
+
+class Objective:
+    """``-MLL / n`` of standardised data through :func:`gpscale.mll_estimate`.
+
+    Parameters
+    ----------
+    X, y : tensors
+        Standardised training data (same dtype and device).
+    params : GPParams
+    mll_kwargs : dict
+        ``method``, ``rtol``, ``num_probes``, ``preconditioner``, ``memory_budget`` for
+        :func:`gpscale.mll_estimate`.
+    """
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor, params: GPParams, mll_kwargs: dict):
+        self.X, self.y, self.params, self.mll_kwargs = X, y, params, mll_kwargs
+
+    def value_and_grad(self, theta, seed: int) -> tuple[float, np.ndarray, dict]:
+        """Set the parameters to ``theta``, evaluate the loss and its gradient (probe ``seed``)."""
+        self.params.set_vector(theta)
+        self.params.zero_grad(set_to_none=True)
+        res = mll_estimate(self.X, self.y, self.params.kernel, self.params.noise, self.params.mean,
+                           seed=seed, warn=False, **self.mll_kwargs)
+        loss = -res.value / self.X.shape[0]
+        loss.backward()
+        return float(loss), self.params.grad_vector().numpy().copy(), _plain(res.stats)
+
+
+def _plain(stats: dict) -> dict:
+    """Keep only plain scalars (JSON- and ``weights_only``-checkpoint-friendly)."""
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+@dataclass
+class OptimResult:
+    """What an optimiser run produced (input of :class:`FitReport`)."""
+
+    theta: torch.Tensor
+    loss: float
+    iterations: int
+    evaluations: int
+    converged: bool
+    message: str
+    losses: list = field(default_factory=list)
+    step_seconds: list = field(default_factory=list)
+    last_stats: dict = field(default_factory=dict)
+    cg_failures: int = 0
+    resumed_from: int = 0
+
+
+class FitSession:
+    """Bookkeeping shared by both optimisers: timing, CG failures, progress bar and checkpoints."""
+
+    def __init__(self, objective: Objective, *, optimizer: str, max_iter: int, checkpoint, fingerprint: dict,
+                 verbose: bool):
+        self.objective, self.optimizer = objective, optimizer
+        self.path, self.fingerprint = checkpoint, fingerprint
+        self.iteration = self.evaluations = self.cg_failures = self.resumed_from = 0
+        self.best_value = math.inf
+        self.losses: list[float] = []
+        self.step_seconds: list[float] = []
+        self.last_stats: dict = {}
+        self.pbar = tqdm(total=max_iter, disable=not verbose, desc=f"gpscale fit ({optimizer})", unit="it",
+                         dynamic_ncols=True)
+
+    def restore(self, state: dict) -> None:
+        """Counters of a resumed fit (L-BFGS-B recounts iterations during the replay instead)."""
+        self.resumed_from = int(state.get("iteration", 0))
+        self.best_value = float(state.get("best_value", math.inf))
+        self.cg_failures = int(state.get("cg_failures", 0))
+        self.last_stats = dict(state.get("last_stats", {}))
+
+    def evaluate(self, theta, seed: int) -> tuple[float, np.ndarray | None, dict]:
+        """One real objective evaluation; ``(nan, None, stats)`` when the solver failed outright."""
+        t0 = time.perf_counter()
+        try:
+            f, g, stats = self.objective.value_and_grad(theta, seed)
+        except ValueError as exc:  # e.g. Cholesky of a matrix that is not PD in this precision
+            f, g, stats = math.nan, None, {"status": "FAILED", "error": str(exc)}
+        self.step_seconds.append(time.perf_counter() - t0)
+        self.evaluations += 1
+        if g is not None and not (math.isfinite(f) and np.isfinite(g).all()):
+            f, g = math.nan, None
+        if stats.get("status", "CONVERGED") != "CONVERGED":
+            self.cg_failures += 1
+        self.last_stats = stats
+        if math.isfinite(f):
+            self.best_value = min(self.best_value, f)
+        return f, g, stats
+
+    def end_iteration(self, loss: float) -> None:
+        self.iteration += 1
+        self.losses.append(float(loss))
+        self.pbar.update(1)
+        self.pbar.set_postfix(loss=f"{loss:.5f}", refresh=False)
+
+    def save(self, theta, finished: bool = False, message: str = "", **extra) -> None:
+        if self.path is None:
+            return
+        self.objective.params.set_vector(theta)
+        state = {"version": FORMAT_VERSION, "fingerprint": self.fingerprint, "optimizer": self.optimizer,
+                 "theta": torch.as_tensor(theta, dtype=_F64).clone(), "iteration": self.iteration,
+                 "best_value": self.best_value, "losses": list(self.losses), "cg_failures": self.cg_failures,
+                 "last_stats": self.last_stats, "hyperparameters": self.objective.params.hyperparameters(),
+                 "finished": finished, "message": message}
+        state.update(extra)
+        save_checkpoint(self.path, state)
+
+    def result(self, theta, loss, converged, message) -> OptimResult:
+        self.pbar.close()
+        return OptimResult(torch.as_tensor(theta, dtype=_F64).clone(), float(loss), self.iteration,
+                           self.evaluations, bool(converged), str(message), self.losses, self.step_seconds,
+                           self.last_stats, self.cg_failures, self.resumed_from)
+
+
+class _History:
+    """L-BFGS-B evaluations ``(x, f, g, stats)``, replayable on resume (see :mod:`.checkpoint`)."""
+
+    def __init__(self, state: dict | None):
+        h = (state or {}).get("history") or {}
+        self.x = [row.numpy().copy() for row in h.get("x", [])]
+        self.f = [float(v) for v in h.get("f", [])]
+        self.g = [row.numpy().copy() for row in h.get("g", [])]
+        self.stats = [dict(s) for s in h.get("stats", [{}] * len(self.x))]
+        self.pos = 0
+        self.replaying = bool(self.x)
+
+    def replay(self, x: np.ndarray):
+        """The recorded ``(f, g, stats)`` when ``x`` is the next recorded point, else ``None``."""
+        if self.replaying and self.pos < len(self.x) and np.array_equal(x, self.x[self.pos]):
+            self.pos += 1
+            return self.f[self.pos - 1], self.g[self.pos - 1].copy(), self.stats[self.pos - 1]
+        if self.replaying:
+            # Diverged (or ran past the record): forget the unreplayed tail, compute from here on.
+            del self.x[self.pos:], self.f[self.pos:], self.g[self.pos:], self.stats[self.pos:]
+            self.replaying = False
+        return None
+
+    def append(self, x, f, g, stats) -> None:
+        self.x.append(x.copy())
+        self.f.append(float(f))
+        self.g.append(g.copy())
+        self.stats.append(stats)
+
+    def to_state(self) -> dict:
+        if not self.x:
+            return {"x": torch.zeros(0), "f": torch.zeros(0), "g": torch.zeros(0), "stats": []}
+        return {"x": torch.from_numpy(np.stack(self.x)), "f": torch.tensor(self.f, dtype=_F64),
+                "g": torch.from_numpy(np.stack(self.g)), "stats": self.stats}
+
+    def stats_at(self, x) -> dict | None:
+        for xi, si in zip(reversed(self.x), reversed(self.stats)):
+            if np.array_equal(xi, x):
+                return si
+        return None
+
+
+def run_lbfgs(session: FitSession, theta0: torch.Tensor, *, max_iter: int, tol: float, seed: int,
+              state: dict | None = None) -> OptimResult:
+    """Minimise with SciPy's L-BFGS-B on the unconstrained vector, with the same probe seed every step.
+
+    A fixed seed makes the stochastic (iterative) objective a deterministic function of ``theta``,
+    which the line search needs.  Failed evaluations return a value above the best seen so far with a
+    zero gradient, so the line search backtracks instead of stopping.
+    """
+    hist = _History(state)
+    if state is not None:
+        session.restore(state)
+    x0 = theta0.numpy().astype(np.float64)
+
+    def fun(x):
+        hit = hist.replay(x)
+        if hit is not None:
+            session.evaluations += 1
+            session.last_stats = hit[2]
+            return hit[0], hit[1]
+        f, g, stats = session.evaluate(x, seed)
+        if g is None:
+            if not math.isfinite(session.best_value):
+                raise RuntimeError(f"the objective cannot be evaluated at the initial hyperparameters: "
+                                   f"{stats.get('error', 'non-finite value')}")
+            f, g = session.best_value + 1.0 + abs(session.best_value), np.zeros_like(x)
+        hist.append(x, f, g, stats)
+        session.save(x, history=hist.to_state())
+        return f, g
+
+    def callback(intermediate_result):
+        session.end_iteration(intermediate_result.fun)
+        if not hist.replaying:
+            session.save(intermediate_result.x, history=hist.to_state())
+
+    res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=session.objective.params.bounds(),
+                   callback=callback, options={"maxiter": int(max_iter), "ftol": float(tol), "gtol": 1e-5})
+    stats = hist.stats_at(res.x)
+    if stats is not None:
+        session.last_stats = stats
+    if not hist.replaying:
+        session.save(res.x, finished=bool(res.success), message=str(res.message), history=hist.to_state())
+    return session.result(res.x, res.fun, res.success, res.message)
+
+
+def run_adam(session: FitSession, theta0: torch.Tensor, *, max_iter: int, lr: float, seed: int,
+             gtol: float = 1e-5, state: dict | None = None) -> OptimResult:
+    """Minimise with ``torch.optim.Adam``; step ``k`` uses probe seed ``seed + k``.
+
+    Fresh probes every step average the estimator's noise out over the run (Adam tolerates a
+    stochastic objective).  The state dict of the optimiser is checkpointed after every step.
+    """
+    params = session.objective.params
+    params.set_vector(theta0)
+    opt = torch.optim.Adam(params.parameters(), lr=lr)
+    start = 0
+    if state is not None:
+        session.restore(state)
+        params.set_vector(state["theta"])
+        opt.load_state_dict(state["adam_state"])
+        start = int(state["iteration"])
+        session.iteration, session.losses = start, list(state.get("losses", []))
+        session.pbar.update(start)
+    loss, message, converged = math.nan, "reached max_iter", False
+    for step in range(start, max_iter):
+        theta = params.vector()
+        loss, g, stats = session.evaluate(theta, seed + step)
+        if g is None:
+            raise RuntimeError(f"the objective became non-finite at Adam step {step} "
+                               f"({stats.get('error', 'NaN/Inf')}); lower lr or use dtype=torch.float64")
+        if np.abs(g).max() < gtol:
+            message, converged = f"gradient below gtol={gtol:g}", True
+            break
+        opt.step()  # value_and_grad left the gradient in params' .grad
+        session.end_iteration(loss)
+        session.save(params.vector(), adam_state=opt.state_dict())
+    theta = params.vector()
+    if math.isnan(loss) and session.losses:
+        loss = session.losses[-1]
+    session.save(theta, finished=converged or start >= max_iter, message=message, adam_state=opt.state_dict())
+    return session.result(theta, loss, converged, message)
+
+
+@dataclass
+class FitReport:
+    """Summary of an :class:`~gpscale.models.ExactGP` fit (``gp.report_``); ``str(report)`` is readable.
+
+    Hyperparameters are in the *original* units of ``X`` and ``y``; ``mll_per_point`` is
+    :math:`\\log p(y)/n` of the original targets (the standardised value minus ``log(y_scale)``).
+    ``cg_stats`` are the solver statistics of the last optimisation step (from
+    :attr:`gpscale.MLLResult.stats`), ``alpha_cg`` those of the predictive-mean solve; ``cg_failures``
+    counts steps whose CG did not converge.  ``step_seconds`` is the mean time of one objective
+    evaluation (this session's evaluations only when the fit was resumed from a checkpoint).
+    """
+
+    kernel: str
+    method: str
+    optimizer: str
+    n: int
+    d: int
+    iterations: int
+    evaluations: int
+    converged: bool
+    message: str
+    mll_per_point: float
+    lengthscale: list
+    outputscale: float
+    noise: float
+    mean: float
+    cg_stats: dict
+    cg_failures: int
+    alpha_cg: dict
+    fit_seconds: float
+    step_seconds: float
+    predict_setup_seconds: float
+    resumed_from: int = 0
+    loss_history: list = field(default_factory=list)
+
+    @classmethod
+    def from_fit(cls, gp, out: OptimResult, alpha_stats: dict, *, fit_seconds: float,
+                 predict_setup_seconds: float) -> "FitReport":
+        sc, k = gp.scaler_, gp.kernel_
+        with torch.no_grad():
+            ls = (k.lengthscale.reshape(-1).to(_F64) * sc.x_scale.cpu()).tolist()
+            s = float(k.outputscale)
+        steps = out.step_seconds
+        return cls(kernel=getattr(k, "name", type(k).__name__), method=gp.method_, optimizer=gp.optimizer,
+                   n=int(gp.X_train_.shape[0]), d=int(gp.n_features_in_), iterations=out.iterations,
+                   evaluations=out.evaluations, converged=out.converged, message=out.message,
+                   mll_per_point=-out.loss - math.log(sc.y_scale), lengthscale=ls, outputscale=s * sc.y_scale ** 2,
+                   noise=gp.noise_ * sc.y_scale ** 2, mean=gp.mean_ * sc.y_scale + sc.y_mean,
+                   cg_stats=dict(out.last_stats), cg_failures=out.cg_failures, alpha_cg=dict(alpha_stats),
+                   fit_seconds=fit_seconds, step_seconds=sum(steps) / len(steps) if steps else 0.0,
+                   predict_setup_seconds=predict_setup_seconds, resumed_from=out.resumed_from,
+                   loss_history=list(out.losses))
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dict of every field."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def __str__(self) -> str:
+        ls = ", ".join(f"{v:.4g}" for v in self.lengthscale)
+        cg = self.cg_stats
+        if self.method == "iterative":
+            solver = (f"CG {cg.get('status', '?')}, iterations max {cg.get('iterations_max', '?')} / mean "
+                      f"{cg.get('iterations_mean', float('nan')):.1f}, preconditioner {cg.get('preconditioner')} "
+                      f"rank {cg.get('preconditioner_rank')}, {self.cg_failures} step(s) not converged")
+        else:
+            solver = "dense Cholesky"
+        resumed = f" (resumed at iteration {self.resumed_from})" if self.resumed_from else ""
+        return "\n".join([
+            f"ExactGP fit: {self.kernel} kernel, n={self.n}, d={self.d}, method={self.method}",
+            f"  optimizer    {self.optimizer}: {self.iterations} iterations, {self.evaluations} evaluations"
+            f"{resumed}, converged={self.converged} ({self.message})",
+            f"  MLL / point  {self.mll_per_point:.5f}",
+            f"  lengthscale  [{ls}]",
+            f"  outputscale  {self.outputscale:.5g}   noise {self.noise:.5g}   mean {self.mean:.5g}",
+            f"  solver       {solver}",
+            f"  time         fit {self.fit_seconds:.2f} s, {self.step_seconds:.3f} s per step, "
+            f"predictor setup {self.predict_setup_seconds:.2f} s",
+        ])
