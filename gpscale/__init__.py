@@ -3,8 +3,7 @@
 Data flow: ``X -> kernels -> operators -> solvers / precond -> logdet -> likelihood -> models``.
 """
 
-from . import kernels, operators, precond, solvers
-from . import logdet
+from . import kernels, logdet, operators, precond, solvers
 from .likelihood import CHOLESKY_CROSSOVER, MLLResult, marginal_log_likelihood, mll_estimate
 from .operators import CrossKernelOperator, KernelOperator
 from .solvers import CGResult, CGStatus, CGWarning, ConjugateGradients, cg
@@ -14,3 +13,7 @@ __version__ = "0.1.0"
 __all__ = ["kernels", "operators", "precond", "solvers", "logdet", "KernelOperator", "CrossKernelOperator",
            "cg", "ConjugateGradients", "CGResult", "CGStatus", "CGWarning", "marginal_log_likelihood",
            "mll_estimate", "MLLResult", "CHOLESKY_CROSSOVER", "__version__"]
+
+from .models import ExactGP, FitReport  # noqa: E402  (models build on everything above)
+
+__all__ += ["ExactGP", "FitReport"]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_inputs
 
 import gpscale
-from conftest import make_inputs
 from gpscale import CrossKernelOperator, KernelOperator
 from gpscale.kernels import RBF, Matern, make_kernel
 from gpscale.logdet import slq_logdet

@@ -8,9 +8,17 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from conftest import (
+    build_kernel,
+    dense_oracle,
+    make_generator,
+    make_inputs,
+    sym_fn,
+    sym_inv_sqrt,
+    sym_log,
+)
 
 import gpscale
-from conftest import build_kernel, dense_oracle, make_generator, make_inputs, sym_fn, sym_inv_sqrt, sym_log
 from gpscale import CGStatus, CGWarning, ConjugateGradients, KernelOperator
 from gpscale.precond import PivotedCholesky
 
@@ -117,12 +125,13 @@ def test_ill_conditioned_needs_many_iterations():
 
 def test_results_agree_across_forms_of_A():
     """The operator and a callable wrapping it give identical runs; a dense tensor (different
-    rounding in the products) agrees to the solve accuracy and within one iteration."""
+    rounding in the products: exact differences vs the expanded distance) agrees to the solve
+    accuracy and within two iterations at rtol 1e-8."""
     case = CATALOGUE[0]
     dense, op, fn = [gpscale.cg(_as_form(case, f), case.B, rtol=1e-8) for f in A_FORMS]
     assert torch.equal(op.iterations, fn.iterations)
     assert torch.equal(op.x, fn.x)
-    assert int((dense.iterations - op.iterations).abs().max()) <= 1
+    assert int((dense.iterations - op.iterations).abs().max()) <= 2
     assert float((dense.x - op.x).norm() / op.x.norm()) < 1e-6
 
 

@@ -6,8 +6,15 @@ import math
 
 import pytest
 import torch
+from conftest import (
+    build_kernel,
+    dense_oracle,
+    make_generator,
+    make_inputs,
+    sym_inv_sqrt,
+    sym_log,
+)
 
-from conftest import build_kernel, dense_oracle, make_generator, make_inputs, sym_inv_sqrt, sym_log
 from gpscale import KernelOperator
 from gpscale.logdet import slq_logdet
 from gpscale.precond import PivotedCholesky

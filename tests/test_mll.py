@@ -13,9 +13,17 @@ import math
 import pytest
 import scipy.stats
 import torch
+from conftest import (
+    build_kernel,
+    dense_oracle,
+    make_generator,
+    make_inputs,
+    make_targets,
+    sym_inv_sqrt,
+    sym_log,
+)
 
 import gpscale
-from conftest import build_kernel, dense_oracle, make_generator, make_inputs, make_targets, sym_inv_sqrt, sym_log
 from gpscale import CGWarning, KernelOperator
 from gpscale.kernels import RBF, Matern
 from gpscale.precond import Identity, PivotedCholesky
@@ -78,10 +86,12 @@ def test_iterative_matches_cholesky_n2000(large_data, name):
 
 # ----------------------------------------------------------------------------- exact estimator check
 def _probes(X, kernel, noise, t, seed, rank):
-    """Reproduce the probes the iterative path draws: ``(Z, P^{-1} Z, P)`` from a seeded generator."""
+    """Reproduce the probes the iterative path draws: ``(Z, P^{-1} Z, P)`` from a seeded generator,
+    each normalised to ``z^T P^{-1} z = n`` (the sphere-normalised SLQ / trace estimator)."""
     op = KernelOperator(X, kernel, noise=noise)
     P = PivotedCholesky(rank=rank).build(op) if rank else Identity(X.shape[0], dtype=X.dtype)
     Z = P.sample(t, generator=make_generator(seed)).to(X.dtype)
+    Z = Z * (X.shape[0] / (Z * P.solve(Z)).sum(0)).sqrt()
     Pd = P.to_dense() if rank else torch.eye(X.shape[0], dtype=X.dtype)
     return Z, P.solve(Z), Pd
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import build_kernel, dense_kernel, make_generator, make_inputs
+
 from gpscale import KernelOperator
-from gpscale.precond import Identity, LowRankPlusDiagonal, PivotedCholesky, partial_cholesky
+from gpscale.precond import (
+    Identity,
+    LowRankPlusDiagonal,
+    PivotedCholesky,
+    partial_cholesky,
+)
 
 NOISE = 0.1
 

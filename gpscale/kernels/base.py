@@ -65,7 +65,9 @@ class StationaryKernel(nn.Module):
 
     def __init__(self, lengthscale=1.0, outputscale=1.0, ard_num_dims: int | None = None):
         super().__init__()
-        ls = torch.as_tensor(lengthscale, dtype=torch.get_default_dtype()).detach().clone()
+        # Stored in float64 whatever the data dtype: products cast a snapshot to the data's dtype,
+        # and a float32 store would cost ~1e-8 relative when the same kernel serves float64 data.
+        ls = torch.as_tensor(lengthscale, dtype=torch.float64).detach().clone()
         if ls.dim() > 1:
             raise ValueError(
                 f"lengthscale must be a scalar or a 1-D tensor of length d, got shape {tuple(ls.shape)}"
@@ -163,14 +165,15 @@ class StationaryKernel(nn.Module):
     def forward(self, X: torch.Tensor, Z: torch.Tensor | None = None) -> torch.Tensor:
         """Dense ``K(X, Z)`` through plain torch ops (autograd-capable reference).
 
-        Complexity :math:`O(n m d)` time and :math:`O(n m)` memory: meant for tests and small problems.
-        The operators in :mod:`gpscale.operators` never call this on the full data.
+        Complexity :math:`O(n m d)` time and :math:`O(n m)` memory (also in backward: ``cdist`` in its
+        difference mode never forms the ``(n, m, d)`` tensor of differences, and it is exact -- no
+        expanded-distance cancellation).  Used by tests as the oracle and by the Cholesky path; the
+        operators in :mod:`gpscale.operators` never call this on the full data.
         """
         Z = X if Z is None else Z
         ls, s = self.hyper_values(X.dtype, X.device)
-        diff = (X.unsqueeze(-2) - Z.unsqueeze(-3)) / ls
-        q = diff.pow(2).sum(-1)
-        return s * self.profile(q)
+        dist = torch.cdist(X / ls, Z / ls, compute_mode="donot_use_mm_for_euclid_dist")
+        return s * self.profile(dist * dist)
 
     def extra_repr(self) -> str:
         ls = self.lengthscale.detach()

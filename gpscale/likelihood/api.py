@@ -7,8 +7,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._validation import (as_tensor, check_finite, check_inputs, check_positive_hyper, check_positive_int,
-                           check_same, check_targets)
+from .._validation import (
+    as_tensor,
+    check_finite,
+    check_inputs,
+    check_positive_hyper,
+    check_positive_int,
+    check_same,
+    check_targets,
+)
 from ..kernels.base import StationaryKernel
 from ..precond.pivoted_cholesky import PivotedCholesky
 from ..solvers.cg import ConjugateGradients

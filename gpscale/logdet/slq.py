@@ -98,6 +98,12 @@ def probe_solve(op, extra_rhs: torch.Tensor | None, num_probes: int, solver: Con
     check_positive_int("num_probes", num_probes, minimum=1)
     P = build_preconditioner(op, preconditioner)
     Z = P.sample(num_probes, generator=generator).to(op.dtype)
+    # Normalise so that ||w_i||^2 = z_i^T P^{-1} z_i = n: w_i / ||w_i|| is uniform on the sphere and
+    # n u^T A u is still unbiased for tr(A), without the variance that the random ||w_i||^2 adds
+    # (it dominates when tr(A)^2 / n is large, as for log(P^{-1/2} K P^{-1/2})).  GPyTorch's SLQ uses
+    # the same normalisation.
+    n = op.shape[0]
+    Z = Z * (n / (Z * P.solve(Z)).sum(0).clamp_min(torch.finfo(Z.dtype).tiny)).sqrt()
     rhs = Z if extra_rhs is None else torch.cat([Z, extra_rhs.reshape(op.shape[0], -1)], dim=1)
     cfg = ConjugateGradients(rtol=solver.rtol, atol=solver.atol, max_iter=solver.max_iter,
                              check_every=solver.check_every, num_tridiag=num_probes)

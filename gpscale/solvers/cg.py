@@ -73,6 +73,10 @@ class CGResult:
         Lanczos coefficients of the first ``num_tridiag`` columns.
     num_matmuls : int
         Operator products spent (the cost measure of BBMM).
+    residual_history : (iterations + 1, t) tensor or None
+        Recurrence residual norms :math:`\\|r_j\\|` of every column before the first and after each
+        iteration up to ``iterations.max()`` (a converged column keeps its last value), when run with
+        ``record_history=True``; divide by :attr:`rhs_norm` for relative residuals.
     """
 
     x: torch.Tensor
@@ -84,6 +88,7 @@ class CGResult:
     tolerance: torch.Tensor
     tridiag: Tridiagonal | None
     num_matmuls: int
+    residual_history: torch.Tensor | None = None
 
     @property
     def converged(self) -> bool:
@@ -127,6 +132,9 @@ class ConjugateGradients:
         Host check of "any column still running" every this many iterations (GPU hygiene).
     num_tridiag : int
         Record Lanczos coefficients for the first ``num_tridiag`` columns.
+    record_history : bool
+        Keep every column's residual norm at every iteration (:attr:`CGResult.residual_history`):
+        one ``(t,)`` device tensor per step, stacked at the end -- no extra host synchronisation.
 
     Notes
     -----
@@ -140,6 +148,7 @@ class ConjugateGradients:
     max_iter: int = 1000
     check_every: int = 8
     num_tridiag: int = 0
+    record_history: bool = False
 
     def __post_init__(self):
         check_tolerance("rtol", self.rtol)
@@ -183,6 +192,7 @@ class ConjugateGradients:
         nt = min(self.num_tridiag, t)
         rz0 = rz[:nt].clone()
         alphas, betas = [], []
+        history = [rnorm] if self.record_history else None
         k = 0
         for k in range(self.max_iter):
             if k % self.check_every == 0 and not bool(active.any()):
@@ -210,17 +220,22 @@ class ConjugateGradients:
             bad = active & ~torch.isfinite(rnorm)
             status = torch.where(bad, CGStatus.NON_FINITE.value, status)
             active = active & ~bad & (rnorm > tol)
+            if history is not None:
+                history.append(rnorm)
         status = torch.where(active, CGStatus.MAX_ITERATIONS.value, status)
         tri = None
         if nt:
             stack = (lambda xs: torch.stack(xs) if xs else torch.zeros(0, nt, dtype=B.dtype, device=dev))
             tri = Tridiagonal(stack(alphas), stack(betas), iters[:nt].clone(), rz0)
         worst = CGStatus(int(status.max())) if t else CGStatus.CONVERGED
-        return CGResult(x, worst, status, iters, rnorm, bnorm, tol, tri, nmm)
+        hist = None
+        if history is not None:  # the loop sees convergence every check_every steps: trim the tail
+            hist = torch.stack(history)[: (int(iters.max()) if t else 0) + 1]
+        return CGResult(x, worst, status, iters, rnorm, bnorm, tol, tri, nmm, hist)
 
 
 _FIELDS = ("x", "status", "column_status", "iterations", "residual_norm", "rhs_norm", "tolerance", "tridiag",
-           "num_matmuls")
+           "num_matmuls", "residual_history")
 
 
 def _check_system(A, B, X0) -> None:
@@ -260,7 +275,7 @@ def _precond_solve(preconditioner, A):
 
 
 def cg(A, B, *, rtol: float = 1e-2, atol: float = 0.0, max_iter: int = 1000, x0=None, preconditioner=None,
-       num_tridiag: int = 0, check_every: int = 8, warn: bool = True) -> CGResult:
+       num_tridiag: int = 0, check_every: int = 8, record_history: bool = False, warn: bool = True) -> CGResult:
     """Solve ``A X = B`` by batched preconditioned CG.
 
     Column ``j`` stops when :math:`\\|b_j - A x_j\\|_2 \\le \\max(\\mathrm{rtol}\\,\\|b_j\\|_2,\\ \\mathrm{atol})`
@@ -271,7 +286,7 @@ def cg(A, B, *, rtol: float = 1e-2, atol: float = 0.0, max_iter: int = 1000, x0=
     A : KernelOperator, tensor, or callable
         Symmetric positive-definite ``(n, n)`` operator.
     B : (n,) or (n, t) tensor
-    rtol, atol, max_iter, check_every, num_tridiag
+    rtol, atol, max_iter, check_every, num_tridiag, record_history
         See :class:`ConjugateGradients`.
     x0 : tensor, optional
         Initial guess (warm start).
@@ -289,8 +304,9 @@ def cg(A, B, *, rtol: float = 1e-2, atol: float = 0.0, max_iter: int = 1000, x0=
     ----------
     Hestenes & Stiefel (1952); Gardner et al. (2018) for the batched (mBCG) form.
     """
-    res = ConjugateGradients(rtol=rtol, atol=atol, max_iter=max_iter, check_every=check_every,
-                             num_tridiag=num_tridiag)(A, B, x0=x0, preconditioner=preconditioner)
+    solver = ConjugateGradients(rtol=rtol, atol=atol, max_iter=max_iter, check_every=check_every,
+                                num_tridiag=num_tridiag, record_history=record_history)
+    res = solver(A, B, x0=x0, preconditioner=preconditioner)
     if warn and not res.converged:
         warnings.warn(f"CG ended with status {res.status.name}: {res.message}", CGWarning, stacklevel=2)
     return res
