@@ -61,8 +61,20 @@ class Matern(StationaryKernel):
     def profile_derivative(self, q: torch.Tensor) -> torch.Tensor:
         return self.profile_and_derivative(q)[1]
 
+    def profile_(self, q: torch.Tensor) -> torch.Tensor:
+        """In-place-friendly ``f(q)`` for the no-grad tile passes (plain ``sqrt``: no autograd here)."""
+        r = q.clamp_min_(0.0).sqrt()
+        if self.nu == 0.5:
+            return r.neg_().exp_()
+        a = r.mul_(SQRT3 if self.nu == 1.5 else SQRT5)
+        e = torch.exp(-a)
+        if self.nu == 1.5:
+            return a.add_(1.0).mul_(e)
+        return a.add_(1.0).add_(q, alpha=5.0 / 3.0).mul_(e)
+
     def profile_and_derivative(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r = _safe_sqrt(q)
+        """``(f(q), f'(q))`` for the no-grad derivative passes (``q >= 0`` from the tile GEMM)."""
+        r = q.clamp_min(0.0).sqrt()
         if self.nu == 0.5:
             e = torch.exp(-r)
             safe = torch.where(r > 0, r, torch.ones_like(r))

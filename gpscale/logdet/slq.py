@@ -19,6 +19,7 @@ The same CG call also returns :math:`u_i = \\hat K^{-1} z_i`, which the gradient
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -105,8 +106,7 @@ def probe_solve(op, extra_rhs: torch.Tensor | None, num_probes: int, solver: Con
     n = op.shape[0]
     Z = Z * (n / (Z * P.solve(Z)).sum(0).clamp_min(torch.finfo(Z.dtype).tiny)).sqrt()
     rhs = Z if extra_rhs is None else torch.cat([Z, extra_rhs.reshape(op.shape[0], -1)], dim=1)
-    cfg = ConjugateGradients(rtol=solver.rtol, atol=solver.atol, max_iter=solver.max_iter,
-                             check_every=solver.check_every, num_tridiag=num_probes)
+    cfg = dataclasses.replace(solver, num_tridiag=num_probes)
     res = cfg(op, rhs, preconditioner=P)
     terms = res.tridiag.quadrature(torch.log) if num_probes else torch.zeros(0, dtype=torch.float64)
     return ProbeSolve(res, Z, P.solve(Z), terms, P.logdet(), P)

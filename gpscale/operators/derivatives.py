@@ -116,25 +116,54 @@ def bilinear_derivative(op: KernelOperator, A: torch.Tensor, B: torch.Tensor) ->
     B2, _ = op._check_rhs(B)
     if A2.shape != B2.shape:
         raise ValueError(f"A and B must have the same shape, got {tuple(A2.shape)} and {tuple(B2.shape)}")
-    Xs, s, ls = op._Xs, op.outputscale, op.lengthscale
-    ard = ls.dim() == 1
-    acc_s = torch.zeros((), dtype=A2.dtype, device=A2.device)
-    acc_l = torch.zeros(Xs.shape[1] if ard else (), dtype=A2.dtype, device=A2.device)
-    X2 = Xs.pow(2)
-    # Symmetry: an off-diagonal tile IJ also stands for JI, whose weights are (A_J B_I^T)^T.
-    for i0, i1, j0, j1 in op.tiling.upper_tiles(op.shape[0]):
-        q, f, fp = _tile_profile(op, i0, i1, j0, j1)
+
+    def weights(i0, i1, j0, j1):
+        # Symmetry: an off-diagonal tile IJ also stands for JI, whose weights are (A_J B_I^T)^T.
         M = A2[i0:i1] @ B2[j0:j1].T
         if i0 != j0:
             M.addmm_(B2[i0:i1], A2[j0:j1].T)
+        return M
+
+    res = _weighted_sums(op, weights)
+    res["noise"] = (A2 * B2).sum()
+    return res
+
+
+@torch.no_grad()
+def dense_weighted_derivative(op: KernelOperator, W: torch.Tensor) -> dict[str, torch.Tensor]:
+    r""":math:`\sum_{ij} W_{ij}\, \partial \hat K_{ij} / \partial\theta` for a dense symmetric ``W``.
+
+    The Cholesky MLL's gradient is this with :math:`W = \tfrac12(\alpha\alpha^T - \hat K^{-1})`.
+    Same tile pass as :func:`bilinear_derivative`; ``W`` is read tile by tile.
+    """
+    n = op.shape[0]
+    if W.shape != (n, n):
+        raise ValueError(f"W must have shape {(n, n)}, got {tuple(W.shape)}")
+
+    def weights(i0, i1, j0, j1):
+        M = W[i0:i1, j0:j1].clone()
+        return M.mul_(2.0) if i0 != j0 else M  # W symmetric: the JI tile has the same weights
+
+    res = _weighted_sums(op, weights)
+    res["noise"] = W.diagonal().sum()
+    return res
+
+
+def _weighted_sums(op: KernelOperator, weights) -> dict[str, torch.Tensor]:
+    r"""Kernel-hyperparameter sums :math:`\sum_{ij} M_{ij} \partial K_{ij}/\partial\theta` over the
+    upper-triangle tiles, with ``weights(i0, i1, j0, j1)`` giving each tile's (symmetrised) ``M``."""
+    Xs, s, ls = op._Xs, op.outputscale, op.lengthscale
+    ard = ls.dim() == 1
+    acc_s = torch.zeros((), dtype=Xs.dtype, device=Xs.device)
+    acc_l = torch.zeros(Xs.shape[1] if ard else (), dtype=Xs.dtype, device=Xs.device)
+    X2 = Xs.pow(2)
+    for i0, i1, j0, j1 in op.tiling.upper_tiles(op.shape[0]):
+        q, f, fp = _tile_profile(op, i0, i1, j0, j1)
+        M = weights(i0, i1, j0, j1)
         acc_s += (M * f).sum()
         G = M.mul_(fp)
         if not ard:
             acc_l += (G * q).sum()
             continue
         acc_l += X2[i0:i1].T @ G.sum(1) - 2 * (Xs[i0:i1] * (G @ Xs[j0:j1])).sum(0) + X2[j0:j1].T @ G.sum(0)
-    return {
-        "lengthscale": acc_l * (-2.0 * s / ls),
-        "outputscale": acc_s,
-        "noise": (A2 * B2).sum(),
-    }
+    return {"lengthscale": acc_l * (-2.0 * s / ls), "outputscale": acc_s}

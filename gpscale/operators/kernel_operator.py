@@ -282,6 +282,22 @@ class KernelOperator(CrossKernelOperator):
         """Diagonal of ``K + noise I``."""
         return self.kernel_diagonal() + self.noise
 
+    @torch.no_grad()
+    def dense(self) -> torch.Tensor:
+        """Assemble ``K + noise I`` from the upper-triangle tiles (one kernel evaluation per pair).
+
+        :math:`O(n^2)` memory: for the Cholesky path and small problems only.
+        """
+        n = self.shape[0]
+        K = torch.empty(n, n, dtype=self.dtype, device=self.device)
+        for idx, (i0, i1, j0, j1) in enumerate(self._tiles):
+            F = self._tile(idx)
+            K[i0:i1, j0:j1] = F
+            if i0 != j0:
+                K[j0:j1, i0:i1] = F.T
+        K.mul_(self.outputscale).diagonal().add_(self._noise_value)
+        return K
+
     def kernel_rows(self, idx) -> torch.Tensor:
         """Rows of ``K`` (no noise)."""
         return CrossKernelOperator.rows(self, idx)

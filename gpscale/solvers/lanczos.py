@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import scipy.linalg
 import torch
 
 
@@ -79,11 +80,17 @@ class Tridiagonal:
         Complexity :math:`O(t m^3)` for the eigendecompositions (``m`` is at most the CG iteration
         count, so this is negligible next to the kernel products).
         """
-        T = self.matrices()
-        if T.shape[-1] == 0:
-            return torch.zeros(self.num_columns, dtype=torch.float64, device=T.device)
-        evals, evecs = torch.linalg.eigh(T)
-        weights = evecs[:, 0, :].pow(2)
-        # Clamp: round-off can push a tiny Ritz value of an SPD matrix below zero.
-        vals = fn(evals.clamp_min(torch.finfo(torch.float64).tiny))
-        return self.initial_norm2.to(torch.float64) * (weights * vals).sum(-1)
+        T = self.matrices().cpu()
+        out = torch.zeros(self.num_columns, dtype=torch.float64)
+        # One small symmetric tridiagonal eigenproblem per column on the host (LAPACK via SciPy):
+        # a batched torch.linalg.eigh of these tiny matrices was slow under OpenMP contention.
+        for i, m in enumerate(self.lengths.tolist()):
+            if m == 0:
+                continue
+            d = T[i].diagonal()[:m].numpy()
+            e = T[i].diagonal(1)[: m - 1].numpy()
+            evals, evecs = scipy.linalg.eigh_tridiagonal(d, e)
+            # Clamp: round-off can push a tiny Ritz value of an SPD matrix below zero.
+            lam = torch.from_numpy(evals).clamp_min(torch.finfo(torch.float64).tiny)
+            out[i] = (torch.from_numpy(evecs[0]).pow(2) * fn(lam)).sum()
+        return (self.initial_norm2.to(torch.float64).cpu() * out).to(self.initial_norm2.device)
