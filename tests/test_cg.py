@@ -303,15 +303,20 @@ def test_preconditioning_reduces_iterations():
 
 @pytest.mark.parametrize("check_every", [1, 3, 8, 1000])
 def test_check_every_does_not_change_iterations(check_every):
-    """Host checks only decide when to leave the loop; counts and iterates are unchanged."""
+    """Host checks only decide when to leave the loop and which columns enter the product;
+    counts are unchanged and iterates agree to rounding (products of column subsets round
+    differently in BLAS)."""
     case = CATALOGUE[0]
     B = torch.cat([case.B, torch.linalg.eigh(case.dense)[1][:, -1:]], dim=1)
     ref = gpscale.cg(case.op, B, rtol=1e-9, check_every=1, num_tridiag=2)
     res = gpscale.cg(case.op, B, rtol=1e-9, check_every=check_every, num_tridiag=2)
     assert torch.equal(res.iterations, ref.iterations)
     assert torch.equal(res.column_status, ref.column_status)
-    torch.testing.assert_close(res.x, ref.x, rtol=0, atol=0)
-    torch.testing.assert_close(res.tridiag.matrices(), ref.tridiag.matrices(), rtol=0, atol=0)
+    torch.testing.assert_close(res.x, ref.x, rtol=1e-8, atol=1e-12)
+    # Late Lanczos coefficients amplify rounding once orthogonality is lost; the quadrature they
+    # feed is the stable quantity.
+    torch.testing.assert_close(res.tridiag.quadrature(torch.log), ref.tridiag.quadrature(torch.log),
+                               rtol=1e-8, atol=1e-10)
     assert res.num_matmuls >= ref.num_matmuls
 
 
