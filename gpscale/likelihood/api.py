@@ -23,9 +23,11 @@ from .cholesky import cholesky_mll
 from .iterative import iterative_mll
 
 #: Largest n for which ``method="auto"`` uses the dense Cholesky path.  Measured on the 2-core CI
-#: machine (benchmarks/crossover.py, results in benchmarks/results/crossover.json): below this
-#: size one Cholesky MLL+grad is faster than the iterative path at rtol 1e-2, 10 probes.
-CHOLESKY_CROSSOVER = 2500
+#: machine (benchmarks/crossover.py -> benchmarks/results/crossover.json): one MLL+grad in float64 at
+#: rtol 1e-2, 10 probes, is faster iteratively from n ~ 600 (RBF) / 630 (Matérn-5/2) with noise 0.1,
+#: but from n ~ 1700 with the ill-conditioned hyperparameters a fit on kin40k reaches (noise 0.007,
+#: ~340 CG iterations).  1000 sits between the two; below it the exact answer also costs < 0.5 s.
+CHOLESKY_CROSSOVER = 1000
 
 _METHODS = ("auto", "cholesky", "iterative")
 
