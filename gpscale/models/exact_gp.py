@@ -12,7 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._validation import as_tensor, check_inputs, check_positive_int, check_targets, check_tolerance
+from .._validation import (
+    as_tensor,
+    check_inputs,
+    check_positive_int,
+    check_targets,
+    check_tolerance,
+)
 from ..kernels import StationaryKernel, make_kernel
 from ..likelihood.api import CHOLESKY_CROSSOVER
 from ..likelihood.cholesky import cholesky_factor
@@ -59,6 +65,9 @@ class ExactGP:
         CG tolerance of the training objective.
     predict_rtol : float, default 1e-3
         CG tolerance of the prediction solves (iterative method).
+    cg_max_iter : int, default 1000
+        Iteration cap of every CG solve (training and prediction); a solve that hits it is reported
+        (``CGWarning``, ``report_.cg_failures``) rather than left to run on.
     num_probes : int, default 10
         Probe vectors of the stochastic log-det and trace estimates.
     preconditioner : factory or None, default ``PivotedCholesky(rank=100)``
@@ -78,6 +87,10 @@ class ExactGP:
     lengthscale_init : float, optional
         Initial lengthscale on the standardised inputs; default ``sqrt(d)``, which keeps the typical
         scaled distance between points of order one whatever the dimension.
+    init_subset : int, optional
+        First fit the hyperparameters on a random subset of this many points (dense Cholesky when
+        it is below the crossover: seconds), then optimise on all the data from there.  At large
+        ``n``, where one step costs minutes, this saves most of the expensive iterations.
     verbose : bool, default False
         Show a progress bar with the loss.
     checkpoint : str or path, optional
@@ -111,15 +124,19 @@ class ExactGP:
 
     def __init__(self, kernel="matern52", *, ard: bool = True, optimizer: str = "lbfgs", max_iter: int | None = None,
                  lr: float = 0.1, tol: float = 1e-7, method: str = "auto", rtol: float = 1e-2,
-                 predict_rtol: float = 1e-3, num_probes: int = 10, preconditioner=PivotedCholesky(rank=100),
+                 predict_rtol: float = 1e-3, cg_max_iter: int = 1000, num_probes: int = 10,
+                 preconditioner=PivotedCholesky(rank=100),
                  seed: int = 0, dtype: torch.dtype = torch.float64, device=None, memory_budget: int | None = None,
                  noise_init: float = 0.1, noise_floor: float = 1e-4, lengthscale_init: float | None = None,
-                 verbose: bool = False, checkpoint=None):
-        self.kernel, self.ard, self.optimizer, self.max_iter, self.lr, self.tol = kernel, ard, optimizer, max_iter, lr, tol
+                 init_subset: int | None = None, verbose: bool = False, checkpoint=None):
+        self.kernel, self.ard, self.optimizer = kernel, ard, optimizer
+        self.max_iter, self.lr, self.tol = max_iter, lr, tol
         self.method, self.rtol, self.predict_rtol, self.num_probes = method, rtol, predict_rtol, num_probes
+        self.cg_max_iter = cg_max_iter
         self.preconditioner, self.seed, self.dtype, self.device = preconditioner, seed, dtype, device
         self.memory_budget, self.noise_init, self.noise_floor = memory_budget, noise_init, noise_floor
-        self.lengthscale_init, self.verbose, self.checkpoint = lengthscale_init, verbose, checkpoint
+        self.lengthscale_init, self.init_subset = lengthscale_init, init_subset
+        self.verbose, self.checkpoint = verbose, checkpoint
 
     # ------------------------------------------------------------------ configuration
     def _check_config(self) -> None:
@@ -131,7 +148,10 @@ class ExactGP:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.max_iter is not None:
             check_positive_int("max_iter", self.max_iter)
+        if self.init_subset is not None:
+            check_positive_int("init_subset", self.init_subset, minimum=2)
         check_positive_int("num_probes", self.num_probes)
+        check_positive_int("cg_max_iter", self.cg_max_iter)
         check_positive_int("seed", self.seed, minimum=0)
         for name in ("rtol", "predict_rtol", "tol"):
             check_tolerance(name, getattr(self, name))
@@ -161,9 +181,11 @@ class ExactGP:
         kname = self.kernel.name if isinstance(self.kernel, StationaryKernel) else str(self.kernel).lower()
         return {"kernel": kname, "ard": bool(self.ard), "optimizer": self.optimizer, "method": method,
                 "dtype": str(self.dtype), "seed": int(self.seed), "num_probes": int(self.num_probes),
-                "rtol": float(self.rtol), "tol": float(self.tol), "lr": float(self.lr),
+                "rtol": float(self.rtol), "cg_max_iter": int(self.cg_max_iter), "tol": float(self.tol),
+                "lr": float(self.lr),
                 "noise_init": float(self.noise_init), "noise_floor": float(self.noise_floor),
-                "lengthscale_init": self.lengthscale_init, "preconditioner": repr(self.preconditioner)}
+                "lengthscale_init": self.lengthscale_init, "init_subset": self.init_subset,
+                "preconditioner": repr(self.preconditioner)}
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y) -> "ExactGP":
@@ -188,12 +210,13 @@ class ExactGP:
         n, d = Xs.shape
         method = self.method if self.method != "auto" else ("cholesky" if n <= CHOLESKY_CROSSOVER else "iterative")
         params = GPParams(self._init_kernel(d), self.noise_init, 0.0, self.noise_floor)
-        theta0 = params.vector()
-        objective = Objective(Xs, ys, params, {"method": method, "rtol": self.rtol, "num_probes": self.num_probes,
-                                               "preconditioner": self.preconditioner,
-                                               "memory_budget": self.memory_budget})
+        mll_kwargs = {"method": method, "rtol": self.rtol, "max_iter": self.cg_max_iter,
+                      "num_probes": self.num_probes, "preconditioner": self.preconditioner,
+                      "memory_budget": self.memory_budget}
         fp = fingerprint(X, y, self._fingerprint_config(method))
         state = self._load_state(fp)
+        theta0 = self._start_vector(state, Xs, ys, params, mll_kwargs)
+        objective = Objective(Xs, ys, params, mll_kwargs)
         max_iter = self._resolved_max_iter()
         session = FitSession(objective, optimizer=self.optimizer, max_iter=max_iter, checkpoint=self.checkpoint,
                              fingerprint=fp, verbose=self.verbose)
@@ -217,6 +240,29 @@ class ExactGP:
                           stacklevel=2)
         return self
 
+    def _start_vector(self, state, Xs, ys, params: GPParams, mll_kwargs: dict) -> torch.Tensor:
+        """Initial vector: the defaults, or the optimum on a random ``init_subset`` of the points.
+
+        A resumed fit takes it from the checkpoint instead (no need to redo the subset fit): Adam's
+        current vector, or the first point L-BFGS-B evaluated, where its replay starts.
+        """
+        if state is not None and self.optimizer == "adam":
+            return state["theta"].clone()
+        history = (state or {}).get("history") or {}
+        if len(history.get("x", [])):
+            return history["x"][0].clone()
+        n = Xs.shape[0]
+        if self.init_subset is None or self.init_subset >= n:
+            return params.vector()
+        m = int(self.init_subset)
+        idx = torch.from_numpy(np.random.default_rng(self.seed).choice(n, size=m, replace=False)).to(Xs.device)
+        sub = Objective(Xs[idx], ys[idx], params, dict(mll_kwargs, method="cholesky" if m <= CHOLESKY_CROSSOVER
+                                                       else "iterative"))
+        session = FitSession(sub, optimizer="lbfgs", max_iter=DEFAULT_MAX_ITER["lbfgs"], verbose=self.verbose,
+                             desc=f"subset init (n={m})")
+        return run_lbfgs(session, params.vector(), max_iter=DEFAULT_MAX_ITER["lbfgs"], tol=self.tol,
+                         seed=self.seed).theta
+
     def _load_state(self, fp: dict) -> dict | None:
         if self.checkpoint is None:
             return None
@@ -231,7 +277,7 @@ class ExactGP:
     def _prepare_prediction(self) -> dict:
         """Cache ``alpha = K^-1 (y - m)`` (and the Cholesky factor / built preconditioner)."""
         cache, stats = prepare_predictor(self.X_train_, self.y_train_, self.kernel_, self.noise_, self.mean_,
-                                          method=self.method_, rtol=self.predict_rtol,
+                                          method=self.method_, rtol=self.predict_rtol, max_iter=self.cg_max_iter,
                                           preconditioner=self.preconditioner, memory_budget=self.memory_budget)
         self._cache = cache
         self.alpha_ = cache.alpha
@@ -279,8 +325,8 @@ class ExactGP:
             mean = self.scaler_.inverse_y(mean_s)
             if not return_std:
                 return _output(mean, as_numpy)
-            var = latent_variance(Xs, self.X_train_, self.kernel_, self.noise_, self._cache,
-                                             rtol=self.predict_rtol, memory_budget=self.memory_budget)
+            var = latent_variance(Xs, self.X_train_, self.kernel_, self.noise_, self._cache, rtol=self.predict_rtol,
+                                  max_iter=self.cg_max_iter, memory_budget=self.memory_budget)
             std = (var.to(torch.float64) + self.noise_).sqrt() * self.scaler_.y_scale
         return _output(mean, as_numpy), _output(std, as_numpy)
 
@@ -354,8 +400,8 @@ class PredictCache:
 
 
 @torch.no_grad()
-def prepare_predictor(X, y, kernel, noise: float, mean: float, *, method: str, rtol: float, preconditioner,
-                      memory_budget=None) -> tuple[PredictCache, dict]:
+def prepare_predictor(X, y, kernel, noise: float, mean: float, *, method: str, rtol: float, max_iter: int,
+                      preconditioner, memory_budget=None) -> tuple[PredictCache, dict]:
     """Solve :math:`\\alpha = \\hat K^{-1}(y - m)` once: dense Cholesky or preconditioned CG."""
     r = y - mean
     op = KernelOperator(X, kernel, noise=noise, memory_budget=memory_budget)
@@ -365,7 +411,7 @@ def prepare_predictor(X, y, kernel, noise: float, mean: float, *, method: str, r
         return PredictCache(torch.cholesky_solve(r[:, None], L)[:, 0], chol=L), {"method": "cholesky",
                                                                                  "status": "CONVERGED"}
     P = build_preconditioner(op, preconditioner)
-    res = cg(op, r, rtol=rtol, preconditioner=P, warn=False)
+    res = cg(op, r, rtol=rtol, max_iter=max_iter, preconditioner=P, warn=False)
     stats = dict(res.summary(), method="iterative", preconditioner=P.stats.get("name"), preconditioner_rank=P.rank)
     return PredictCache(res.x, precond=P), stats
 
@@ -383,7 +429,7 @@ def _batch_size(n: int, m: int, element_size: int, per_column: int, memory_budge
 
 
 @torch.no_grad()
-def latent_variance(Xs, X_train, kernel, noise: float, cache: PredictCache, *, rtol: float,
+def latent_variance(Xs, X_train, kernel, noise: float, cache: PredictCache, *, rtol: float, max_iter: int,
                     memory_budget=None) -> torch.Tensor:
     """:math:`\\operatorname{var} f(x_*) = k(x_*, x_*) - k_*^T \\hat K^{-1} k_*` for each test point.
 
@@ -409,7 +455,7 @@ def latent_variance(Xs, X_train, kernel, noise: float, cache: PredictCache, *, r
             V = torch.linalg.solve_triangular(cache.chol, Kb, upper=False)
             q = (V * V).sum(0)
         else:
-            res = cg(op, Kb, rtol=rtol, preconditioner=cache.precond, warn=False)
+            res = cg(op, Kb, rtol=rtol, max_iter=max_iter, preconditioner=cache.precond, warn=False)
             failed += int(not res.converged)
             q = 2 * (Kb * res.x).sum(0) - (res.x * op.matmul(res.x)).sum(0)
         out[j0:j1] = (prior - q.to(torch.float64)).clamp_min(0.0)

@@ -118,7 +118,7 @@ class Objective:
                            seed=seed, warn=False, **self.mll_kwargs)
         loss = -res.value / self.X.shape[0]
         loss.backward()
-        return float(loss), self.params.grad_vector().numpy().copy(), _plain(res.stats)
+        return float(loss.detach()), self.params.grad_vector().numpy().copy(), _plain(res.stats)
 
 
 def _plain(stats: dict) -> dict:
@@ -146,8 +146,8 @@ class OptimResult:
 class FitSession:
     """Bookkeeping shared by both optimisers: timing, CG failures, progress bar and checkpoints."""
 
-    def __init__(self, objective: Objective, *, optimizer: str, max_iter: int, checkpoint, fingerprint: dict,
-                 verbose: bool):
+    def __init__(self, objective: Objective, *, optimizer: str, max_iter: int, checkpoint=None,
+                 fingerprint: dict | None = None, verbose: bool = False, desc: str = "gpscale fit"):
         self.objective, self.optimizer = objective, optimizer
         self.path, self.fingerprint = checkpoint, fingerprint
         self.iteration = self.evaluations = self.cg_failures = self.resumed_from = 0
@@ -155,7 +155,7 @@ class FitSession:
         self.losses: list[float] = []
         self.step_seconds: list[float] = []
         self.last_stats: dict = {}
-        self.pbar = tqdm(total=max_iter, disable=not verbose, desc=f"gpscale fit ({optimizer})", unit="it",
+        self.pbar = tqdm(total=max_iter, disable=not verbose, desc=f"{desc} ({optimizer})", unit="it",
                          dynamic_ncols=True)
 
     def restore(self, state: dict) -> None:
@@ -181,13 +181,15 @@ class FitSession:
         self.last_stats = stats
         if math.isfinite(f):
             self.best_value = min(self.best_value, f)
+        # At large n one iteration takes minutes: show every evaluation, not only finished iterations.
+        self.pbar.set_postfix(loss=f"{f:.5f}", evals=self.evaluations, cg_iters=stats.get("iterations_max", "-"),
+                              step=f"{self.step_seconds[-1]:.1f}s")
         return f, g, stats
 
     def end_iteration(self, loss: float) -> None:
         self.iteration += 1
         self.losses.append(float(loss))
         self.pbar.update(1)
-        self.pbar.set_postfix(loss=f"{loss:.5f}", refresh=False)
 
     def save(self, theta, finished: bool = False, message: str = "", **extra) -> None:
         if self.path is None:
@@ -289,9 +291,15 @@ def run_lbfgs(session: FitSession, theta0: torch.Tensor, *, max_iter: int, tol: 
     stats = hist.stats_at(res.x)
     if stats is not None:
         session.last_stats = stats
+    message = str(res.message)
+    if message.startswith("ABNORMAL"):
+        # The iterative objective's gradient is an unbiased estimate, not the exact derivative of the
+        # estimated value, so near the optimum the line search cannot find a consistent decrease.
+        message = ("line search failed (ABNORMAL): the optimum was reached to the accuracy of the objective "
+                   "and gradient estimates")
     if not hist.replaying:
-        session.save(res.x, finished=bool(res.success), message=str(res.message), history=hist.to_state())
-    return session.result(res.x, res.fun, res.success, res.message)
+        session.save(res.x, finished=res.status != 1, message=message, history=hist.to_state())
+    return session.result(res.x, res.fun, res.success, message)
 
 
 def run_adam(session: FitSession, theta0: torch.Tensor, *, max_iter: int, lr: float, seed: int,

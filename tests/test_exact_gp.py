@@ -1,0 +1,296 @@
+"""End-to-end tests of :class:`gpscale.ExactGP`: accuracy, calibration, exactness of the predictor
+against a dense oracle, standardisation, both optimisers, checkpoint/resume, reports, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import gpscale
+from gpscale import ExactGP, FitReport
+from gpscale.models.exact_gp import Standardizer
+from gpscale.models.fit import Objective
+
+NOISE_STD = 0.1
+
+
+def _f(X: np.ndarray) -> np.ndarray:
+    return np.sin(3 * X[:, 0]) + 0.5 * np.cos(2 * X[:, 1])
+
+
+def _data(n: int, seed: int, d: int = 2):
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-2, 2, size=(n, d))
+    return X, _f(X) + NOISE_STD * rng.standard_normal(n)
+
+
+@pytest.fixture(scope="module")
+def train():
+    return _data(300, seed=0)
+
+
+@pytest.fixture(scope="module")
+def test():
+    return _data(200, seed=1)
+
+
+@pytest.fixture(scope="module")
+def chol_gp(train):
+    return ExactGP(max_iter=60).fit(*train)
+
+
+def _check_accuracy(gp, test, rmse_max=0.16):
+    Xt, yt = test
+    mean, std = gp.predict(Xt, return_std=True)
+    rmse = float(np.sqrt(np.mean((mean - yt) ** 2)))
+    inside = float(np.mean(np.abs(mean - yt) <= 2 * std))
+    assert rmse < rmse_max, rmse  # noise std is 0.1; a constant predictor has RMSE ~0.8
+    assert 0.85 <= inside <= 1.0, inside
+    assert np.all(std >= NOISE_STD * 0.7)  # std of y includes the noise
+
+
+# ----------------------------------------------------------------------------- accuracy
+def test_cholesky_fit_is_accurate_and_calibrated(chol_gp, test):
+    assert chol_gp.method_ == "cholesky"
+    _check_accuracy(chol_gp, test)
+    rep = chol_gp.report_
+    assert isinstance(rep, FitReport) and rep.method == "cholesky" and rep.optimizer == "lbfgs"
+    assert 0.5 * NOISE_STD ** 2 < rep.noise < 2 * NOISE_STD ** 2  # in original units
+    assert len(rep.lengthscale) == 2 and rep.iterations >= 5
+
+
+def test_iterative_fit_is_accurate_and_calibrated(train, test):
+    gp = ExactGP(method="iterative", max_iter=25).fit(*train)
+    assert gp.method_ == "iterative" and gp.report_.method == "iterative"
+    _check_accuracy(gp, test)
+    stats = gp.report_.cg_stats
+    assert stats["status"] == "CONVERGED" and stats["iterations_max"] >= 1
+    assert stats["preconditioner"] == "pivchol"
+    assert gp.report_.alpha_cg["status"] == "CONVERGED"
+
+
+def test_predictions_match_dense_oracle(chol_gp, test):
+    """Mean and std in original units against textbook dense float64 GP formulas."""
+    gp, (Xt, _) = chol_gp, test
+    sc = gp.scaler_
+    Xtr = gp.X_train_
+    Xs = sc.transform_X(torch.as_tensor(Xt))
+    with torch.no_grad():
+        K = gp.kernel_(Xtr) + gp.noise_ * torch.eye(Xtr.shape[0], dtype=torch.float64)
+        Ks = gp.kernel_(Xs, Xtr)
+        mean = Ks @ torch.linalg.solve(K, gp.y_train_ - gp.mean_) + gp.mean_
+        var = gp.kernel_.outputscale - (Ks * torch.linalg.solve(K, Ks.T).T).sum(1) + gp.noise_
+    m, s = gp.predict(Xt, return_std=True)
+    np.testing.assert_allclose(m, (mean * sc.y_scale + sc.y_mean).numpy(), rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(s, (var.sqrt() * sc.y_scale).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [None, 4 * 10 * 300 * 8 * 7])  # the second forces batches of 7 test points
+def test_cg_predictor_matches_cholesky_predictor(chol_gp, test, budget):
+    """Same hyperparameters, CG path (alpha and batched variance solves) vs the Cholesky factor."""
+    gp_cg = copy.deepcopy(chol_gp)
+    gp_cg.method_, gp_cg.predict_rtol, gp_cg.memory_budget = "iterative", 1e-6, budget
+    gp_cg._prepare_prediction()
+    m0, s0 = chol_gp.predict(test[0], return_std=True)
+    m1, s1 = gp_cg.predict(test[0], return_std=True)
+    np.testing.assert_allclose(m1, m0, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(s1, s0, rtol=1e-4)
+
+
+def test_adam_path(train, test):
+    gp = ExactGP(optimizer="adam", max_iter=80, lr=0.1).fit(*train)
+    rep = gp.report_
+    assert rep.optimizer == "adam" and rep.iterations == 80 and len(rep.loss_history) == 80
+    assert rep.loss_history[-1] < rep.loss_history[0] - 0.5
+    _check_accuracy(gp, test, rmse_max=0.2)
+
+
+def test_score_and_tensor_io(chol_gp, test):
+    Xt, yt = test
+    assert chol_gp.score(Xt, yt) > 0.95
+    out = chol_gp.predict(torch.as_tensor(Xt))
+    assert isinstance(out, torch.Tensor) and out.shape == (Xt.shape[0],)
+    assert isinstance(chol_gp.predict(Xt), np.ndarray)
+
+
+def test_float32_iterative(train):
+    X, y = train
+    gp = ExactGP(method="iterative", dtype=torch.float32, max_iter=8).fit(X.astype(np.float32), y)
+    assert gp.X_train_.dtype == torch.float32
+    mean = gp.predict(X[:20])
+    assert np.all(np.isfinite(mean)) and np.sqrt(np.mean((mean - y[:20]) ** 2)) < 0.3
+
+
+# ----------------------------------------------------------------------------- standardisation
+def test_standardizer_round_trip_and_constant_column():
+    rng = np.random.default_rng(3)
+    X = torch.as_tensor(rng.normal(5.0, 3.0, size=(50, 3)))
+    X[:, 1] = 7.0  # zero variance
+    y = torch.as_tensor(rng.normal(-2.0, 10.0, size=50))
+    sc = Standardizer.fit(X, y)
+    Xs, ys = sc.transform_X(X), sc.transform_y(y)
+    assert sc.x_scale[1] == 1.0 and torch.all(Xs[:, 1] == 0)
+    torch.testing.assert_close(Xs[:, [0, 2]].mean(0), torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(Xs[:, [0, 2]].std(0, unbiased=False), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(sc.inverse_y(ys), y)
+
+
+def test_fit_is_affine_equivariant(train, test):
+    """Fitting rescaled / shifted data gives the same predictions in the new units."""
+    X, y = train
+    a, b = np.array([10.0, 0.01]), np.array([-3.0, 100.0])
+    gp0 = ExactGP(max_iter=10).fit(X, y)
+    gp1 = ExactGP(max_iter=10).fit(X * a + b, 5.0 * y - 2.0)
+    m0, s0 = gp0.predict(test[0], return_std=True)
+    m1, s1 = gp1.predict(test[0] * a + b, return_std=True)
+    np.testing.assert_allclose(m1, 5.0 * m0 - 2.0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s1, 5.0 * s0, rtol=1e-5)
+    np.testing.assert_allclose(gp1.report_.lengthscale, np.array(gp0.report_.lengthscale) * a, rtol=1e-5)
+
+
+def test_constant_column_and_constant_target():
+    X, y = _data(60, seed=5, d=2)
+    X = np.column_stack([X, np.full(60, 3.0)])
+    gp = ExactGP(max_iter=5).fit(X, y)
+    assert np.all(np.isfinite(gp.predict(X[:5])))
+    gp = ExactGP(max_iter=3).fit(X, np.full(60, 2.5))
+    np.testing.assert_allclose(gp.predict(X[:5]), 2.5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _theta(gp):
+    return gp._params.vector().numpy()
+
+
+@pytest.fixture
+def count_evaluations(monkeypatch):
+    """Count real objective evaluations (a resumed fit must not redo the checkpointed ones)."""
+    calls = []
+    original = Objective.value_and_grad
+
+    def counted(self, theta, seed):
+        calls.append(seed)
+        return original(self, theta, seed)
+
+    monkeypatch.setattr(Objective, "value_and_grad", counted)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["cholesky", "iterative"])
+def test_lbfgs_resume_equals_uninterrupted(train, tmp_path, method, count_evaluations):
+    X, y = train[0][:150], train[1][:150]
+    kw = dict(method=method, max_iter=8 if method == "cholesky" else 4)
+    full = ExactGP(**kw).fit(X, y)
+    path = tmp_path / "fit.ckpt"
+    part = ExactGP(**dict(kw, max_iter=3 if method == "cholesky" else 2), checkpoint=path).fit(X, y)
+    assert path.exists() and part.report_.iterations < full.report_.iterations
+    count_evaluations.clear()
+    resumed = ExactGP(**kw, checkpoint=path).fit(X, y)
+    np.testing.assert_allclose(_theta(resumed), _theta(full), rtol=1e-9, atol=1e-12)
+    assert resumed.report_.iterations == full.report_.iterations
+    assert resumed.report_.resumed_from == part.report_.iterations
+    # Only the evaluations after the interruption are computed; the rest are replayed.
+    assert len(count_evaluations) == full.report_.evaluations - part.report_.evaluations
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic writes leave no litter
+
+
+def test_adam_resume_equals_uninterrupted(train, tmp_path, count_evaluations):
+    X, y = train[0][:150], train[1][:150]
+    kw = dict(optimizer="adam", method="iterative", lr=0.05)
+    full = ExactGP(**kw, max_iter=6).fit(X, y)
+    path = tmp_path / "adam.ckpt"
+    ExactGP(**kw, max_iter=2, checkpoint=path).fit(X, y)
+    state = torch.load(path, weights_only=True)
+    assert state["iteration"] == 2 and "adam_state" in state and state["optimizer"] == "adam"
+    count_evaluations.clear()
+    resumed = ExactGP(**kw, max_iter=6, checkpoint=path).fit(X, y)
+    np.testing.assert_allclose(_theta(resumed), _theta(full), rtol=1e-10, atol=1e-12)
+    assert resumed.report_.resumed_from == 2 and resumed.report_.iterations == 6
+    assert count_evaluations == [2, 3, 4, 5]  # probe seeds seed + step continue where they stopped
+
+
+def test_checkpoint_refuses_other_data_or_settings(train, tmp_path):
+    X, y = train[0][:80], train[1][:80]
+    path = tmp_path / "c.ckpt"
+    ExactGP(max_iter=2, checkpoint=path).fit(X, y)
+    with pytest.raises(ValueError, match="different fit"):
+        ExactGP(max_iter=2, checkpoint=path).fit(X, y + 1.0)
+    with pytest.raises(ValueError, match="kernel"):
+        ExactGP(kernel="rbf", max_iter=2, checkpoint=path).fit(X, y)
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        ExactGP(max_iter=2, checkpoint=tmp_path / "junk.ckpt").fit(X, y)
+
+
+# ----------------------------------------------------------------------------- report and warnings
+def test_report_contents(chol_gp):
+    rep = chol_gp.report_
+    text = str(rep)
+    for fragment in ("matern52", "MLL / point", "lengthscale", "noise", "Cholesky", "converged="):
+        assert fragment in text
+    d = json.loads(json.dumps(rep.to_dict()))
+    assert d["n"] == 300 and d["d"] == 2 and math.isfinite(d["mll_per_point"])
+    assert rep.fit_seconds > 0 and rep.step_seconds > 0 and rep.evaluations >= rep.iterations
+
+
+def test_cg_non_convergence_warns_and_is_recorded():
+    X, y = _data(40, seed=7)
+    with pytest.warns(gpscale.CGWarning, match="did not converge"):
+        gp = ExactGP(method="iterative", rtol=0.0, preconditioner=None, max_iter=1).fit(X, y)
+    assert gp.report_.cg_failures >= 1 and gp.report_.cg_stats["status"] != "CONVERGED"
+
+
+def test_subset_initialisation(train, test):
+    gp = ExactGP(init_subset=100, max_iter=3).fit(*train)
+    _check_accuracy(gp, test, rmse_max=0.2)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_predict_before_fit():
+    with pytest.raises(RuntimeError, match="not fitted yet; call fit"):
+        ExactGP().predict(np.zeros((3, 2)))
+
+
+@pytest.mark.parametrize("X, y, exc, match", [
+    (np.array([[0.0, np.nan], [1.0, 2.0], [2.0, 1.0]]), np.zeros(3), ValueError, "NaN"),
+    (np.ones((3, 2)), np.array([0.0, np.inf, 1.0]), ValueError, "NaN/Inf"),
+    (np.ones((3, 2)), np.zeros(4), ValueError, "X has 3 rows but y has 4"),
+    (np.ones((1, 2)), np.zeros(1), ValueError, "at least 2"),
+    (np.ones(5), np.zeros(5), ValueError, "2-D"),
+    (np.ones((4, 2)), np.zeros((4, 2)), ValueError, "multi-output"),
+    (np.array([["a", "b"], ["c", "d"]]), np.zeros(2), TypeError, "array-like of numbers"),
+])
+def test_bad_training_data(X, y, exc, match):
+    with pytest.raises(exc, match=match):
+        ExactGP(max_iter=1).fit(X, y)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"kernel": "cosine"}, "kernel must be one of"), ({"optimizer": "sgd"}, "optimizer must be"),
+    ({"method": "fast"}, "method must be"), ({"max_iter": 0}, "max_iter"), ({"lr": -1.0}, "lr"),
+    ({"rtol": -1.0}, "rtol"), ({"noise_floor": 0.5}, "noise_floor"), ({"num_probes": 0}, "num_probes"),
+])
+def test_bad_settings(kwargs, match):
+    X, y = _data(10, seed=2)
+    with pytest.raises(ValueError, match=match):
+        ExactGP(**kwargs).fit(X, y)
+
+
+def test_predict_with_wrong_width(chol_gp):
+    with pytest.raises(ValueError, match="3 columns but the model was fitted on d=2"):
+        chol_gp.predict(np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        chol_gp.predict(np.full((2, 2), np.nan))
+
+
+def test_no_warning_on_clean_fit(train):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ExactGP(max_iter=5).fit(*train).predict(train[0][:5], return_std=True)
