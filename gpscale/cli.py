@@ -34,11 +34,12 @@ from .data import DataError, load_data, make_demo, subsample, train_test_split
 from .models import ExactGP
 from .precond import PivotedCholesky
 
-#: Settings of ``gpscale fit --demo`` (each overridable by its option), measured to finish in about
-#: 4-5 minutes on a shared 2-core CPU.  At n=18000 training points one full-data step costs about 45 s
-#: (float64; a 2 GiB operator budget caches the whole kernel matrix, which halves the cost of a CG
-#: iteration), so the hyperparameters are first fitted on a 1000-point subset (dense Cholesky, under a
-#: second per step) and then refined by two L-BFGS-B iterations on all the data.
+#: Settings of ``gpscale fit --demo`` (each overridable by its option).  Measured on a shared 2-core CPU:
+#: 3 min 51 s wall in all -- a 1000-point subset fit (dense Cholesky, ~40 s), then two L-BFGS-B
+#: iterations on the 18000 training points (3 evaluations of ~46 s: 13 preconditioned CG iterations,
+#: the derivative pass and the rank-300 preconditioner; the 2 GiB operator budget caches the whole
+#: kernel matrix, which halves the cost of a CG iteration), the predictor (16 s) and the test
+#: predictions (47 s, most of it the CG solves for the std of 100 test points).
 DEMO = {"n": 20000, "d": 8, "max_iter": 2, "dtype": "float64", "precond_rank": 300, "init_subset": 1000,
         "std_points": 100, "memory_budget": 2048}
 #: Defaults without ``--demo`` (``None``: ExactGP's own default).

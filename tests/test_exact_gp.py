@@ -120,6 +120,18 @@ def test_score_and_tensor_io(chol_gp, test):
     assert isinstance(chol_gp.predict(Xt), np.ndarray)
 
 
+def test_shared_lengthscale_and_kernel_instance(train):
+    X, y = train[0][:100], train[1][:100]
+    gp = ExactGP(kernel="rbf", ard=False, max_iter=5).fit(X, y)
+    assert gp.kernel_.lengthscale.dim() == 0 and len(gp.report_.lengthscale) == 2  # one per column, original units
+    np.testing.assert_allclose(np.array(gp.report_.lengthscale) / gp.scaler_.x_scale.numpy(),
+                               float(gp.kernel_.lengthscale.detach()), rtol=1e-10)
+    init = gpscale.kernels.Matern(nu=1.5, lengthscale=torch.tensor([0.5, 2.0]))
+    gp = ExactGP(kernel=init, max_iter=5).fit(X, y)
+    assert gp.report_.kernel == "matern32" and gp.kernel_ is not init  # the instance is copied, not trained
+    assert torch.allclose(init.lengthscale.double(), torch.tensor([0.5, 2.0], dtype=torch.float64))
+
+
 def test_float32_iterative(train):
     X, y = train
     gp = ExactGP(method="iterative", dtype=torch.float32, max_iter=8).fit(X.astype(np.float32), y)

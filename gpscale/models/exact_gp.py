@@ -268,10 +268,7 @@ class ExactGP:
             return None
         state = load_checkpoint(self.checkpoint)
         if state is not None:
-            check_compatible(state, fp, self.checkpoint)
-            if state.get("optimizer") != self.optimizer:
-                raise ValueError(f"checkpoint {self.checkpoint} holds a {state.get('optimizer')} state, not "
-                                 f"{self.optimizer}; delete it or pass another path")
+            check_compatible(state, fp, self.checkpoint)  # the fingerprint includes the optimizer
         return state
 
     def _prepare_prediction(self) -> dict:
@@ -284,8 +281,8 @@ class ExactGP:
         if stats.get("status", "CONVERGED") != "CONVERGED":
             warnings.warn(f"the CG solve for the predictive mean ended with status {stats['status']} "
                           f"(relative residual {stats.get('relative_residual_max', float('nan')):.2e}); "
-                          "predictions may be inaccurate: lower predict_rtol's demands or raise the "
-                          "preconditioner rank", CGWarning, stacklevel=3)
+                          "predictions may be inaccurate: raise cg_max_iter or the preconditioner rank, or "
+                          "loosen predict_rtol", CGWarning, stacklevel=3)
         return stats
 
     # ------------------------------------------------------------------ predict

@@ -373,6 +373,7 @@ class FitReport:
     step_seconds: float
     predict_setup_seconds: float
     resumed_from: int = 0
+    init_subset: int = 0
     loss_history: list = field(default_factory=list)
 
     @classmethod
@@ -391,6 +392,7 @@ class FitReport:
                    cg_stats=dict(out.last_stats), cg_failures=out.cg_failures, alpha_cg=dict(alpha_stats),
                    fit_seconds=fit_seconds, step_seconds=sum(steps) / len(steps) if steps else 0.0,
                    predict_setup_seconds=predict_setup_seconds, resumed_from=out.resumed_from,
+                   init_subset=int(gp.init_subset) if gp.init_subset and gp.init_subset < gp.X_train_.shape[0] else 0,
                    loss_history=list(out.losses))
 
     def to_dict(self) -> dict:
@@ -407,6 +409,8 @@ class FitReport:
         else:
             solver = "dense Cholesky"
         resumed = f" (resumed at iteration {self.resumed_from})" if self.resumed_from else ""
+        if self.init_subset:
+            resumed += f", started from the optimum on a {self.init_subset}-point subset"
         return "\n".join([
             f"ExactGP fit: {self.kernel} kernel, n={self.n}, d={self.d}, method={self.method}",
             f"  optimizer    {self.optimizer}: {self.iterations} iterations, {self.evaluations} evaluations"

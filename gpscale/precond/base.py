@@ -91,7 +91,8 @@ class LowRankPlusDiagonal(BuiltPreconditioner):
             raise ValueError(f"the preconditioner's noise must be > 0, got {self.noise}")
         n, k = L.shape
         self.rank = k
-        cap = L.T.to(torch.float64) @ L.to(torch.float64)
+        self._L64 = L if L.dtype == torch.float64 else L.to(torch.float64)  # O(nk): see solve()
+        cap = self._L64.T @ self._L64
         cap.diagonal().add_(self.noise)
         self._chol = torch.linalg.cholesky(cap)
         self._logdet = (n - k) * math.log(self.noise) + 2 * self._chol.diagonal().log().sum()
@@ -100,10 +101,12 @@ class LowRankPlusDiagonal(BuiltPreconditioner):
     def solve(self, R):
         if self.rank == 0:
             return R / self.noise
-        R2 = R[:, None] if R.dim() == 1 else R
-        LtR = (self.L.T @ R2).to(torch.float64)
-        corr = torch.cholesky_solve(LtR, self._chol).to(R.dtype)
-        out = (R2 - self.L @ corr) / self.noise
+        R2 = (R[:, None] if R.dim() == 1 else R).to(torch.float64)
+        # The whole correction runs in float64: R - L C^{-1} L^T R cancels almost completely along
+        # the large eigendirections, and in float32 the leftover rounding (amplified by 1/noise) made
+        # preconditioned CG diverge at small noise (20k points, noise 0.1: residual 752 vs 26 its).
+        corr = torch.cholesky_solve(self._L64.T @ R2, self._chol)
+        out = ((R2 - self._L64 @ corr) / self.noise).to(R.dtype)
         return out[:, 0] if R.dim() == 1 else out
 
     def logdet(self):
