@@ -101,22 +101,24 @@ class CrossKernelOperator:
         """Tile of squared scaled distances ``q`` (a fresh tensor the caller may overwrite)."""
         q = torch.addmm(self._zn[j0:j1], self._Xs[i0:i1], self._Zs[j0:j1].T, alpha=-2.0)
         q.add_(self._xn[i0:i1, None]).clamp_min_(0.0)
+        return self._zero_diagonal(q, i0, i1, j0, j1)
+
+    def _zero_diagonal(self, t: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
+        """Set the entries of a distance tile that lie on the diagonal of ``K(X, X)`` to exactly 0.
+
+        The expansion leaves O(eps |x|^2) instead of an exact 0 there; through the Matérn-1/2
+        square root that would become an O(sqrt(eps)) error in ``K_ii``.
+        """
         lo, hi = max(i0, j0), min(i1, j1)
         if self._symmetric and lo < hi:
-            # The expansion leaves O(eps |x|^2) instead of an exact 0 on the diagonal; through the
-            # Matérn-1/2 square root that would become an O(sqrt(eps)) error in K_ii.
-            r = torch.arange(lo, hi, device=q.device)
-            q[r - i0, r - j0] = 0.0
-        return q
+            r = torch.arange(lo, hi, device=t.device)
+            t[r - i0, r - j0] = 0.0
+        return t
 
     def profile_tile(self, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
         """Tile of ``f(q)``: the kernel divided by the outputscale (the hot path of every product)."""
         u = self._Xa[i0:i1] @ self._ZaT[:, j0:j1]
-        lo, hi = max(i0, j0), min(i1, j1)
-        if self._symmetric and lo < hi:
-            r = torch.arange(lo, hi, device=u.device)
-            u[r - i0, r - j0] = 0.0
-        return self.kernel.profile_scaled_(u)
+        return self.kernel.profile_scaled_(self._zero_diagonal(u, i0, i1, j0, j1))
 
     def _ensure_cache(self) -> None:
         c = self.tiling.cached_rows
