@@ -40,6 +40,15 @@ class BuiltPreconditioner(abc.ABC):
     def sample(self, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(n, num)`` samples from :math:`N(0, P)`."""
 
+    def inverse_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(d, U, V)`` with :math:`P^{-1} = \operatorname{diag}(d) - U V^T`, or ``None`` if unknown.
+
+        Lets :func:`gpscale.logdet.trace.trace_pairs` compute :math:`\operatorname{tr}(P^{-1}\partial\hat K)`
+        exactly (the control variate of the preconditioned trace estimator).  ``U``, ``V`` are
+        ``(n, k)``; ``d`` is ``(n,)``.
+        """
+        return None
+
 
 class Preconditioner(abc.ABC):
     """Factory interface: configuration in, :class:`BuiltPreconditioner` out."""
@@ -64,6 +73,10 @@ class Identity(BuiltPreconditioner):
 
     def sample(self, num, generator=None):
         return torch.randn(self.n, num, dtype=self.dtype, device=self.device, generator=generator)
+
+    def inverse_parts(self):
+        empty = torch.zeros(self.n, 0, dtype=self.dtype, device=self.device)
+        return torch.ones(self.n, dtype=self.dtype, device=self.device), empty, empty
 
 
 class LowRankPlusDiagonal(BuiltPreconditioner):
@@ -119,6 +132,13 @@ class LowRankPlusDiagonal(BuiltPreconditioner):
         if k:
             z += self.L @ torch.randn(k, num, **kw)
         return z
+
+    def inverse_parts(self):
+        # P^{-1} = σ⁻² I - σ⁻² L C⁻¹ Lᵀ with C = σ² I_k + LᵀL (C⁻¹ applied in float64, as in solve()).
+        n = self.L.shape[0]
+        d = torch.full((n,), 1.0 / self.noise, dtype=self.L.dtype, device=self.L.device)
+        U = (torch.cholesky_solve(self._L64.T, self._chol).T / self.noise).to(self.L.dtype)
+        return d, U, self.L
 
     def to_dense(self) -> torch.Tensor:
         """Dense :math:`P` (tests only)."""

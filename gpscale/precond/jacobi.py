@@ -50,6 +50,10 @@ class Diagonal(BuiltPreconditioner):
         z = torch.randn(self.d.shape[0], num, dtype=self.d.dtype, device=self.d.device, generator=generator)
         return z * self.d.sqrt()[:, None]
 
+    def inverse_parts(self):
+        empty = torch.zeros(self.d.shape[0], 0, dtype=self.d.dtype, device=self.d.device)
+        return 1.0 / self.d, empty, empty
+
     def to_dense(self) -> torch.Tensor:
         """Dense :math:`P` (tests only)."""
         return torch.diag(self.d)

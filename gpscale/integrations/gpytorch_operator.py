@@ -1,0 +1,355 @@
+"""A ``linear_operator.LinearOperator`` whose products, solves and log-dets run on gpscale.
+
+:class:`GpscaleKernelLinearOperator` stands for :math:`s\\,K_f(X_1, X_2) + \\sigma^2 I` where
+:math:`K_f` is an RBF or Matérn profile of the scaled distance.  Its *representation* is the five
+tensors ``(x1, x2, lengthscale, outputscale, noise)`` exactly as GPyTorch hands them over
+(constrained values that still carry GPyTorch's autograd graph to the raw parameters), so
+linear_operator can rebuild, detach and differentiate it like any of its own operators.
+
+Which hooks are overridden and why:
+
+* ``inv_quad_logdet`` -- the whole training loss: one gpscale CG call on ``[probes, y - m]``
+  (preconditioned SLQ, Wenger et al. 2022) and a hand-written backward that reuses those solves
+  (:func:`gpscale.operators.bilinear_derivative`).  Below the Cholesky crossover a dense Cholesky on
+  the autograd-capable reference kernel.  linear_operator's own mBCG path is never entered.
+* ``solve`` -- prediction caches (``mean_cache``, predictive covariance): gpscale CG with its
+  preconditioner and per-column stopping, columns chunked to bound memory, a custom backward.
+* ``_matmul`` / ``_bilinear_derivative`` -- tiled products without storing ``K`` and a tiled
+  derivative pass instead of autograd through the product.
+* ``__add__`` -- absorbs the likelihood's homoscedastic ``ConstantDiagLinearOperator`` so that
+  ``K + σ²I`` stays this class (a stock ``AddedDiagLinearOperator`` would route to linear_operator's
+  CG and its preconditioner).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from linear_operator.operators import ConstantDiagLinearOperator, DiagLinearOperator, LinearOperator
+
+from ..kernels import make_kernel
+from ..likelihood.cholesky import cholesky_factor
+from ..logdet.slq import probe_solve
+from ..logdet.trace import trace_pairs
+from ..operators.derivatives import bilinear_derivative
+from ..operators.kernel_operator import CrossKernelOperator, KernelOperator
+from ..solvers.cg import CGWarning, ConjugateGradients
+
+
+class GPyTorchFallbackWarning(UserWarning):
+    """gpscale hands a computation back to stock GPyTorch (unsupported model feature)."""
+
+
+def _gpscale_kernel(kind: str, ls: torch.Tensor, s: torch.Tensor):
+    """A gpscale kernel holding a detached snapshot of GPyTorch's constrained hyperparameters."""
+    ls = ls.detach().reshape(-1)
+    ls = ls.reshape(()) if ls.numel() == 1 else ls
+    return make_kernel(kind, lengthscale=ls.to(torch.float64), outputscale=s.detach().reshape(()).to(torch.float64))
+
+
+def _dense(kind: str, x1, x2, ls, s):
+    """Autograd-capable dense ``s K_f(x1, x2)`` (the reference formula, exact distances)."""
+    ls = ls.reshape(-1).to(x1.dtype)
+    dist = torch.cdist(x1 / ls, x2 / ls, compute_mode="donot_use_mm_for_euclid_dist")
+    return s.reshape(()).to(x1.dtype) * _PROFILES[kind].profile(dist * dist)
+
+
+_PROFILES = {k: make_kernel(k) for k in ("rbf", "matern12", "matern32", "matern52")}
+
+
+def _stats_of(res) -> dict:
+    s = res.summary()
+    return {k: v for k, v in s.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+class _InvQuadLogdet(torch.autograd.Function):
+    """``(rhsᵀ K̂⁻¹ rhs, log|K̂|)`` by one CG call on ``[probes, rhs]``; backward reuses the solves."""
+
+    @staticmethod
+    def forward(ctx, rhs, ls, s, noise, cfg):  # noqa: D401 - autograd API
+        op, opts, state = cfg
+        t = opts.num_probes
+        gen = None if opts.seed is None else torch.Generator(device=rhs.device).manual_seed(int(opts.seed))
+        solver = ConjugateGradients(rtol=opts.rtol, max_iter=opts.max_iter)
+        ps = probe_solve(op, rhs if rhs.shape[1] else None, t, solver, opts.preconditioner, gen)
+        alpha = ps.cg.x[:, t:]
+        state.record("inv_quad_logdet", ps.cg, logdet_stderr=ps.logdet_stderr)
+        ctx.op, ctx.alpha, ctx.ps, ctx.t = op, alpha, ps, t
+        ctx.shapes = [(v.shape, v.dtype) for v in (ls, s, noise)]
+        quad = (rhs * alpha).sum(0)
+        return quad, ps.logdet.to(rhs.dtype)
+
+    @staticmethod
+    def backward(ctx, g_quad, g_logdet):
+        op, alpha, ps, t = ctx.op, ctx.alpha, ctx.ps, ctx.t
+        # d(quad_c)/dθ = -α_cᵀ ∂K α_c ;  d(logdet)/dθ = tr(K⁻¹ ∂K), estimated from the probe solves
+        # with the preconditioner as control variate (gpscale.logdet.trace).
+        At, Bt, const = trace_pairs(ps, g_logdet)
+        A = torch.cat([alpha, At], dim=1)
+        B = torch.cat([-alpha * g_quad, Bt], dim=1)
+        g = bilinear_derivative(op, A, B)
+        g = {k: v + const[k] for k, v in g.items()}
+        g_rhs = 2.0 * alpha * g_quad
+        return (g_rhs, *_shaped(g, ctx.shapes), None)
+
+
+class _Solve(torch.autograd.Function):
+    """``K̂⁻¹ B`` by gpscale CG; backward: one more solve for the right-hand side's gradient."""
+
+    @staticmethod
+    def forward(ctx, rhs, ls, s, noise, cfg):  # noqa: D401 - autograd API
+        op, opts, state = cfg
+        X = _chunked_cg(op, rhs, opts, state, "solve")
+        ctx.op, ctx.X, ctx.cfg = op, X, cfg
+        ctx.shapes = [(v.shape, v.dtype) for v in (ls, s, noise)]
+        return X
+
+    @staticmethod
+    def backward(ctx, G):
+        op, X, (_, opts, state) = ctx.op, ctx.X, ctx.cfg
+        Y = _chunked_cg(op, G, opts, state, "solve_backward")  # K̂ symmetric: K̂⁻ᵀ G = K̂⁻¹ G
+        if any(ctx.needs_input_grad[1:4]):
+            g = bilinear_derivative(op, Y, -X)  # d(K̂⁻¹B) = -K̂⁻¹ (∂K̂) K̂⁻¹ B
+            return (Y, *_shaped(g, ctx.shapes), None)
+        return Y, None, None, None, None
+
+
+def _shaped(g: dict, shapes) -> tuple:
+    """gpscale's gradient dict reshaped to GPyTorch's tensor shapes (e.g. ``(1, d)`` lengthscales)."""
+    return tuple(g[k].reshape(sh).to(dt) for k, (sh, dt) in zip(("lengthscale", "outputscale", "noise"), shapes))
+
+
+def _chunked_cg(op, B, opts, state, what: str) -> torch.Tensor:
+    """Solve in blocks of ``opts.solve_block`` columns (CG state is ``5 n`` numbers per column)."""
+    solver = ConjugateGradients(rtol=opts.solve_rtol, max_iter=opts.max_iter)
+    P = opts.preconditioner.build(op) if opts.preconditioner is not None else None
+    out = torch.empty_like(B)
+    for c0 in range(0, B.shape[1], opts.solve_block):
+        c1 = min(B.shape[1], c0 + opts.solve_block)
+        res = solver(op, B[:, c0:c1], preconditioner=P)
+        state.record(what, res)
+        out[:, c0:c1] = res.x
+    return out
+
+
+class BackendState:
+    """Mutable per-model record of what the backend did (the options object itself is frozen)."""
+
+    def __init__(self):
+        self.last: dict = {}
+        self.counts: dict = {}
+        self._warned: set = set()
+
+    def record(self, what: str, res, **extra) -> None:
+        s = _stats_of(res)
+        s.update(extra)
+        self.last[what] = s
+        self.counts[what] = self.counts.get(what, 0) + 1
+        if not res.converged:
+            warnings.warn(f"gpscale backend ({what}): CG ended with status {res.status.name} "
+                          f"(max relative residual {s['relative_residual_max']:.2e}); {res.message}",
+                          CGWarning, stacklevel=4)
+
+    def fallback(self, reason: str) -> None:
+        """Warn once per reason that a computation runs on stock GPyTorch."""
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"gpscale backend: {reason}; this computation runs on stock GPyTorch instead "
+                          "(correct, but without gpscale's memory and speed).", GPyTorchFallbackWarning,
+                          stacklevel=4)
+
+
+def _same_index(a, b) -> bool:
+    if isinstance(a, slice) and isinstance(b, slice):
+        return a == b
+    return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and bool((a == b).all())
+
+
+class GpscaleKernelLinearOperator(LinearOperator):
+    """:math:`s K_f(x_1, x_2) + \\sigma^2 I` (noise only on the symmetric operator), computed by gpscale.
+
+    Parameters
+    ----------
+    x1 : (n, d) tensor
+    x2 : (m, d) tensor
+        The same tensor as ``x1`` for the symmetric training operator.
+    lengthscale : (1, 1) or (1, d) tensor
+    outputscale : 0-d tensor
+    noise : 0-d tensor
+        Zero unless the likelihood's homoscedastic noise was absorbed.
+    kind : {"rbf", "matern12", "matern32", "matern52"}
+    options : BackendOptions
+    state : BackendState
+    symmetric : bool
+        ``x1`` and ``x2`` are the same points (the operator is square and symmetric).
+    """
+
+    def __init__(self, x1, x2, lengthscale, outputscale, noise, *, kind, options, state, symmetric):
+        super().__init__(x1, x2, lengthscale, outputscale, noise, kind=kind, options=options, state=state,
+                         symmetric=symmetric)
+        self.x1, self.x2 = x1, x2
+        self.lengthscale, self.outputscale, self.noise = lengthscale, outputscale, noise
+        self.kind, self.options, self.state, self.symmetric = kind, options, state, symmetric
+
+    # ----------------------------------------------------------------------------------- helpers
+    def _with(self, **changes) -> GpscaleKernelLinearOperator:
+        kw = dict(x1=self.x1, x2=self.x2, lengthscale=self.lengthscale, outputscale=self.outputscale,
+                  noise=self.noise, kind=self.kind, options=self.options, state=self.state,
+                  symmetric=self.symmetric)
+        kw.update(changes)
+        return GpscaleKernelLinearOperator(**kw)
+
+    def _gpscale_op(self):
+        """A gpscale operator over a detached snapshot of the hyperparameters."""
+        k = _gpscale_kernel(self.kind, self.lengthscale, self.outputscale)
+        budget = self.options.memory_budget
+        x1 = self.x1.detach()
+        if self.symmetric:
+            return KernelOperator(x1, k, noise=self.noise.detach().reshape(()).to(x1.dtype), memory_budget=budget)
+        return CrossKernelOperator(x1, self.x2.detach(), k, memory_budget=budget)
+
+    def _use_cholesky(self) -> bool:
+        o = self.options
+        return o.method == "cholesky" or (o.method == "auto" and self.x1.shape[-2] <= o.cholesky_crossover)
+
+    # ------------------------------------------------------------------------- required hooks
+    def _size(self) -> torch.Size:
+        return torch.Size([self.x1.shape[-2], self.x2.shape[-2]])
+
+    def _transpose_nonbatch(self) -> GpscaleKernelLinearOperator:
+        return self if self.symmetric else self._with(x1=self.x2, x2=self.x1)
+
+    def _matmul(self, rhs: torch.Tensor) -> torch.Tensor:
+        vec = rhs.dim() == 1
+        if rhs.dim() > 2:
+            return torch.stack([self._matmul(r) for r in rhs.reshape(-1, *rhs.shape[-2:])]).reshape(
+                *rhs.shape[:-2], self.shape[0], rhs.shape[-1])
+        out = self._gpscale_op().matmul(rhs[:, None] if vec else rhs)
+        return out[:, 0] if vec else out
+
+    def _bilinear_derivative(self, left_vecs, right_vecs):
+        """Gradients of ``Σ left ∘ (K right)`` w.r.t. the representation, without autograd through K."""
+        L, R = left_vecs.reshape(self.shape[0], -1), right_vecs.reshape(self.shape[1], -1)
+        if self.symmetric:
+            g = bilinear_derivative(self._gpscale_op(), L, R)
+            grads = [g["lengthscale"], g["outputscale"], g["noise"]]
+        else:
+            grads = self._cross_bilinear(L, R)
+        ref = (self.lengthscale, self.outputscale, self.noise)
+        return (None, None, *[None if v is None else v.reshape(r.shape).to(r.dtype) for v, r in zip(grads, ref)])
+
+    def _cross_bilinear(self, L, R, block: int = 1024):
+        """Rectangular case (predictions only): autograd over row blocks of the reference kernel."""
+        ls = self.lengthscale.detach().requires_grad_(True)
+        s = self.outputscale.detach().requires_grad_(True)
+        g_ls, g_s = torch.zeros_like(ls), torch.zeros_like(s)
+        for i0 in range(0, L.shape[0], block):
+            with torch.enable_grad():
+                K = _dense(self.kind, self.x1[i0:i0 + block].detach(), self.x2.detach(), ls, s)
+                a, b = torch.autograd.grad((L[i0:i0 + block] * (K @ R)).sum(), (ls, s))
+            g_ls, g_s = g_ls + a, g_s + b
+        return [g_ls, g_s, None]
+
+    def _getitem(self, row_index, col_index, *batch_indices):
+        if batch_indices:
+            return super()._getitem(row_index, col_index, *batch_indices)
+        same = self.symmetric and _same_index(row_index, col_index)
+        if self.noise_is_zero or same:
+            # A block of a kernel matrix is the kernel of the selected points: stays lazy and tiled.
+            return self._with(x1=self.x1[row_index], x2=self.x2[col_index], symmetric=same,
+                              noise=self.noise if same else torch.zeros_like(self.noise))
+        return super()._getitem(row_index, col_index)
+
+    def _get_indices(self, row_index, col_index, *batch_indices):
+        a, b = self.x1[row_index], self.x2[col_index]
+        ls = self.lengthscale.reshape(-1).to(a.dtype)
+        q = (((a - b) / ls) ** 2).sum(-1)
+        out = self.outputscale.to(a.dtype) * _PROFILES[self.kind].profile(q)
+        if self.symmetric and not self.noise_is_zero:
+            out = out + self.noise.to(a.dtype) * (torch.as_tensor(row_index) == torch.as_tensor(col_index))
+        return out
+
+    def _diagonal(self) -> torch.Tensor:
+        if self.symmetric:  # stationary: f(0) = 1
+            ones = torch.ones(self.shape[0], dtype=self.x1.dtype, device=self.x1.device)
+            return ones * (self.outputscale.to(self.x1.dtype) + self.noise.to(self.x1.dtype))
+        idx = torch.arange(min(self.shape), device=self.x1.device)
+        return self._get_indices(idx, idx)
+
+    def to_dense(self) -> torch.Tensor:
+        """Dense matrix through the reference formula (autograd-capable; ``O(n m)`` memory)."""
+        K = _dense(self.kind, self.x1, self.x2, self.lengthscale, self.outputscale)
+        if self.symmetric and not self.noise_is_zero:
+            K = K + self.noise.to(K.dtype) * torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
+        return K
+
+    @property
+    def noise_is_zero(self) -> bool:
+        return not self.noise.requires_grad and bool((self.noise == 0).all())
+
+    def __add__(self, other):
+        if isinstance(other, ConstantDiagLinearOperator) and self.symmetric and other.shape == self.shape:
+            return self._with(noise=self.noise + other.diag_values.reshape(()).to(self.noise.dtype))
+        if isinstance(other, DiagLinearOperator) and self.symmetric:
+            self.state.fallback("a non-constant diagonal (heteroscedastic or fixed per-point noise) is not "
+                                "absorbed by the gpscale operator")
+        return super().__add__(other)
+
+    def _expand_batch(self, batch_shape):
+        if len(batch_shape) == 0:
+            return self
+        self.state.fallback("batched kernel matrices are not supported by the gpscale operator")
+        return super()._expand_batch(batch_shape)
+
+    # ------------------------------------------------------------------------------ solves
+    def _preconditioner(self):
+        return None, None, None  # gpscale builds its own inside inv_quad_logdet / solve
+
+    def _solve(self, rhs, preconditioner=None, num_tridiag=0):
+        if num_tridiag:
+            raise NotImplementedError("GpscaleKernelLinearOperator computes log-dets in inv_quad_logdet")
+        return self.solve(rhs)
+
+    def solve(self, right_tensor, left_tensor=None):
+        """``K̂⁻¹ B`` (or ``L K̂⁻¹ B``): Cholesky below the crossover, gpscale CG above."""
+        if not self.symmetric:
+            raise RuntimeError("solve needs the square, symmetric training covariance")
+        vec = right_tensor.dim() == 1
+        B = right_tensor[:, None] if vec else right_tensor
+        if B.dim() != 2:
+            self.state.fallback("batched right-hand sides in solve")
+            return super().solve(right_tensor, left_tensor)
+        if self._use_cholesky():
+            L = cholesky_factor(self.to_dense())
+            X = torch.cholesky_solve(B, L)
+        else:
+            X = _Solve.apply(B, self.lengthscale, self.outputscale, self.noise,
+                             (self._gpscale_op(), self.options, self.state))
+        X = X[:, 0] if vec else X
+        return X if left_tensor is None else left_tensor @ X
+
+    def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
+        """``(rhsᵀ K̂⁻¹ rhs, log|K̂|)``: the GPyTorch training loss, computed by gpscale."""
+        zero = torch.zeros([], dtype=self.dtype, device=self.device)
+        if inv_quad_rhs is None and not logdet:
+            raise RuntimeError("Either `inv_quad_rhs` or `logdet` must be specified.")
+        if not self.symmetric:
+            raise RuntimeError("inv_quad_logdet needs the square, symmetric training covariance")
+        R = None if inv_quad_rhs is None else (inv_quad_rhs[:, None] if inv_quad_rhs.dim() == 1 else inv_quad_rhs)
+        if R is not None and R.dim() != 2:
+            self.state.fallback("batched right-hand sides in inv_quad_logdet")
+            return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
+        if self._use_cholesky():
+            L = cholesky_factor(self.to_dense())
+            quad = zero if R is None else (torch.linalg.solve_triangular(L, R, upper=False) ** 2).sum(0)
+            ld = 2.0 * torch.log(torch.diagonal(L)).sum() if logdet else zero
+        elif logdet:
+            rhs = R if R is not None else torch.zeros(self.shape[0], 0, dtype=self.dtype, device=self.device)
+            quad, ld = _InvQuadLogdet.apply(rhs, self.lengthscale, self.outputscale, self.noise,
+                                            (self._gpscale_op(), self.options, self.state))
+        else:
+            quad, ld = (R * self.solve(R)).sum(0), zero
+        if R is None:
+            return zero, ld
+        return (quad.sum(-1) if reduce_inv_quad else quad), ld
