@@ -17,3 +17,7 @@ __all__ = ["kernels", "operators", "precond", "solvers", "logdet", "KernelOperat
 from .models import ExactGP, FitReport  # noqa: E402  (models build on everything above)
 
 __all__ += ["ExactGP", "FitReport"]
+
+from . import distributed  # noqa: E402  (torch.distributed strategies over the engine and models)
+
+__all__ += ["distributed"]

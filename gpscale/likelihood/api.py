@@ -78,14 +78,14 @@ def _prepare(X, y, kernel, noise, mean):
 def mll_estimate(X, y, kernel, noise=1.0, mean=0.0, *, method: str = "auto", rtol: float = 1e-2,
                  max_iter: int = 1000, num_probes: int = 10, preconditioner=PivotedCholesky(rank=100),
                  seed: int | None = None, generator: torch.Generator | None = None,
-                 memory_budget: int | None = None, warn: bool = True) -> MLLResult:
+                 memory_budget: int | None = None, warn: bool = True, distributed=None) -> MLLResult:
     """Like :func:`marginal_log_likelihood` but returns an :class:`MLLResult` with statistics."""
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     y, noise, mean = _prepare(X, y, kernel, noise, mean)
     n = X.shape[0]
     if method == "auto":
-        method = "cholesky" if n <= CHOLESKY_CROSSOVER else "iterative"
+        method = "cholesky" if n <= CHOLESKY_CROSSOVER and distributed is None else "iterative"
     t0 = time.perf_counter()
     if method == "cholesky":
         value = cholesky_mll(X, y, kernel, noise, mean)
@@ -95,6 +95,14 @@ def mll_estimate(X, y, kernel, noise=1.0, mean=0.0, *, method: str = "auto", rto
     if generator is None and seed is not None:
         generator = torch.Generator(device=X.device).manual_seed(int(seed))
     solver = ConjugateGradients(rtol=rtol, max_iter=max_iter)
+    if distributed is not None:  # the Cholesky path above runs replicated on every rank
+        from ..distributed.mll import distributed_mll
+
+        value, stats = distributed_mll(X, y, kernel, noise, mean, distributed=distributed, solver=solver,
+                                       num_probes=num_probes, preconditioner=preconditioner, generator=generator,
+                                       op_kwargs={"memory_budget": memory_budget}, warn=warn)
+        stats["forward_seconds"] = time.perf_counter() - t0
+        return MLLResult(value, "iterative", stats)
     info = iterative_mll(X, y, kernel, noise, mean, solver=solver, num_probes=num_probes,
                          preconditioner=preconditioner, generator=generator,
                          op_kwargs={"memory_budget": memory_budget}, warn=warn)
@@ -107,7 +115,7 @@ def marginal_log_likelihood(X, y, kernel, noise=1.0, mean=0.0, *, method: str = 
                             max_iter: int = 1000, num_probes: int = 10,
                             preconditioner=PivotedCholesky(rank=100), seed: int | None = None,
                             generator: torch.Generator | None = None, memory_budget: int | None = None,
-                            warn: bool = True) -> torch.Tensor:
+                            warn: bool = True, distributed=None) -> torch.Tensor:
     """Log marginal likelihood :math:`\\log p(y \\mid X, \\theta)` of an exact GP, summed over points.
 
     Differentiable with torch autograd w.r.t. every kernel hyperparameter, ``noise`` and ``mean``
@@ -134,6 +142,10 @@ def marginal_log_likelihood(X, y, kernel, noise=1.0, mean=0.0, *, method: str = 
         Bytes for the kernel operator (cache + tiles).
     warn : bool
         Warn (``CGWarning``) when CG did not converge.
+    distributed : {"columns", "rows", "hybrid"} or gpscale.distributed.Partition, optional
+        Split the iterative evaluation over an initialised ``torch.distributed`` process group
+        (every rank passes the same arguments and gets the same value and gradient); ``method="auto"``
+        then always takes the iterative path.  See :mod:`gpscale.distributed`.
 
     Returns
     -------
@@ -151,4 +163,4 @@ def marginal_log_likelihood(X, y, kernel, noise=1.0, mean=0.0, *, method: str = 
     """
     return mll_estimate(X, y, kernel, noise, mean, method=method, rtol=rtol, max_iter=max_iter,
                         num_probes=num_probes, preconditioner=preconditioner, seed=seed, generator=generator,
-                        memory_budget=memory_budget, warn=warn).value
+                        memory_budget=memory_budget, warn=warn, distributed=distributed).value

@@ -79,6 +79,25 @@ def build_preconditioner(op, preconditioner):
     return preconditioner.build(op) if hasattr(preconditioner, "build") else preconditioner
 
 
+def draw_probes(P, num_probes: int, dtype: torch.dtype, generator: torch.Generator | None = None,
+                columns=None) -> torch.Tensor:
+    """Probes :math:`z_i \\sim N(0, P)` scaled to :math:`z_i^T P^{-1} z_i = n`, shape ``(n, t)``.
+
+    ``columns`` (a slice or index) keeps only those probes *after* all ``num_probes`` were drawn, so
+    a process that owns a share of the probes sees exactly the numbers a single process would
+    (:mod:`gpscale.distributed`).  Cost :math:`O(n k t)` for a rank-``k`` preconditioner.
+    """
+    Z = P.sample(num_probes, generator=generator).to(dtype)
+    if columns is not None:
+        Z = Z[:, columns]
+    # Normalise so that ||w_i||^2 = z_i^T P^{-1} z_i = n: w_i / ||w_i|| is uniform on the sphere and
+    # n u^T A u is still unbiased for tr(A), without the variance that the random ||w_i||^2 adds
+    # (it dominates when tr(A)^2 / n is large, as for log(P^{-1/2} K P^{-1/2})).  GPyTorch's SLQ uses
+    # the same normalisation.
+    n = Z.shape[0]
+    return Z * (n / (Z * P.solve(Z)).sum(0).clamp_min(torch.finfo(Z.dtype).tiny)).sqrt()
+
+
 def probe_solve(op, extra_rhs: torch.Tensor | None, num_probes: int, solver: ConjugateGradients,
                 preconditioner=None, generator: torch.Generator | None = None) -> ProbeSolve:
     """Solve ``[z_1..z_t, extra]`` in one preconditioned CG call and return the SLQ pieces.
@@ -98,13 +117,7 @@ def probe_solve(op, extra_rhs: torch.Tensor | None, num_probes: int, solver: Con
     """
     check_positive_int("num_probes", num_probes, minimum=1)
     P = build_preconditioner(op, preconditioner)
-    Z = P.sample(num_probes, generator=generator).to(op.dtype)
-    # Normalise so that ||w_i||^2 = z_i^T P^{-1} z_i = n: w_i / ||w_i|| is uniform on the sphere and
-    # n u^T A u is still unbiased for tr(A), without the variance that the random ||w_i||^2 adds
-    # (it dominates when tr(A)^2 / n is large, as for log(P^{-1/2} K P^{-1/2})).  GPyTorch's SLQ uses
-    # the same normalisation.
-    n = op.shape[0]
-    Z = Z * (n / (Z * P.solve(Z)).sum(0).clamp_min(torch.finfo(Z.dtype).tiny)).sqrt()
+    Z = draw_probes(P, num_probes, op.dtype, generator)
     rhs = Z if extra_rhs is None else torch.cat([Z, extra_rhs.reshape(op.shape[0], -1)], dim=1)
     cfg = dataclasses.replace(solver, num_tridiag=num_probes)
     res = cfg(op, rhs, preconditioner=P)
