@@ -43,7 +43,8 @@ class MLLResult:
     method : str
         ``"cholesky"`` or ``"iterative"``.
     stats : dict
-        Solver statistics (CG status, iterations, log-det standard error, timings).
+        Solver statistics (CG status, iterations, log-det standard error, timings, and ``backend``:
+        the kernel-product backend the operator resolved to, see :mod:`gpscale.operators.backends`).
     """
 
     value: torch.Tensor
@@ -89,7 +90,7 @@ def mll_estimate(X, y, kernel, noise=1.0, mean=0.0, *, method: str = "auto", rto
     t0 = time.perf_counter()
     if method == "cholesky":
         value = cholesky_mll(X, y, kernel, noise, mean)
-        return MLLResult(value, "cholesky", {"method": "cholesky", "status": "CONVERGED",
+        return MLLResult(value, "cholesky", {"method": "cholesky", "status": "CONVERGED", "backend": "torch",
                                              "forward_seconds": time.perf_counter() - t0})
     check_positive_int("num_probes", num_probes, minimum=1)
     if generator is None and seed is not None:

@@ -42,6 +42,8 @@ class IterativeMLL:
     logdet: float
     logdet_stderr: float
     solve: ProbeSolve
+    #: product backend the operator resolved to ("torch", "keops" or "cuda")
+    backend: str = "torch"
 
     @property
     def cg(self):
@@ -51,7 +53,7 @@ class IterativeMLL:
         s = self.cg.summary()
         s.update(method="iterative", quad=self.quad, logdet=self.logdet, logdet_stderr=self.logdet_stderr,
                  preconditioner=self.solve.preconditioner.stats.get("name"),
-                 preconditioner_rank=self.solve.preconditioner.rank)
+                 preconditioner_rank=self.solve.preconditioner.rank, backend=self.backend)
         return s
 
 
@@ -67,7 +69,7 @@ class _IterativeMLLFunction(torch.autograd.Function):
         logdet = ps.logdet
         n = X.shape[0]
         value = -0.5 * quad - 0.5 * float(logdet) - 0.5 * n * math.log(2 * math.pi)
-        holder.append(IterativeMLL(torch.tensor(value), quad, float(logdet), ps.logdet_stderr, ps))
+        holder.append(IterativeMLL(torch.tensor(value), quad, float(logdet), ps.logdet_stderr, ps, op.backend))
         ctx.op, ctx.alpha, ctx.ps, ctx.t = op, alpha, ps, num_probes
         return torch.tensor(value, dtype=X.dtype, device=X.device)
 

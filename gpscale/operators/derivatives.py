@@ -20,12 +20,17 @@ Two entry points:
 
 All derivatives are with respect to the *constrained* values (lengthscale, outputscale, noise);
 autograd chains them to the raw parameters.
+
+Backends: on an operator whose ``backend`` is ``"cuda"`` or ``"keops"`` both entry points run as fused
+products (:mod:`gpscale.operators.fused_derivatives`); ``dense_weighted_derivative`` (Cholesky path)
+always runs on the torch tiles.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .fused_derivatives import fused_bilinear, fused_derivative_matmul
 from .kernel_operator import KernelOperator
 
 
@@ -56,6 +61,9 @@ def derivative_matmul(op: KernelOperator, V: torch.Tensor) -> dict[str, torch.Te
     the operator's tile workspace plus the outputs.
     """
     V2, vec = op._check_rhs(V)
+    if op.backend != "torch":
+        out_l, out_s = fused_derivative_matmul(op, V2)
+        return _pack(out_l, out_s, V2, vec)
     n, t = V2.shape
     Xs, s, ls = op._Xs, op.outputscale, op.lengthscale
     d = Xs.shape[1]
@@ -83,6 +91,10 @@ def derivative_matmul(op: KernelOperator, V: torch.Tensor) -> dict[str, torch.Te
             out_l[:, i0:i1] += blk.permute(1, 0, 2)
     scale = (-2.0 * s / ls)
     out_l = out_l * (scale[:, None, None] if ard else scale)
+    return _pack(out_l, out_s, V2, vec)
+
+
+def _pack(out_l, out_s, V2, vec) -> dict[str, torch.Tensor]:
     res = {"lengthscale": out_l, "outputscale": out_s, "noise": V2.clone()}
     if vec:
         res = {k: v[..., 0] for k, v in res.items()}
@@ -116,6 +128,10 @@ def bilinear_derivative(op: KernelOperator, A: torch.Tensor, B: torch.Tensor) ->
     B2, _ = op._check_rhs(B)
     if A2.shape != B2.shape:
         raise ValueError(f"A and B must have the same shape, got {tuple(A2.shape)} and {tuple(B2.shape)}")
+    if op.backend != "torch":
+        res = fused_bilinear(op, A2, B2)
+        res["noise"] = (A2 * B2).sum()
+        return res
 
     def weights(i0, i1, j0, j1):
         # Symmetry: an off-diagonal tile IJ also stands for JI, whose weights are (A_J B_I^T)^T.

@@ -15,9 +15,8 @@ import torch
 
 from .._validation import check_inputs, check_positive_hyper, check_same
 from ..kernels.base import StationaryKernel
+from .backends import check_backend_name, fused_products, select_backend
 from .blocking import plan_symmetric_tiling, plan_tiling
-
-_BACKENDS = ("auto", "torch")
 
 
 class CrossKernelOperator:
@@ -36,8 +35,10 @@ class CrossKernelOperator:
         Tile shape override.
     cache : bool, default True
         Keep leading kernel rows in memory while they fit the budget.
-    backend : {"auto", "torch"}
-        Product implementation.  ``"torch"`` is the blocked pure-torch path (CPU and CUDA).
+    backend : {"auto", "cuda", "keops", "torch"}
+        Product implementation, see :mod:`gpscale.operators.backends`.  ``"torch"`` is the blocked
+        pure-torch path (CPU and CUDA); ``"auto"`` picks the fastest available for the device and
+        size.  The choice is in ``op.backend`` (and in the MLL statistics).
     """
 
     def __init__(self, X, Z, kernel: StationaryKernel, *, memory_budget=None, tile_rows=None,
@@ -49,11 +50,9 @@ class CrossKernelOperator:
             raise ValueError(f"X has d={X.shape[1]} columns but Z has d={Z.shape[1]}; they must match")
         if not isinstance(kernel, StationaryKernel):
             raise TypeError(f"kernel must be a gpscale kernel (e.g. gpscale.kernels.RBF()), got {type(kernel).__name__}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        check_backend_name(backend)
         kernel.check_dims(X.shape[1])
         self.kernel = kernel
-        self.backend = "torch"
         with torch.no_grad():
             ls, s = kernel.hyper_values(X.dtype, X.device)
             check_positive_hyper("lengthscale", ls)
@@ -82,6 +81,7 @@ class CrossKernelOperator:
                                   tile_rows, tile_cols, cache)
         self._cache: torch.Tensor | None = None
         self.num_products = 0
+        self.backend = select_backend(self, backend)
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -151,6 +151,8 @@ class CrossKernelOperator:
     def _profile_matmul(self, V: torch.Tensor) -> torch.Tensor:
         """``F @ V`` with ``F = f(Q)`` (no outputscale), cached rows first, then the tiles."""
         self.num_products += 1
+        if self.backend != "torch":
+            return fused_products(self, V, "f")
         n, m = self.shape
         # Work in the transposed layout (t x n): MKL runs the skinny products V^T F^T 2-6x faster
         # than F V on the same tile.
@@ -204,7 +206,8 @@ class KernelOperator(CrossKernelOperator):
         Edge of the square tiles (``tile_rows`` / ``tile_cols`` are accepted as aliases).
     cache : bool, default True
         Keep upper-triangle tiles in memory while they fit ``memory_budget``.
-    backend : {"auto", "torch"}
+    backend : {"auto", "cuda", "keops", "torch"}
+        See :class:`CrossKernelOperator`; fused backends recompute every pair (no tile cache).
 
     Notes
     -----
@@ -221,7 +224,9 @@ class KernelOperator(CrossKernelOperator):
     def __init__(self, X, kernel: StationaryKernel, noise=1.0, *, memory_budget=None, tile=None, tile_rows=None,
                  tile_cols=None, cache: bool = True, backend: str = "auto"):
         check_inputs(X, "X", min_rows=1)
-        super().__init__(X, X, kernel, memory_budget=memory_budget, cache=False, backend=backend)
+        check_backend_name(backend)
+        # The parent resolves the backend for its provisional tiling; "torch" here, re-resolved below.
+        super().__init__(X, X, kernel, memory_budget=memory_budget, cache=False, backend="torch")
         self.tiling = plan_symmetric_tiling(X.shape[0], X.dtype, X.device, memory_budget,
                                             tile or tile_rows or tile_cols, cache)
         self._tiles = self.tiling.upper_tiles(X.shape[0])
@@ -234,6 +239,7 @@ class KernelOperator(CrossKernelOperator):
         check_positive_hyper("noise", noise_t)
         self.noise = noise_t.reshape(()).to(dtype=X.dtype, device=X.device)
         self._noise_value = float(noise_t)  # one host read at build time, none per product
+        self.backend = select_backend(self, backend)
 
     @property
     def cached_fraction(self) -> float:
@@ -253,6 +259,8 @@ class KernelOperator(CrossKernelOperator):
     def _profile_matmul(self, V: torch.Tensor) -> torch.Tensor:
         """``F @ V`` over upper-triangle tiles, each off-diagonal tile applied twice."""
         self.num_products += 1
+        if self.backend != "torch":
+            return fused_products(self, V, "f")
         VT = V.T.contiguous()  # transposed layout: see CrossKernelOperator._profile_matmul
         outT = torch.zeros(V.shape[1], self.shape[0], dtype=V.dtype, device=V.device)
         for idx, (i0, i1, j0, j1) in enumerate(self._tiles):

@@ -1,0 +1,76 @@
+// Kernel profiles shared by every fused kernel-product family in csrc/.
+//
+// gpscale writes every stationary kernel as k(x, z) = s * f(q), q = |(x - z) / l|^2 (see
+// gpscale/kernels/base.py).  A fused product needs f(q) and, for the MLL gradient, f'(q): the
+// isotropic lengthscale derivative is dK/dl = -(2 s / l) * f'(q) * q, so one pass can return
+// F V and (F' o Q) V together (mode GPS_MODE_FDQ); the ARD derivative expands Delta^2 around
+// F' V (mode GPS_MODE_D, see gpscale/operators/fused_derivatives.py).
+//
+// Device code only: no torch, no CUDA runtime headers, so the same text compiles with NVRTC at run
+// time (gpscale/_ext) and with a bare nvcc in CI.  Outputscale is applied by the caller.
+#pragma once
+
+#define GPS_RBF 0
+#define GPS_M12 1
+#define GPS_M32 2
+#define GPS_M52 3
+
+#define GPS_MODE_F 0    // out0 = F V
+#define GPS_MODE_FDQ 1  // out0 = F V, out1 = (F' o Q) V
+#define GPS_MODE_D 2    // out0 = F' V
+
+// exp/sqrt per precision.  FAST selects the special-function unit's approximations (__expf is one
+// MUFU.EX2 plus a multiply: ~2 ulp + |x| * 2^-23 relative error, far below the 1e-4 target).
+template <bool FAST>
+__device__ __forceinline__ float gps_exp(float x) { return FAST ? __expf(x) : expf(x); }
+template <bool FAST>
+__device__ __forceinline__ double gps_exp(double x) { return exp(x); }
+__device__ __forceinline__ float gps_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double gps_sqrt(double x) { return sqrt(x); }
+
+// p0, p1 per MODE: F -> (f, -), FDQ -> (f, f' q), D -> (f', -).  q >= 0 on entry.
+template <int KIND, int MODE, bool FAST, typename T>
+__device__ __forceinline__ void gps_profile(T q, T& p0, T& p1) {
+    if (KIND == GPS_RBF) {
+        const T e = gps_exp<FAST>(T(-0.5) * q);
+        p0 = (MODE == GPS_MODE_D) ? T(-0.5) * e : e;
+        p1 = T(-0.5) * e * q;
+        return;
+    }
+    const T r = gps_sqrt(q);
+    if (KIND == GPS_M12) {
+        const T e = gps_exp<FAST>(-r);
+        // f' = -e / (2 r) diverges at r = 0 but every use multiplies it by a squared difference
+        // <= q, whose product tends to 0: gpscale defines it as 0 there (gpscale.kernels.Matern).
+        p0 = (MODE == GPS_MODE_D) ? (r > T(0) ? T(-0.5) * e / r : T(0)) : e;
+        p1 = T(-0.5) * e * r;  // f' q = -e r / 2, finite everywhere
+        return;
+    }
+    if (KIND == GPS_M32) {
+        const T a = T(1.7320508075688772) * r;
+        const T e = gps_exp<FAST>(-a);
+        p0 = (MODE == GPS_MODE_D) ? T(-1.5) * e : (T(1) + a) * e;
+        p1 = T(-1.5) * e * q;
+        return;
+    }
+    const T a = T(2.23606797749979) * r;  // Matern 5/2
+    const T e = gps_exp<FAST>(-a);
+    const T fp = T(-5.0 / 6.0) * (T(1) + a) * e;
+    p0 = (MODE == GPS_MODE_D) ? fp : (T(1) + a + T(5.0 / 3.0) * q) * e;
+    p1 = fp * q;
+}
+
+// Twelve extern "C" entry points (4 kernels x 3 modes) for one variant: ENTRY(name, KIND, MODE, ...).
+#define GPS_ENTRIES(ENTRY, PREFIX, ...)                                   \
+    ENTRY(PREFIX##_rbf_f, GPS_RBF, GPS_MODE_F, __VA_ARGS__)               \
+    ENTRY(PREFIX##_rbf_f_dq, GPS_RBF, GPS_MODE_FDQ, __VA_ARGS__)          \
+    ENTRY(PREFIX##_rbf_d, GPS_RBF, GPS_MODE_D, __VA_ARGS__)               \
+    ENTRY(PREFIX##_matern12_f, GPS_M12, GPS_MODE_F, __VA_ARGS__)          \
+    ENTRY(PREFIX##_matern12_f_dq, GPS_M12, GPS_MODE_FDQ, __VA_ARGS__)     \
+    ENTRY(PREFIX##_matern12_d, GPS_M12, GPS_MODE_D, __VA_ARGS__)          \
+    ENTRY(PREFIX##_matern32_f, GPS_M32, GPS_MODE_F, __VA_ARGS__)          \
+    ENTRY(PREFIX##_matern32_f_dq, GPS_M32, GPS_MODE_FDQ, __VA_ARGS__)     \
+    ENTRY(PREFIX##_matern32_d, GPS_M32, GPS_MODE_D, __VA_ARGS__)          \
+    ENTRY(PREFIX##_matern52_f, GPS_M52, GPS_MODE_F, __VA_ARGS__)          \
+    ENTRY(PREFIX##_matern52_f_dq, GPS_M52, GPS_MODE_FDQ, __VA_ARGS__)     \
+    ENTRY(PREFIX##_matern52_d, GPS_M52, GPS_MODE_D, __VA_ARGS__)

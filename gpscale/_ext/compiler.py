@@ -1,0 +1,105 @@
+"""Run-time compilation of ``csrc/`` with NVRTC, cached on disk, no nvcc needed.
+
+Two routes, tried in order:
+
+1. **torch's NVRTC bindings** (``torch.cuda._utils._nvrtc_compile`` / ``_cuda_load_module``, the
+   machinery behind ``torch.cuda._compile_kernel``): a CUDA build of torch ships libnvrtc, so this
+   needs nothing else.  It is a private torch API; if its signature changes we fall through.
+2. **cupy** (``cupy.RawModule``), when installed.
+
+The compiled cubin of each (source hash, architecture, options) is stored under
+``$GPSCALE_CACHE_DIR`` (default ``~/.cache/gpscale/cuda``), so each kernel family is compiled once
+per machine; later processes only load it (milliseconds).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .sources import read_source, source_hash
+
+#: NVRTC options common to every family (no fast-math: the kernels pick their approximations).
+OPTIONS = ("-std=c++17",)
+
+
+def cache_dir() -> Path:
+    """Directory of the compiled cubins (created on demand)."""
+    d = Path(os.environ.get("GPSCALE_CACHE_DIR", Path.home() / ".cache" / "gpscale" / "cuda"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def route() -> tuple[str | None, str]:
+    """``("torch" | "cupy", "")`` for the first usable compile route, else ``(None, why)``."""
+    reasons = []
+    try:
+        from torch.cuda import _utils as cu  # noqa: PLC0415
+
+        if hasattr(cu, "_nvrtc_compile") and hasattr(cu, "_cuda_load_module"):
+            (getattr(cu, "_get_gpu_rtc_library", None) or cu._get_nvrtc_library)()
+            return "torch", ""
+        reasons.append("this torch has no NVRTC helpers (torch >= 2.8 with CUDA has them)")
+    except Exception as exc:  # noqa: BLE001 - any failure means this route is unusable
+        reasons.append(f"torch NVRTC: {type(exc).__name__}: {exc}")
+    try:
+        import cupy  # noqa: F401, PLC0415
+
+        return "cupy", ""
+    except Exception as exc:  # noqa: BLE001
+        reasons.append(f"cupy: {type(exc).__name__}: {exc}")
+    return None, "; ".join(reasons) + " -- install a CUDA build of torch (>= 2.8) or cupy"
+
+
+def _compile_torch(text: str, first: str, arch: str) -> bytes:
+    from torch.cuda._utils import _nvrtc_compile  # noqa: PLC0415
+
+    cubin, _ = _nvrtc_compile(text, first, arch, None, list(OPTIONS))
+    return cubin
+
+
+def load_module(filename: str, entries: list[str], device: torch.device) -> dict:
+    """Compile (or load from the disk cache) ``csrc/<filename>``; return ``{entry: launcher}``.
+
+    A launcher is called as ``fn(grid, block, args)`` with ``args`` a list of CUDA tensors and ints.
+    """
+    how, why = route()
+    if how is None:
+        raise RuntimeError(f"cannot compile gpscale's CUDA kernels: {why}")
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = f"{major}{minor}"
+    text = read_source(filename)
+    key = source_hash(text, arch, how, *OPTIONS, str(torch.version.cuda))
+    with torch.cuda.device(device):
+        if how == "cupy":
+            return _load_cupy(text, entries)
+        path = cache_dir() / f"{Path(filename).stem}-sm{arch}-{key}.cubin"
+        if path.is_file():
+            cubin = path.read_bytes()
+        else:
+            cubin = _compile_torch(text, entries[0], arch)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(cubin)
+            tmp.replace(path)  # atomic: concurrent processes never read half a file
+        from torch.cuda._utils import _cuda_load_module  # noqa: PLC0415
+
+        return _cuda_load_module(cubin, entries)
+
+
+def _load_cupy(text: str, entries: list[str]) -> dict:
+    """cupy route: RawModule caches its own binaries (~/.cupy/kernel_cache)."""
+    import cupy  # noqa: PLC0415
+
+    mod = cupy.RawModule(code=text, options=OPTIONS)
+
+    def launcher(fn):
+        def call(grid, block, args):
+            conv = [cupy.asarray(a) if isinstance(a, torch.Tensor) else cupy.int32(a) for a in args]
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+            with stream:
+                fn(grid, block, tuple(conv))
+        return call
+
+    return {e: launcher(mod.get_function(e)) for e in entries}

@@ -1,0 +1,113 @@
+"""Launch the fused kernel-product kernels of ``csrc/`` on torch tensors.
+
+=========  =============  ========  =====================================================
+variant    file           dtypes    what
+=========  =============  ========  =====================================================
+``simt``   kmm_simt.cu    f32, f64  CUDA cores, difference-form distances (exact reference)
+``tc``     kmm_tc.cu      f32       tensor cores, 3xTF32 distances, 1xTF32 ``P V`` (~5e-4)
+``tc3``    kmm_tc.cu      f32       tensor cores, 3xTF32 distances and ``P V`` (~1e-6)
+=========  =============  ========  =====================================================
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .compiler import load_module
+
+#: variant -> (source file, X rows per block, output columns per block, threads per block)
+VARIANTS = {"simt": ("kmm_simt.cu", 128, 16, 128), "tc": ("kmm_tc.cu", 64, 16, 128),
+            "tc3": ("kmm_tc.cu", 64, 16, 128)}
+KINDS = ("rbf", "matern12", "matern32", "matern52")
+MODES = ("f", "f_dq", "d")
+#: Largest input dimension the kernels hold in registers.
+DMAX = 32
+
+_MODULES: dict = {}
+_LOCK = threading.Lock()
+
+
+def entry_names(variant: str) -> list[str]:
+    """All ``extern "C"`` entry points of a variant, in the naming scheme of the ``.cu`` files."""
+    prefixes = ["gpscale_kmm_simt_f32", "gpscale_kmm_simt_f64"] if variant == "simt" else [f"gpscale_kmm_{variant}"]
+    return [f"{p}_{k}_{m}" for p in prefixes for k in KINDS for m in MODES]
+
+
+def _module(variant: str, device: torch.device) -> dict:
+    key = (VARIANTS[variant][0], device.index)
+    with _LOCK:
+        if key not in _MODULES:
+            names = sorted({e for v, spec in VARIANTS.items() if spec[0] == key[0] for e in entry_names(v)})
+            _MODULES[key] = load_module(key[0], names, device)
+    return _MODULES[key]
+
+
+def _check(X, Z, V, variant, kind, mode):
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kernel must be one of {KINDS}, got {kind!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for name, t in (("X", X), ("Z", Z), ("V", V)):
+        if not t.is_cuda:
+            raise ValueError(f"{name} must be a CUDA tensor for gpscale's CUDA kernels, got device {t.device}")
+        if t.dtype != X.dtype or t.device != X.device:
+            raise ValueError(f"X, Z and V must share dtype and device; {name} has {t.dtype} on {t.device}")
+    ok_dtypes = (torch.float32, torch.float64) if variant == "simt" else (torch.float32,)
+    if X.dtype not in ok_dtypes:
+        raise ValueError(f"variant {variant!r} supports {ok_dtypes}, got {X.dtype}; use variant='simt' for float64")
+    if X.shape[1] != Z.shape[1] or V.shape[0] != Z.shape[0]:
+        raise ValueError(f"shape mismatch: X {tuple(X.shape)}, Z {tuple(Z.shape)}, V {tuple(V.shape)}")
+    if X.shape[1] > DMAX:
+        raise ValueError(f"the CUDA kernels support d <= {DMAX} input dimensions, got d={X.shape[1]}; "
+                         "use backend='keops' or 'torch'")
+    if max(X.shape[0], Z.shape[0], V.shape[1]) >= 2**31:
+        raise ValueError("sizes must be < 2^31 (32-bit indices in the kernels)")
+
+
+def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str, *, mode: str = "f",
+                  variant: str = "tc3", symmetric: bool = False):
+    """Profile products of scaled inputs on the GPU: ``F V`` (and ``(F' o Q) V`` / ``F' V``).
+
+    Parameters
+    ----------
+    X : (n, d) CUDA tensor, Z : (m, d) CUDA tensor
+        Centred inputs divided by the lengthscales (the operators' ``_Xs``, ``_Zs``).
+    V : (m, t) CUDA tensor
+    kernel : {"rbf", "matern12", "matern32", "matern52"}
+    mode : {"f", "f_dq", "d"}
+        See :mod:`gpscale.operators.backends`.
+    variant : {"simt", "tc", "tc3"}
+    symmetric : bool
+        ``Z`` is ``X``: the kernels set ``q_ii = 0`` exactly.
+
+    Returns
+    -------
+    (n, t) tensor, or a pair of them for ``mode="f_dq"``.
+
+    Notes
+    -----
+    Time :math:`O(n m (d + t))`, one ``exp`` per pair and column chunk of 16; extra memory only the
+    outputs.  The first call per variant and device compiles ``csrc/`` (seconds) or loads the cached
+    cubin.
+    """
+    _check(X, Z, V, variant, kernel, mode)
+    X, Z, V = X.contiguous(), Z.contiguous(), V.contiguous()
+    n, d = X.shape
+    m, t = V.shape
+    O0 = torch.zeros(n, t, dtype=X.dtype, device=X.device)
+    O1 = torch.zeros_like(O0) if mode == "f_dq" else O0
+    if n == 0 or t == 0:
+        return (O0, O1) if mode == "f_dq" else O0
+    if m > 0:
+        _, rows, tch, threads = VARIANTS[variant]
+        prefix = f"gpscale_kmm_simt_{'f64' if X.dtype == torch.float64 else 'f32'}" if variant == "simt" \
+            else f"gpscale_kmm_{variant}"
+        fn = _module(variant, X.device)[f"{prefix}_{kernel}_{mode}"]
+        grid = ((n + rows - 1) // rows, (t + tch - 1) // tch, 1)
+        with torch.cuda.device(X.device):
+            fn(grid, (threads, 1, 1), [X, Z, V, O0, O1, n, m, d, t, int(bool(symmetric))])
+    return (O0, O1) if mode == "f_dq" else O0

@@ -1,0 +1,138 @@
+"""One dispatch for the kernel-product backends: ``"auto" | "cuda" | "keops" | "torch"``.
+
+Every backend computes the same *profile products* of the centred, lengthscale-scaled inputs
+``Xs`` (n x d) and ``Zs`` (m x d) against a right-hand side ``V`` (m x t), without the outputscale:
+
+============  ==========================================================================
+mode          outputs
+============  ==========================================================================
+``"f"``       ``F @ V`` with ``F_ij = f(q_ij)``
+``"f_dq"``    ``(F @ V, (F' o Q) @ V)``: the product and the isotropic-lengthscale
+              derivative product in one pass (``F'_ij = f'(q_ij)``, ``o`` elementwise)
+``"d"``       ``F' @ V`` (the ARD derivative expands ``Delta^2`` around it, see
+              :mod:`gpscale.operators.fused_derivatives`)
+============  ==========================================================================
+
+``"torch"`` is the blocked pure-torch path of :mod:`gpscale.operators.kernel_operator` (CPU and
+CUDA, tile cache, any dtype).  ``"keops"`` streams the product through a pykeops ``LazyTensor``
+reduction (CPU or CUDA, never stores a tile).  ``"cuda"`` runs gpscale's own fused kernels from
+``csrc/`` (FlashAttention-style tiles, tensor cores; see :mod:`gpscale._ext`).
+
+Backends are imported lazily: a CPU-only install never imports pykeops or compiles CUDA code unless
+a backend that needs it is asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Accepted values of the ``backend=`` argument of the operators.
+BACKENDS = ("auto", "cuda", "keops", "torch")
+#: Products each fused backend implements.
+MODES = ("f", "f_dq", "d")
+#: Kernels the fused backends know (``StationaryKernel.name``); others always run on torch.
+FUSED_KERNELS = ("rbf", "matern12", "matern32", "matern52")
+#: Below this many kernel entries a fused backend's launch/compile overhead is never repaid.
+MIN_FUSED_ENTRIES = 1 << 22
+
+
+def check_backend_name(backend) -> str:
+    """Validate a ``backend=`` value (raises ``ValueError`` naming the choices)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}; 'auto' picks the fastest "
+                         "available for the device and size")
+    return backend
+
+
+def backend_available(backend: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                      kernel_name: str = "rbf") -> tuple[bool, str]:
+    """Whether ``backend`` can run products for this device, dtype and kernel, and if not, why.
+
+    Returns
+    -------
+    (bool, str)
+        ``(True, "")`` or ``(False, reason)`` where ``reason`` says what is missing and how to fix it.
+    """
+    check_backend_name(backend)
+    if backend in ("torch", "auto"):
+        return True, ""
+    if kernel_name not in FUSED_KERNELS:
+        return False, (f"the {backend} backend implements only {FUSED_KERNELS}, not kernel {kernel_name!r}; "
+                       "use backend='torch'")
+    if backend == "keops":
+        from . import keops_backend
+
+        return keops_backend.available(device)
+    from . import cuda_backend
+
+    return cuda_backend.available(device, dtype)
+
+
+def _fits_cache(op) -> bool:
+    """Whether the torch path keeps the whole kernel cached (then it beats recomputation)."""
+    t = op.tiling
+    el = torch.empty((), dtype=op.dtype).element_size()
+    n, m = op.shape
+    if t.tile:  # symmetric: upper-triangle tiles
+        return n * (n + t.tile) // 2 * el <= t.cache_bytes
+    return t.cached_rows >= n
+
+
+def select_backend(op, requested: str) -> str:
+    """Resolve ``requested`` for a built operator ``op`` (its tiling already planned).
+
+    ``auto``: on CPU always ``torch`` (the blocked MKL path with its tile cache was measured faster
+    than KeOps' CPU code, which has no SIMD GEMM); on CUDA ``torch`` while the whole kernel fits the
+    cache or the problem is tiny, otherwise ``cuda`` if its kernels load, else ``keops``, else
+    ``torch``.  An explicit backend that cannot run raises ``RuntimeError`` with the reason.
+    """
+    check_backend_name(requested)
+    name, device, dtype = op.kernel.name, op.device, op.dtype
+    if requested == "torch":
+        return "torch"
+    if requested != "auto":
+        ok, why = backend_available(requested, device, dtype, name)
+        if not ok:
+            raise RuntimeError(f"backend={requested!r} cannot run here: {why}")
+        return requested
+    if device.type != "cuda" or name not in FUSED_KERNELS:
+        return "torch"
+    n, m = op.shape
+    if n * m < MIN_FUSED_ENTRIES or _fits_cache(op):
+        return "torch"
+    for cand in ("cuda", "keops"):
+        if backend_available(cand, device, dtype, name)[0]:
+            return cand
+    return "torch"
+
+
+def fused_products(op, V: torch.Tensor, mode: str = "f"):
+    """Profile products of ``op`` (no outputscale) on its fused backend.
+
+    Parameters
+    ----------
+    op : CrossKernelOperator
+        With ``op.backend`` in ``("cuda", "keops")``.
+    V : (m, t) tensor
+    mode : {"f", "f_dq", "d"}
+
+    Returns
+    -------
+    tensor or tuple of two tensors, each ``(n, t)``.
+
+    Notes
+    -----
+    Time :math:`O(n m (d + t))`, memory :math:`O((n + m)(d + t))`: no kernel tile is ever stored.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    V = V.contiguous()
+    if op.backend == "keops":
+        from . import keops_backend
+
+        return keops_backend.products(op._Xs, op._Zs, op.kernel.name, V, mode)
+    if op.backend == "cuda":
+        from . import cuda_backend
+
+        return cuda_backend.products(op._Xs, op._Zs, op.kernel.name, V, mode, symmetric=op._symmetric)
+    raise ValueError(f"fused_products needs a fused backend, but the operator uses {op.backend!r}")

@@ -1,0 +1,153 @@
+"""Backend dispatch (``backend="auto"|"cuda"|"keops"|"torch"``) and fallbacks, on CPU.
+
+The KeOps tests compile a few small formulas with the machine's C++ compiler (seconds each the first
+time, cached by KeOps afterwards); they skip with the reason when pykeops cannot compile here.
+The CUDA kernels themselves are tested in ``test_cuda_kernels.py`` (GPU only) and compiled in
+``test_csrc_compile.py``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gpscale.kernels import RBF, Matern
+from gpscale.likelihood import mll_estimate
+from gpscale.operators import CrossKernelOperator, KernelOperator, bilinear_derivative, derivative_matmul
+from gpscale.operators import backends
+from gpscale.operators.blocking import plan_symmetric_tiling
+
+from conftest import KERNEL_IDS, KERNEL_SPECS, build_kernel, make_inputs
+from operator_contract import assert_close
+
+
+def _kernel(kidx, ard=False, d=3):
+    family, nu = KERNEL_SPECS[kidx]
+    return build_kernel(family, nu, ard=ard, d=d)
+
+
+# ----------------------------------------------------------------------------- dispatch on CPU
+def test_auto_on_cpu_is_torch():
+    X = make_inputs(50, 3)
+    assert KernelOperator(X, RBF(), noise=0.1).backend == "torch"
+    assert CrossKernelOperator(X, X[:7], Matern()).backend == "torch"
+
+
+def test_unknown_backend_is_rejected_with_the_choices():
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cuda', 'keops', 'torch'\)"):
+        KernelOperator(make_inputs(5, 2), RBF(), backend="triton")
+
+
+@pytest.mark.parametrize("cls", ["square", "cross"])
+def test_cuda_backend_on_cpu_tensors_is_a_clear_error(cls):
+    X = make_inputs(20, 2)
+    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run here: .*CUDA tensors.*X\.cuda\(\)"):
+        if cls == "square":
+            KernelOperator(X, RBF(), noise=0.1, backend="cuda")
+        else:
+            CrossKernelOperator(X, X, RBF(), backend="cuda")
+
+
+def test_fused_backend_refuses_unknown_kernels():
+    class Cauchy(RBF):
+        name = "cauchy"
+
+    ok, why = backends.backend_available("keops", torch.device("cpu"), torch.float64, "cauchy")
+    assert not ok and "backend='torch'" in why
+    with pytest.raises(RuntimeError, match="not kernel 'cauchy'"):
+        KernelOperator(make_inputs(5, 2), Cauchy(), backend="keops")
+    # auto never picks a fused backend for a kernel the fused code does not know
+    assert KernelOperator(make_inputs(5, 2), Cauchy()).backend == "torch"
+
+
+def test_cuda_unavailable_reason_without_gpu():
+    ok, why = backends.backend_available("cuda", torch.device("cuda"), torch.float32, "rbf")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; the reason string is only checked without one")
+    assert not ok and why  # says what is missing (no CUDA device / no NVRTC)
+
+
+def _fake_op(n, device="cuda", budget=None, name="rbf"):
+    dev = torch.device(device)
+    tiling = plan_symmetric_tiling(n, torch.float32, dev, budget)
+    return SimpleNamespace(kernel=SimpleNamespace(name=name), device=dev, dtype=torch.float32,
+                           shape=(n, n), tiling=tiling)
+
+
+@pytest.mark.parametrize("avail,want", [({"cuda", "keops"}, "cuda"), ({"keops"}, "keops"), (set(), "torch")])
+def test_auto_on_cuda_prefers_cuda_then_keops_then_torch(monkeypatch, avail, want):
+    monkeypatch.setattr(backends, "backend_available", lambda b, *a, **k: (b in avail, "" if b in avail else "no"))
+    assert backends.select_backend(_fake_op(200_000), "auto") == want
+
+
+def test_auto_on_cuda_keeps_torch_when_the_kernel_is_cached_or_tiny(monkeypatch):
+    monkeypatch.setattr(backends, "backend_available", lambda *a, **k: (True, ""))
+    assert backends.select_backend(_fake_op(1000), "auto") == "torch"  # tiny
+    assert backends.select_backend(_fake_op(20_000, budget=4 << 30), "auto") == "torch"  # cached whole
+    assert backends.select_backend(_fake_op(20_000, budget=64 << 20), "auto") == "cuda"
+
+
+def test_mll_stats_report_the_backend():
+    X = make_inputs(300, 2, seed=3)
+    y = torch.sin(X[:, 0])
+    res = mll_estimate(X, y, RBF(lengthscale=0.7), noise=0.1, method="iterative", seed=0, num_probes=4)
+    assert res.stats["backend"] == "torch"
+    res = mll_estimate(X[:50], y[:50], RBF(), noise=0.1, method="cholesky")
+    assert res.stats["backend"] == "torch"
+
+
+# ----------------------------------------------------------------------------- KeOps on CPU
+@pytest.fixture(scope="module")
+def keops_ok():
+    """Skip the KeOps tests (with the reason) unless pykeops imports *and* compiles here."""
+    ok, why = backends.backend_available("keops", torch.device("cpu"), torch.float64)
+    if not ok:
+        pytest.skip(why)
+    try:
+        from pykeops.torch import LazyTensor
+
+        x = torch.rand(4, 1, dtype=torch.float64)
+        (LazyTensor(x[:, None, :]).sqdist(LazyTensor(x[None, :, :]))).sum(dim=1)
+    except Exception as exc:  # noqa: BLE001 - any compile failure means "cannot test here"
+        pytest.skip(f"pykeops cannot compile on this machine: {type(exc).__name__}: {exc}")
+    return True
+
+
+T = 3  # one right-hand-side width everywhere: each KeOps formula compiles once per width
+
+
+@pytest.mark.keops
+@pytest.mark.parametrize("kidx", range(len(KERNEL_SPECS)), ids=KERNEL_IDS)
+def test_keops_products_match_torch(keops_ok, kidx):
+    """Square and cross products on odd sizes equal the torch path (float64, exact diagonal)."""
+    X = make_inputs(67, 3, seed=kidx) + 50.0  # offset: the difference form has no cancellation
+    k = _kernel(kidx, ard=True)
+    V = torch.randn(67, T, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = KernelOperator(X, k, noise=0.2, backend="torch")
+    op = KernelOperator(X, k, noise=0.2, backend="keops")
+    assert op.backend == "keops"
+    assert_close(op.matmul(V), ref.matmul(V), 1e-12, what="keops (K + noise I) V")
+    Z = make_inputs(41, 3, seed=9) + 50.0
+    cr = CrossKernelOperator(Z, X, k, backend="keops")
+    assert_close(cr.matmul(V), CrossKernelOperator(Z, X, k).matmul(V), 1e-12, what="keops K(Z, X) V")
+
+
+@pytest.mark.keops
+@pytest.mark.parametrize("kidx,ard", [(0, False), (1, False), (3, True)], ids=["rbf", "matern12", "matern52-ard"])
+def test_keops_derivatives_match_torch(keops_ok, kidx, ard):
+    """``derivative_matmul`` and ``bilinear_derivative`` dispatch to KeOps and agree with torch."""
+    X = make_inputs(53, 3, seed=4)
+    X[7] = X[3]  # duplicate point: Matérn-1/2's f' limit at q = 0
+    k = _kernel(kidx, ard=ard)
+    g = torch.Generator().manual_seed(2)
+    A, B = (torch.randn(53, T, generator=g, dtype=torch.float64) for _ in range(2))
+    ref = KernelOperator(X, k, noise=0.3, backend="torch")
+    op = KernelOperator(X, k, noise=0.3, backend="keops")
+    got, want = derivative_matmul(op, B), derivative_matmul(ref, B)
+    for key in want:
+        assert_close(got[key], want[key], 1e-10, what=f"keops dK/d{key} @ V")
+    got, want = bilinear_derivative(op, A, B), bilinear_derivative(ref, A, B)
+    for key in want:
+        assert_close(got[key], want[key], 1e-10, what=f"keops bilinear {key}")
