@@ -67,6 +67,26 @@ def _scenario_mll(rank: int, world: int) -> dict:
     return {f"{s}/{c}": mll_and_grad(c, s) for s in STRATEGIES for c in CASES}
 
 
+def fit_and_sample(distributed=None, checkpoint=None, sample_strategies=(None,)) -> dict:
+    """A short distributed-or-not ``ExactGP`` fit, then posterior samples (exact and RFF priors)."""
+    X, y = _data(300)
+    gp = gpscale.ExactGP(kernel="rbf", method="iterative", max_iter=3, num_probes=5, rtol=1e-8,
+                         preconditioner=PivotedCholesky(rank=20), checkpoint=checkpoint)
+    gp.fit(X, y, distributed=distributed)
+    Xt = _data(16, seed=5)[0]
+    out = {"theta": gp._params.vector().tolist()}
+    for s in sample_strategies:
+        out[f"exact/{s}"] = gp.sample_y(Xt, n_samples=5, seed=3, distributed=s).tolist()
+        out[f"rff/{s}"] = gp.sample_y(Xt, n_samples=5, seed=3, distributed=s, prior="rff",
+                                      num_features=256).tolist()
+    return out
+
+
+def _scenario_fit(rank: int, world: int) -> dict:
+    ck = Path(os.environ["GPSCALE_DIST_OUT"]).parent / f"ck{rank}.pt"
+    return fit_and_sample("columns", checkpoint=str(ck), sample_strategies=STRATEGIES)
+
+
 def _scenario_die(rank: int, world: int) -> dict:
     """Rank 1 dies without a word; rank 0 must get a DistributedError, not a hang."""
     if rank == 1:
@@ -183,6 +203,22 @@ def test_hybrid_two_by_two(references, tmp_path):
         assert got["grid"] == "2x2"
         assert _close(got["value"], ref["value"]) and all(_close(g, r) for g, r in zip(got["grad"], ref["grad"]))
         assert all(o[f"hybrid/{case}"] == got for o in results[1:])
+
+
+def test_fit_and_sample_y(tmp_path):
+    results, codes, logs = launch(2, "fit", tmp_path)
+    assert all(r is not None for r in results), "\n".join(logs)
+    ref = fit_and_sample()
+    assert results[0]["theta"] == results[1]["theta"]  # identical hyperparameters on every rank
+    assert all(_close(a, b) for a, b in zip(results[0]["theta"], ref["theta"])), (results[0]["theta"], ref["theta"])
+    assert (tmp_path / "ck0.pt").exists() and not (tmp_path / "ck1.pt").exists()  # only rank 0 writes
+    for prior in ("exact", "rff"):
+        want = torch.tensor(ref[f"{prior}/None"])
+        for s in STRATEGIES:
+            got = torch.tensor(results[0][f"{prior}/{s}"])
+            assert got.shape == want.shape == (16, 5)
+            assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), (prior, s, (got - want).abs().max())
+            assert results[1][f"{prior}/{s}"] == results[0][f"{prior}/{s}"]
 
 
 def test_dead_rank_ends_the_job_with_an_error(tmp_path):

@@ -139,6 +139,37 @@ def gather_rows(block: torch.Tensor | None, like: torch.Tensor, n: int, group, s
     return torch.cat([o[:b] for o in out], dim=0)[:n]
 
 
+def gather_columns(local: torch.Tensor | None, like: torch.Tensor, total: int, grid, name: str = "column all_gather"):
+    """Assemble the ``(m, total)`` result whose contiguous column shares the column groups computed.
+
+    One all-gather over the world of ``(m, ceil(total / C))`` blocks plus a flag row; the copy of row
+    rank 0 of each column group is used.  ``like`` is any ``(m, *)`` tensor giving ``m``, dtype and
+    device; ``local=None`` marks a local failure (every rank then raises).
+    """
+    m, w = like.shape[0], -(-total // grid.cols)
+    buf = torch.zeros(m + 1, w, dtype=like.dtype, device=like.device)
+    if local is None:
+        buf[m] = 1.0
+    else:
+        buf[:m, :local.shape[1]] = local
+    out = [torch.empty_like(buf) for _ in range(grid.world_size)]
+    _run(name, lambda: dist.all_gather(out, buf, group=None))
+    if local is not None:
+        _raise_peer_failure(torch.stack([o[m, 0] for o in out]), list(range(grid.world_size)), name)
+    parts = []
+    for c in range(grid.cols):
+        c0, c1 = share_range(total, grid.cols, c)
+        parts.append(out[c * grid.rows][:m, :c1 - c0])
+    return torch.cat(parts, dim=1)
+
+
+def share_range(total: int, parts: int, index: int) -> tuple[int, int]:
+    """Contiguous share ``[start, stop)`` of part ``index`` when ``total`` items go to ``parts`` (sizes differ by <= 1)."""
+    base, extra = divmod(total, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
 def broadcast_tensor(t: torch.Tensor, src: int = 0, name: str = "broadcast") -> torch.Tensor:
     """``t`` from rank ``src`` on every rank (a copy; the input is not modified)."""
     out = t.detach().clone().contiguous()
@@ -150,6 +181,26 @@ def broadcast_object(obj, src: int = 0, name: str = "broadcast_object"):
     """A picklable object from rank ``src`` on every rank (e.g. a checkpoint read by rank 0)."""
     box = [obj]
     _run(name, lambda: dist.broadcast_object_list(box, src=src))
+    return box[0]
+
+
+def from_rank0(fn, name: str = "broadcast from rank 0"):
+    """``fn()`` evaluated on rank 0 only, its result (or its exception) on every rank.
+
+    An exception on rank 0 (e.g. an incompatible checkpoint) is re-raised there and becomes a
+    :class:`DistributedError` with its message on the other ranks, instead of leaving them waiting.
+    """
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            error = exc
+    box = broadcast_object((result, None if error is None else f"{type(error).__name__}: {error}"), name=name)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise DistributedError(f"rank {rank()}: rank 0 failed ({box[1]}); every rank stops.")
     return box[0]
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from .comm import require_initialized
+from .comm import require_initialized, share_range
 
 STRATEGIES = ("columns", "rows", "hybrid")
 
@@ -78,7 +78,7 @@ class ProcessGrid:
 
     def column_range(self, total: int) -> tuple[int, int]:
         """This column group's contiguous share ``[c0, c1)`` of ``total`` columns (sizes differ by <= 1)."""
-        return _share(total, self.cols, self.col_index)
+        return share_range(total, self.cols, self.col_index)
 
     def row_range(self, n: int) -> tuple[int, int]:
         """This rank's rows ``[r0, r1)``: blocks of ``ceil(n / R)`` (the last one may be shorter)."""
@@ -89,12 +89,6 @@ class ProcessGrid:
     def counts_replicated(self) -> bool:
         """Whether this rank contributes the quantities its whole row group holds identically."""
         return self.row_index == 0
-
-
-def _share(total: int, parts: int, index: int) -> tuple[int, int]:
-    base, extra = divmod(total, parts)
-    start = index * base + min(index, extra)
-    return start, start + base + (1 if index < extra else 0)
 
 
 def _smallest_factor(p: int) -> int:

@@ -26,6 +26,7 @@ from ..logdet.slq import build_preconditioner
 from ..operators import DEFAULT_MEMORY_BUDGET, CrossKernelOperator, KernelOperator
 from ..precond.pivoted_cholesky import PivotedCholesky
 from ..solvers.cg import CGWarning, cg
+from ..distributed.fitting import FitCoordinator
 from .checkpoint import check_compatible, fingerprint, load_checkpoint
 from .fit import FitReport, FitSession, GPParams, Objective, run_adam, run_lbfgs
 
@@ -188,13 +189,17 @@ class ExactGP:
                 "preconditioner": repr(self.preconditioner)}
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X, y) -> "ExactGP":
+    def fit(self, X, y, *, distributed=None) -> "ExactGP":
         """Learn the hyperparameters by maximising the marginal likelihood, then cache the predictor.
 
         Parameters
         ----------
         X : (n, d) array-like or tensor, n >= 2
         y : (n,) or (n, 1) array-like or tensor
+        distributed : {"columns", "rows", "hybrid"} or gpscale.distributed.Partition, optional
+            Split every MLL evaluation over the initialised ``torch.distributed`` process group (every
+            rank calls ``fit`` with the same data; ``method="auto"`` then means iterative).  All ranks
+            end with identical hyperparameters; only rank 0 writes the checkpoint and the progress bar.
 
         Returns
         -------
@@ -208,22 +213,26 @@ class ExactGP:
         Xs = self.scaler_.transform_X(X).to(self.dtype).to(dev)
         ys = self.scaler_.transform_y(y).to(self.dtype).to(dev)
         n, d = Xs.shape
-        method = self.method if self.method != "auto" else ("cholesky" if n <= CHOLESKY_CROSSOVER else "iterative")
+        dist_fit = FitCoordinator(distributed)
+        method = self.method if self.method != "auto" else (
+            "cholesky" if n <= CHOLESKY_CROSSOVER and distributed is None else "iterative")
         params = GPParams(self._init_kernel(d), self.noise_init, 0.0, self.noise_floor)
         mll_kwargs = {"method": method, "rtol": self.rtol, "max_iter": self.cg_max_iter,
                       "num_probes": self.num_probes, "preconditioner": self.preconditioner,
-                      "memory_budget": self.memory_budget}
+                      "memory_budget": self.memory_budget, "distributed": distributed}
         fp = fingerprint(X, y, self._fingerprint_config(method))
-        state = self._load_state(fp)
+        state = dist_fit.from_writer(lambda: self._load_state(fp))
         theta0 = self._start_vector(state, Xs, ys, params, mll_kwargs)
         objective = Objective(Xs, ys, params, mll_kwargs)
         max_iter = self._resolved_max_iter()
-        session = FitSession(objective, optimizer=self.optimizer, max_iter=max_iter, checkpoint=self.checkpoint,
-                             fingerprint=fp, verbose=self.verbose)
+        session = FitSession(objective, optimizer=self.optimizer, max_iter=max_iter,
+                             checkpoint=self.checkpoint if dist_fit.writer else None, fingerprint=fp,
+                             verbose=self.verbose and dist_fit.writer)
         if self.optimizer == "lbfgs":
             out = run_lbfgs(session, theta0, max_iter=max_iter, tol=self.tol, seed=self.seed, state=state)
         else:
             out = run_adam(session, theta0, max_iter=max_iter, lr=self.lr, seed=self.seed, state=state)
+        out.theta = dist_fit.agree(out.theta)
         params.set_vector(out.theta)
         self._params, self.method_, self.n_features_in_ = params, method, d
         self.X_train_, self.y_train_ = Xs, ys
@@ -338,6 +347,40 @@ class ExactGP:
         ss_res = float(((y - mean.to(y.device)) ** 2).sum())
         ss_tot = float(((y - y.mean()) ** 2).sum())
         return 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
+
+    def sample_y(self, X, n_samples: int = 1, seed: int = 0, *, distributed=None, prior: str = "auto",
+                 num_features: int = 2048):
+        """Posterior samples of the latent function (plus the mean) at ``X``, in original units.
+
+        Pathwise conditioning (Wilson et al. 2020): a prior draw at the training and test points
+        (exact below 2000 points in all, random Fourier features above), then **one** batched solve
+        for all samples (Cholesky or preconditioned CG at ``predict_rtol``).  See
+        :mod:`gpscale.models.sampling`.
+
+        Parameters
+        ----------
+        X : (m, d) array-like or tensor
+        n_samples : int, default 1
+        seed : int, default 0
+            The same seed gives the same samples, in one process or split over ranks.
+        distributed : {"columns", "rows", "hybrid"} or Partition, optional
+            Split the sample columns over the process group; every rank returns all samples.
+        prior : {"auto", "exact", "rff"}
+        num_features : int, default 2048
+
+        Returns
+        -------
+        (m, n_samples) array, or tensor when ``X`` is a tensor
+        """
+        from .sampling import PathwiseSampler, pathwise_samples
+
+        self._check_is_fitted()
+        as_numpy = not isinstance(X, torch.Tensor)
+        F = pathwise_samples(self._test_inputs(X), self.X_train_, self.y_train_, self.kernel_, self.noise_, self.mean_,
+                             n_samples, seed, sampler=PathwiseSampler(prior, num_features), chol=self._cache.chol,
+                             precond=self._cache.precond, rtol=self.predict_rtol, max_iter=self.cg_max_iter,
+                             distributed=distributed, memory_budget=self.memory_budget)
+        return _output(self.scaler_.inverse_y(F), as_numpy)
 
     def __repr__(self) -> str:
         k = self.kernel if isinstance(self.kernel, str) else type(self.kernel).__name__
