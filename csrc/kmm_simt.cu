@@ -27,11 +27,11 @@ __device__ __forceinline__ void simt_load_tiles(T (*zs)[SIMT_DMAX], T (*vs)[SIMT
     // Zero padding (k >= d, j >= m, c >= t) makes padded pairs contribute exactly 0.
     for (int e = threadIdx.x; e < SIMT_TILE * SIMT_DMAX; e += SIMT_ROWS) {
         const int r = e / SIMT_DMAX, k = e % SIMT_DMAX, j = j0 + r;
-        zs[r][k] = (j < m && k < d) ? Z[(size_t)j * d + k] : T(0);
+        zs[r][k] = (j < m && k < d) ? Z[(long long)j * d + k] : T(0);
     }
     for (int e = threadIdx.x; e < SIMT_TILE * SIMT_TCH; e += SIMT_ROWS) {
         const int r = e / SIMT_TCH, c = e % SIMT_TCH, j = j0 + r;
-        vs[r][c] = (j < m && c0 + c < t) ? V[(size_t)j * t + c0 + c] : T(0);
+        vs[r][c] = (j < m && c0 + c < t) ? V[(long long)j * t + c0 + c] : T(0);
     }
 }
 
@@ -45,7 +45,7 @@ __device__ __forceinline__ void kmm_simt(const T* __restrict__ X, const T* __res
     const int c0 = blockIdx.y * SIMT_TCH;
     T x[SIMT_DMAX];
 #pragma unroll
-    for (int k = 0; k < SIMT_DMAX; ++k) x[k] = (i < n && k < d) ? X[(size_t)i * d + k] : T(0);
+    for (int k = 0; k < SIMT_DMAX; ++k) x[k] = (i < n && k < d) ? X[(long long)i * d + k] : T(0);
     T tot0[SIMT_TCH], tot1[SIMT_TCH];
 #pragma unroll
     for (int c = 0; c < SIMT_TCH; ++c) tot0[c] = tot1[c] = T(0);
@@ -90,8 +90,8 @@ __device__ __forceinline__ void kmm_simt(const T* __restrict__ X, const T* __res
 #pragma unroll
     for (int c = 0; c < SIMT_TCH; ++c) {
         if (c0 + c < t) {
-            O0[(size_t)i * t + c0 + c] = tot0[c];
-            if (MODE == GPS_MODE_FDQ) O1[(size_t)i * t + c0 + c] = tot1[c];
+            O0[(long long)i * t + c0 + c] = tot0[c];
+            if (MODE == GPS_MODE_FDQ) O1[(long long)i * t + c0 + c] = tot1[c];
         }
     }
 }

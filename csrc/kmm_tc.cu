@@ -75,11 +75,11 @@ __device__ __forceinline__ void tc_load_tiles(float (*zs)[TC_ZS], float (*vs)[TC
     // Zero padding: padded Z rows meet V rows of 0, padded dimensions add 0 to every dot product.
     for (int e = threadIdx.x; e < TC_BN * kp; e += 32 * TC_WARPS) {
         const int r = e / kp, k = e - r * kp, j = j0 + r;
-        zs[r][k] = (j < m && k < d) ? Z[(size_t)j * d + k] : 0.f;
+        zs[r][k] = (j < m && k < d) ? Z[(long long)j * d + k] : 0.f;
     }
     for (int e = threadIdx.x; e < TC_BN * TC_TCH; e += 32 * TC_WARPS) {
         const int r = e / TC_TCH, c = e % TC_TCH, j = j0 + r;
-        vs[r][c] = (j < m && c0 + c < t) ? V[(size_t)j * t + c0 + c] : 0.f;
+        vs[r][c] = (j < m && c0 + c < t) ? V[(long long)j * t + c0 + c] : 0.f;
     }
 }
 
@@ -93,10 +93,10 @@ __device__ __forceinline__ void tc_load_rows(const float* __restrict__ X, int ro
     for (int ks = 0; ks < 4; ++ks) {
         const int k0 = ks * 8 + c, k1 = k0 + 4;
         const bool on = ks < ksteps;
-        const float v0 = (on && ra < n && k0 < d) ? X[(size_t)ra * d + k0] : 0.f;
-        const float v1 = (on && rb < n && k0 < d) ? X[(size_t)rb * d + k0] : 0.f;
-        const float v2 = (on && ra < n && k1 < d) ? X[(size_t)ra * d + k1] : 0.f;
-        const float v3 = (on && rb < n && k1 < d) ? X[(size_t)rb * d + k1] : 0.f;
+        const float v0 = (on && ra < n && k0 < d) ? X[(long long)ra * d + k0] : 0.f;
+        const float v1 = (on && rb < n && k0 < d) ? X[(long long)rb * d + k0] : 0.f;
+        const float v2 = (on && ra < n && k1 < d) ? X[(long long)ra * d + k1] : 0.f;
+        const float v3 = (on && rb < n && k1 < d) ? X[(long long)rb * d + k1] : 0.f;
         tf32_split(v0, ah[ks][0], al[ks][0]);
         tf32_split(v1, ah[ks][1], al[ks][1]);
         tf32_split(v2, ah[ks][2], al[ks][2]);
@@ -208,8 +208,8 @@ __device__ __forceinline__ void kmm_tc(const float* __restrict__ X, const float*
         for (int u = 0; u < 4; ++u) {
             const int ri = row0 + g + (u >> 1) * 8, cc = c0 + vn * 8 + 2 * c + (u & 1);
             if (ri < n && cc < t) {
-                O0[(size_t)ri * t + cc] = tot0[vn][u];
-                if (MODE == GPS_MODE_FDQ) O1[(size_t)ri * t + cc] = tot1[vn][u];
+                O0[(long long)ri * t + cc] = tot0[vn][u];
+                if (MODE == GPS_MODE_FDQ) O1[(long long)ri * t + cc] = tot1[vn][u];
             }
         }
 }

@@ -1,0 +1,151 @@
+"""GPU tests of gpscale's fused CUDA kernels against the float64 pure-torch reference.
+
+Every kernel (RBF, Matérn 1/2, 3/2, 5/2), variant (``simt`` f32/f64, ``tc``, ``tc3``) and product mode
+(``f``, ``f_dq``, ``d``) on sizes that divide none of the tile sizes (64/128 rows, 16 columns),
+lengthscales 0.05..10, d from 1 to 32 and t from 1 to 64; then the operators and derivative
+products with ``backend="cuda"``.  Skipped (with the reason) without a CUDA device.
+
+Error measure: ``max|got - want| <= rtol * max(max|want|, max|V|)``.  The kernel's scale is its
+diagonal ``f(0) = 1``, so entries far below ``|V|`` (cross products at a short lengthscale, where
+``exp`` underflows in float32) are measured against that scale, not against their own tiny size.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from gpscale.kernels import RBF, Matern
+
+pytestmark = pytest.mark.cuda
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device: the fused-kernel tests need a GPU", allow_module_level=True)
+
+from gpscale import _ext  # noqa: E402
+from gpscale.operators import CrossKernelOperator, KernelOperator, bilinear_derivative, derivative_matmul  # noqa: E402
+
+_OK, _WHY = _ext.available(compile=True)
+if not _OK:
+    pytest.skip(f"gpscale's CUDA kernels are unavailable: {_WHY}", allow_module_level=True)
+
+KERNELS = {"rbf": RBF(), "matern12": Matern(nu=0.5), "matern32": Matern(nu=1.5), "matern52": Matern(nu=2.5)}
+#: (variant, dtype, rtol)
+VARIANTS = [("simt", torch.float64, 1e-12), ("simt", torch.float32, 2e-5), ("tc3", torch.float32, 1e-4),
+            ("tc", torch.float32, 3e-3)]
+#: (n, m, d, t): none divides 64 / 128 rows or 16 columns
+SIZES = [(1000, 777, 1, 1), (333, 1025, 8, 16), (129, 65, 32, 64), (517, 2049, 5, 17)]
+LENGTHSCALES = [0.05, 1.0, 10.0]
+
+
+def _data(n, m, d, t, ls, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.rand(n, d, generator=g, dtype=torch.float64) * 3
+    Z = torch.rand(m, d, generator=g, dtype=torch.float64) * 3
+    V = torch.randn(m, t, generator=g, dtype=torch.float64)
+    c = X.mean(0)
+    return (X - c) / ls, (Z - c) / ls, V
+
+
+def _reference(Xs, Zs, V, name, mode):
+    """float64 dense reference: difference-form distances, the kernel module's own profile."""
+    diff = torch.cdist(Xs, Zs, compute_mode="donot_use_mm_for_euclid_dist")
+    q = diff * diff
+    f, fp = KERNELS[name].profile_and_derivative(q)
+    if mode == "f":
+        return f @ V
+    if mode == "d":
+        return fp @ V
+    return f @ V, (fp * q) @ V
+
+
+def _assert_close(got, want, V, rtol, what):
+    got, want = got.double().cpu(), want.double().cpu()
+    assert torch.isfinite(got).all(), f"{what}: non-finite entries"
+    err = (got - want).abs().max().item()
+    scale = max(want.abs().max().item(), V.abs().max().item())
+    assert err <= rtol * scale, f"{what}: max error {err:.3e} > {rtol:g} * {scale:.3e}"
+
+
+CASES = list(itertools.product(VARIANTS, KERNELS, ("f", "f_dq", "d"), SIZES, LENGTHSCALES))
+
+
+@pytest.mark.parametrize("variant,name,mode,size,ls", CASES,
+                         ids=[f"{v[0]}-{str(v[1])[6:]}-{k}-{m}-{s[0]}x{s[1]}x{s[2]}x{s[3]}-l{ls}"
+                              for v, k, m, s, ls in CASES])
+def test_cross_products_match_float64_reference(variant, name, mode, size, ls):
+    (var, dtype, rtol) = variant
+    Xs, Zs, V = _data(*size, ls)
+    dev = torch.device("cuda")
+    got = _ext.kernel_matmul(Xs.to(dev, dtype), Zs.to(dev, dtype), V.to(dev, dtype), name, mode=mode, variant=var)
+    want = _reference(Xs, Zs, V, name, mode)
+    if mode == "f_dq":
+        _assert_close(got[0], want[0], V, rtol, "F V")
+        _assert_close(got[1], want[1], V, rtol, "(F' o Q) V")
+    else:
+        _assert_close(got, want, V, rtol, f"mode {mode}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[f"{v}-{str(d)[6:]}" for v, d, _ in VARIANTS])
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_symmetric_products_keep_the_diagonal_exact(variant, name):
+    """``Z is X`` with a duplicated point: q_ii = 0 exactly (Matérn-1/2 would show sqrt(eps |x|^2))."""
+    var, dtype, rtol = variant
+    Xs, _, V = _data(700, 700, 6, 9, 0.3, seed=3)
+    Xs[11] = Xs[5]
+    dev = torch.device("cuda")
+    Xd = Xs.to(dev, dtype)
+    got = _ext.kernel_matmul(Xd, Xd, V.to(dev, dtype), name, mode="f", variant=var, symmetric=True)
+    _assert_close(got, _reference(Xs, Xs, V, name, "f"), V, rtol, "symmetric F V")
+
+
+def test_clear_errors():
+    dev = torch.device("cuda")
+    X = torch.rand(10, 33, device=dev)
+    with pytest.raises(ValueError, match="d <= 32"):
+        _ext.kernel_matmul(X, X, torch.rand(10, 2, device=dev), "rbf")
+    X64 = torch.rand(10, 3, device=dev, dtype=torch.float64)
+    with pytest.raises(ValueError, match="variant='simt' for float64"):
+        _ext.kernel_matmul(X64, X64, torch.rand(10, 2, device=dev, dtype=torch.float64), "rbf", variant="tc3")
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        _ext.kernel_matmul(X.cpu()[:, :3], X.cpu()[:, :3], torch.rand(10, 2), "rbf")
+
+
+# ----------------------------------------------------------------------------- operators on the GPU
+def _kernel(name, ard, d):
+    ls = torch.linspace(0.4, 1.6, d) if ard else 0.7
+    return RBF(lengthscale=ls, outputscale=1.3) if name == "rbf" else \
+        Matern(nu={"matern12": 0.5, "matern32": 1.5, "matern52": 2.5}[name], lengthscale=ls, outputscale=1.3)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 2e-4)], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", list(KERNELS))
+@pytest.mark.parametrize("ard", [False, True], ids=["shared", "ard"])
+def test_operator_and_derivatives_with_cuda_backend(dtype, rtol, name, ard):
+    g = torch.Generator().manual_seed(7)
+    X = torch.rand(1500, 4, generator=g, dtype=torch.float64) * 2
+    A, B = (torch.randn(1500, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    k = _kernel(name, ard, 4)
+    ref = KernelOperator(X, k, noise=0.1, backend="torch")
+    op = KernelOperator(X.cuda().to(dtype), k, noise=0.1, backend="cuda")
+    assert op.backend == "cuda"
+    _assert_close(op.matmul(B.cuda().to(dtype)), ref.matmul(B), B, rtol, "(K + noise I) B")
+    got, want = derivative_matmul(op, B.cuda().to(dtype)), derivative_matmul(ref, B)
+    for key in want:
+        _assert_close(got[key], want[key], B, rtol * 10, f"dK/d{key} B")
+    got, want = bilinear_derivative(op, A.cuda().to(dtype), B.cuda().to(dtype)), bilinear_derivative(ref, A, B)
+    for key in want:
+        w = want[key].double()
+        err = (got[key].double().cpu() - w).abs().max().item()
+        assert err <= rtol * 10 * max(w.abs().max().item(), 1.0) * 1500, f"bilinear {key}: {err:.3e}"
+    cr = CrossKernelOperator(X[:333].cuda().to(dtype), X.cuda().to(dtype), k, backend="cuda")
+    _assert_close(cr.matmul(B.cuda().to(dtype)), CrossKernelOperator(X[:333], X, k).matmul(B), B, rtol, "K(X', X) B")
+
+
+def test_auto_picks_cuda_for_large_uncached_problems():
+    X = torch.rand(4096, 3, device="cuda")
+    op = KernelOperator(X, RBF(), noise=0.1, memory_budget=16 << 20)
+    assert op.backend == "cuda"
+    assert KernelOperator(X[:500], RBF(), noise=0.1).backend == "torch"
