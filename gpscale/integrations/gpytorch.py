@@ -93,9 +93,10 @@ class BackendOptions:
 
 # ------------------------------------------------------------------------------ kernel inspection
 def _kernel_kind(base) -> str | None:
-    if type(base) is gpytorch.kernels.RBFKernel:
+    cls = getattr(base, "_gpscale_original_class", type(base))  # a switched bare kernel
+    if cls is gpytorch.kernels.RBFKernel:
         return "rbf"
-    if type(base) is gpytorch.kernels.MaternKernel:
+    if cls is gpytorch.kernels.MaternKernel:
         return {0.5: "matern12", 1.5: "matern32", 2.5: "matern52"}.get(float(base.nu))
     return None
 

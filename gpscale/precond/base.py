@@ -41,9 +41,9 @@ class BuiltPreconditioner(abc.ABC):
         """``(n, num)`` samples from :math:`N(0, P)`."""
 
     def inverse_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """``(d, U, V)`` with :math:`P^{-1} = \operatorname{diag}(d) - U V^T`, or ``None`` if unknown.
+        """``(d, U, V)`` with :math:`P^{-1} = \\operatorname{diag}(d) - U V^T`, or ``None`` if unknown.
 
-        Lets :func:`gpscale.logdet.trace.trace_pairs` compute :math:`\operatorname{tr}(P^{-1}\partial\hat K)`
+        Lets :func:`gpscale.logdet.trace.trace_pairs` compute :math:`\\operatorname{tr}(P^{-1}\\partial\\hat K)`
         exactly (the control variate of the preconditioned trace estimator).  ``U``, ``V`` are
         ``(n, k)``; ``d`` is ``(n,)``.
         """
