@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     RESULT_TAG,
     emit_result,
     fmt,
@@ -179,12 +179,13 @@ def _efficiencies(results: list) -> None:
 
 def render(payload: dict) -> str:
     s, m = payload["settings"], payload["machine"]
-    lines = [f"CPU gloo, one torch thread per rank, n = {s['n']}, d = {s['d']}, RBF, float64, rtol {s['rtol']}, "
-             f"pivoted-Cholesky rank {s['precond_rank']}, memory budget "
-             f"{'1 GiB' if s.get('memory_budget') is None else s['memory_budget']}; weak: {s['cols_per_rank']} CG columns per rank, strong: "
-             f"{s['strong_probes']} probes.  Machine: {m.get('cpu_model', '?')}, {m.get('cpu_count')} cores, "
-             f"load average at start {m.get('loadavg_at_start')}; {m.get('date_utc')}, commit "
-             f"{(m.get('git_commit') or '?')[:9]}.", "",
+    budget = "1 GiB" if s.get("memory_budget") is None else f"{s['memory_budget']} B"
+    head = (f"CPU gloo, one torch thread per rank, n = {s['n']}, d = {s['d']}, RBF, float64, rtol {s['rtol']}, "
+            f"pivoted-Cholesky rank {s['precond_rank']}, memory budget {budget}; weak: {s['cols_per_rank']} CG "
+            f"columns per rank, strong: {s['strong_probes']} probes.  Machine: {m.get('cpu_model', '?')}, "
+            f"{m.get('cpu_count')} cores, load average at start {m.get('loadavg_at_start')}; {m.get('date_utc')}, "
+            f"commit {(m.get('git_commit') or '?')[:9]}.")
+    lines = [head, "",
              "| strategy | mode | ranks | grid | probes | CG its | time / eval (s) | comm (s) | efficiency |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in payload["results"]:
@@ -208,8 +209,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rtol", type=float, default=1e-2)
     ap.add_argument("--precond-rank", type=int, default=50)
     ap.add_argument("--memory-budget", type=int, default=None,
-                    help="bytes per kernel operator (default 1 GiB); a small budget recomputes the tiles every "
-                         "product, the regime of n beyond the cache")
+                    help=("bytes per kernel operator (default 1 GiB); a small budget recomputes the tiles every "
+                          "product, the regime of n beyond the cache"))
     ap.add_argument("--ranks", default="1,2", help="comma-separated rank counts (1 must be included)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--cols-per-rank", type=int, default=8)

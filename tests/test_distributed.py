@@ -115,8 +115,8 @@ def _scenario_raise(rank: int, world: int) -> dict:
     X, y = _data()
     out = {}
     for strategy in ("columns", "rows"):
-        out[strategy] = _expect_failure(lambda: gpscale.marginal_log_likelihood(
-            X, y, RBF(lengthscale=0.7).double(), 0.1, method="iterative", seed=0, distributed=strategy,
+        out[strategy] = _expect_failure(lambda s=strategy: gpscale.marginal_log_likelihood(
+            X, y, RBF(lengthscale=0.7).double(), 0.1, method="iterative", seed=0, distributed=s,
             preconditioner=_FailingOnRank1(rank=10)))
     return out
 
@@ -183,7 +183,7 @@ def references():
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_strategies_match_single_process(world, references, tmp_path):
-    results, codes, logs = launch(world, "mll", tmp_path)
+    results, _codes, logs = launch(world, "mll", tmp_path)
     assert all(r is not None for r in results), "\n".join(logs)
     for key, got in results[0].items():
         ref = references[key.split("/")[1]]
@@ -196,7 +196,7 @@ def test_strategies_match_single_process(world, references, tmp_path):
 
 
 def test_hybrid_two_by_two(references, tmp_path):
-    results, codes, logs = launch(4, "mll", tmp_path)
+    results, _codes, logs = launch(4, "mll", tmp_path)
     assert all(r is not None for r in results), "\n".join(logs)
     for case, ref in references.items():
         got = results[0][f"hybrid/{case}"]
@@ -206,7 +206,7 @@ def test_hybrid_two_by_two(references, tmp_path):
 
 
 def test_fit_and_sample_y(tmp_path):
-    results, codes, logs = launch(2, "fit", tmp_path)
+    results, _codes, logs = launch(2, "fit", tmp_path)
     assert all(r is not None for r in results), "\n".join(logs)
     ref = fit_and_sample()
     assert results[0]["theta"] == results[1]["theta"]  # identical hyperparameters on every rank
@@ -232,7 +232,7 @@ def test_dead_rank_ends_the_job_with_an_error(tmp_path):
 
 
 def test_stalled_rank_times_out(tmp_path):
-    results, codes, logs = launch(2, "hang", tmp_path, timeout_s=3.0, deadline_s=90.0)
+    results, _codes, logs = launch(2, "hang", tmp_path, timeout_s=3.0, deadline_s=90.0)
     r0 = results[0]
     assert r0 is not None, logs[0]
     assert r0["error"] == "DistributedError", r0
@@ -240,7 +240,7 @@ def test_stalled_rank_times_out(tmp_path):
 
 
 def test_raising_rank_stops_every_rank_at_once(tmp_path):
-    results, codes, logs = launch(2, "raise", tmp_path, timeout_s=60.0, deadline_s=120.0)
+    results, _codes, logs = launch(2, "raise", tmp_path, timeout_s=60.0, deadline_s=120.0)
     assert all(r is not None for r in results), "\n".join(logs)
     for strategy in ("columns", "rows"):
         r0, r1 = results[0][strategy], results[1][strategy]

@@ -18,5 +18,5 @@ from .grid import STRATEGIES, Partition, ProcessGrid, process_grid
 from .mll import distributed_mll
 from .row_operator import RowBlockOperator, row_bilinear_derivative
 
-__all__ = ["DistributedError", "init_process_group", "is_writer", "rank", "STRATEGIES", "Partition",
-           "ProcessGrid", "process_grid", "distributed_mll", "RowBlockOperator", "row_bilinear_derivative"]
+__all__ = ["STRATEGIES", "DistributedError", "Partition", "ProcessGrid", "RowBlockOperator", "distributed_mll",
+           "init_process_group", "is_writer", "process_grid", "rank", "row_bilinear_derivative"]

@@ -142,7 +142,7 @@ def _reduce(pb: _Problem, noise, mean, d_ls: int):
     prep, err = None, None
     try:
         prep = _prepare_share(pb, noise, mean)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks were told
         err = exc
     if pb.grid.rows > 1:  # CG will gather row blocks: nobody may enter it if a rank failed its set-up
         all_gather_vector(torch.zeros(0, dtype=torch.float64), failed=err is not None, name="CG start")
@@ -152,7 +152,7 @@ def _reduce(pb: _Problem, noise, mean, d_ls: int):
     if err is None:
         try:
             local = _solve_share(pb, prep, d_ls)
-        except Exception as exc:  # still join the gather, flagged, so the other ranks stop at once
+        except Exception as exc:  # noqa: BLE001 - joins the gather flagged, then re-raised
             err = exc
     vec = torch.cat([local.vec if local is not None else torch.zeros(width, dtype=torch.float64), fp])
     rows = all_gather_vector(vec, failed=err is not None, name="MLL reduction")
@@ -170,7 +170,7 @@ def _reduce(pb: _Problem, noise, mean, d_ls: int):
 
 class _DistributedMLLFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, lengthscale, outputscale, noise, mean, pb, holder):  # noqa: D401 - autograd API
+    def forward(ctx, lengthscale, outputscale, noise, mean, pb, holder):
         d_ls = lengthscale.numel()
         slots, g_ls, local = _reduce(pb, noise.detach(), mean.detach(), d_ls)
         t, n = pb.num_probes, pb.X.shape[0]

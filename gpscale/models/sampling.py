@@ -86,7 +86,7 @@ def _rff_prior(kernel, Xall, S, D, gen, cols) -> torch.Tensor:
     kw = {"generator": gen, "dtype": torch.float64}
     omega = torch.randn(D, d, **kw)
     if isinstance(kernel, Matern):  # Student-t with 2nu (odd integer) degrees of freedom
-        dof = int(round(2 * kernel.nu))
+        dof = round(2 * kernel.nu)
         u = torch.randn(D, dof, **kw).pow(2).sum(1)
         omega = omega * (dof / u).sqrt()[:, None]
     b = 2 * math.pi * torch.rand(D, **kw)
