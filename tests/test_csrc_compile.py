@@ -4,7 +4,8 @@ What is compiled is exactly the text :mod:`gpscale._ext` hands to NVRTC at run t
 includes inlined, no include path, no torch headers), in one nvcc call per file for both
 architectures (``-c`` runs ptxas, which also checks the inline ``mma``/``cvt`` assembly).  The PTX
 kept from that call must define every entry point the launcher looks up.  Skipped, with the reason,
-when nvcc is not installed.
+when nvcc is not installed.  The NVRTC route of :mod:`gpscale._ext.nvrtc` is compiled too (sm_90)
+when a libnvrtc is found.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from gpscale._ext.sources import read_source
 
 NVCC = shutil.which("nvcc")
 ARCHS = ("80", "90")
-pytestmark = [pytest.mark.nvcc,
-              pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH: the csrc/ compile check needs "
-                                                      "the CUDA toolkit (no GPU required)")]
+NO_NVCC = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH: the csrc/ compile check needs "
+                                                  "the CUDA toolkit (no GPU required)")
 
 
 def test_sources_need_no_torch_or_system_headers():
@@ -35,6 +35,8 @@ def test_sources_need_no_torch_or_system_headers():
             assert banned not in text, f"{path.name} refers to {banned!r}: device code must be header-free"
 
 
+@pytest.mark.nvcc
+@NO_NVCC
 @pytest.mark.parametrize("name", [p.name for p in cu_files()])
 def test_cu_file_compiles_for_sm80_and_sm90(tmp_path, name):
     src = tmp_path / name
@@ -53,3 +55,20 @@ def test_cu_file_compiles_for_sm80_and_sm90(tmp_path, name):
     # Spills are a performance bug, not a correctness one: reported in the log (-s), not asserted.
     spills = [ln.strip() for ln in res.stderr.splitlines() if re.search(r"[1-9]\d* bytes spill stores", ln)]
     print(f"{name}: {len(want)} entry points x {len(ARCHS)} archs; functions with spills: {len(spills)}")
+
+
+@pytest.mark.parametrize("name", [p.name for p in cu_files()])
+def test_cu_file_compiles_with_nvrtc(name):
+    """The run-time route itself (gpscale._ext.nvrtc, no GPU needed) for sm_90, when libnvrtc is here.
+
+    sm_80 is covered by the nvcc test above; one NVRTC architecture keeps CI time down.
+    """
+    from gpscale._ext import nvrtc
+    from gpscale._ext.compiler import OPTIONS
+
+    if nvrtc.library() is None:
+        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc to test the run-time compile path)")
+    cubin = nvrtc.compile_cubin(read_source(name), "90", OPTIONS, name)
+    assert cubin[:4] == b"\x7fELF"
+    for entry in {e for v, spec in VARIANTS.items() if spec[0] == name for e in entry_names(v)}:
+        assert entry.encode() in cubin, f"{name}: entry point {entry} missing from the NVRTC cubin"

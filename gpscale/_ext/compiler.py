@@ -1,13 +1,15 @@
 """Run-time compilation of ``csrc/`` with NVRTC, cached on disk, no nvcc needed.
 
-Two routes, tried in order:
+Three routes, tried in order:
 
-1. **torch's NVRTC bindings** (``torch.cuda._utils._nvrtc_compile`` / ``_cuda_load_module``, the
-   machinery behind ``torch.cuda._compile_kernel``): a CUDA build of torch ships libnvrtc, so this
-   needs nothing else.  It is a private torch API; if its signature changes we fall through.
-2. **cupy** (``cupy.RawModule``), when installed.
+1. **gpscale's own NVRTC binding** (:mod:`gpscale._ext.nvrtc`, ctypes on libnvrtc from torch's CUDA
+   wheels, ``nvidia-cuda-nvrtc`` or a toolkit): compiles to a cubin, loaded with torch's module loader
+   (``torch.cuda._utils._cuda_load_module``).  Needs no CUDA headers: the sources have none.
+2. **torch's NVRTC helper** (``torch.cuda._utils._nvrtc_compile``, behind ``torch.cuda._compile_kernel``);
+   private and it wants ``CUDA_HOME`` for include paths, hence second.
+3. **cupy** (``cupy.RawModule``), when installed.
 
-The compiled cubin of each (source hash, architecture, options) is stored under
+The compiled cubin of each (source hash, architecture, options, route) is stored under
 ``$GPSCALE_CACHE_DIR`` (default ``~/.cache/gpscale/cuda``), so each kernel family is compiled once
 per machine; later processes only load it (milliseconds).
 """
@@ -33,27 +35,39 @@ def cache_dir() -> Path:
 
 
 def route() -> tuple[str | None, str]:
-    """``("torch" | "cupy", "")`` for the first usable compile route, else ``(None, why)``."""
+    """``("nvrtc" | "torch" | "cupy", "")`` for the first usable compile route, else ``(None, why)``."""
     reasons = []
     try:
         from torch.cuda import _utils as cu  # noqa: PLC0415
 
-        if hasattr(cu, "_nvrtc_compile") and hasattr(cu, "_cuda_load_module"):
+        loader = hasattr(cu, "_cuda_load_module")
+    except Exception:  # noqa: BLE001
+        cu, loader = None, False
+    from . import nvrtc  # noqa: PLC0415
+
+    if loader and nvrtc.library() is not None:
+        return "nvrtc", ""
+    reasons.append("libnvrtc not found" if loader else "torch has no CUDA module loader (torch >= 2.8 has one)")
+    if loader and hasattr(cu, "_nvrtc_compile"):
+        try:
             (getattr(cu, "_get_gpu_rtc_library", None) or cu._get_nvrtc_library)()
             return "torch", ""
-        reasons.append("this torch has no NVRTC helpers (torch >= 2.8 with CUDA has them)")
-    except Exception as exc:  # noqa: BLE001 - any failure means this route is unusable
-        reasons.append(f"torch NVRTC: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - any failure means this route is unusable
+            reasons.append(f"torch NVRTC: {type(exc).__name__}: {exc}")
     try:
         import cupy  # noqa: F401, PLC0415
 
         return "cupy", ""
     except Exception as exc:  # noqa: BLE001
         reasons.append(f"cupy: {type(exc).__name__}: {exc}")
-    return None, "; ".join(reasons) + " -- install a CUDA build of torch (>= 2.8) or cupy"
+    return None, "; ".join(reasons) + " -- install a CUDA build of torch (>= 2.8), nvidia-cuda-nvrtc, or cupy"
 
 
-def _compile_torch(text: str, first: str, arch: str) -> bytes:
+def _compile(how: str, text: str, first: str, arch: str) -> bytes:
+    if how == "nvrtc":
+        from .nvrtc import compile_cubin  # noqa: PLC0415
+
+        return compile_cubin(text, arch, OPTIONS, first + ".cu")
     from torch.cuda._utils import _nvrtc_compile  # noqa: PLC0415
 
     cubin, _ = _nvrtc_compile(text, first, arch, None, list(OPTIONS))
@@ -79,7 +93,7 @@ def load_module(filename: str, entries: list[str], device: torch.device) -> dict
         if path.is_file():
             cubin = path.read_bytes()
         else:
-            cubin = _compile_torch(text, entries[0], arch)
+            cubin = _compile(how, text, entries[0], arch)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_bytes(cubin)
             tmp.replace(path)  # atomic: concurrent processes never read half a file
