@@ -77,6 +77,7 @@ class _InvQuadLogdet(torch.autograd.Function):
         state.record("inv_quad_logdet", ps.cg, logdet_stderr=ps.logdet_stderr)
         ctx.op, ctx.alpha, ctx.ps, ctx.t = op, alpha, ps, t
         ctx.shapes = [(v.shape, v.dtype) for v in (ls, s, noise)]
+        ctx.kernel_trace = rhs.shape[0] * float(s)  # stationary: k(x, x) = s
         quad = (rhs * alpha).sum(0)
         return quad, ps.logdet.to(rhs.dtype)
 
@@ -85,7 +86,7 @@ class _InvQuadLogdet(torch.autograd.Function):
         op, alpha, ps, t = ctx.op, ctx.alpha, ctx.ps, ctx.t
         # d(quad_c)/dθ = -α_cᵀ ∂K α_c ;  d(logdet)/dθ = tr(K⁻¹ ∂K), estimated from the probe solves
         # with the preconditioner as control variate (gpscale.logdet.trace).
-        At, Bt, const = trace_pairs(ps, g_logdet)
+        At, Bt, const = trace_pairs(ps, g_logdet, kernel_trace=ctx.kernel_trace)
         A = torch.cat([alpha, At], dim=1)
         B = torch.cat([-alpha * g_quad, Bt], dim=1)
         g = bilinear_derivative(op, A, B)

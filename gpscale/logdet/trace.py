@@ -30,10 +30,35 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["trace_pairs"]
+__all__ = ["trace_pairs", "use_control_variate"]
+
+#: ``auto`` uses the control variate when the preconditioner's unexplained kernel mass is at most this
+#: fraction of the noise: :math:`\\operatorname{tr}(K - LL^T) \\le \\text{ratio}\\cdot n\\sigma^2`.
+CONTROL_VARIATE_RATIO = 1.0
 
 
-def trace_pairs(ps, weight, control_variate: bool = True):
+def use_control_variate(P, kernel_trace: float | None) -> bool:
+    """Whether the control variate lowers the variance, decided from the preconditioner alone.
+
+    The remainder estimator involves :math:`\\hat K^{-1} - P^{-1} = P^{-1/2}(M^{-1} - I)P^{-1/2}` with
+    :math:`M = P^{-1/2}\\hat K P^{-1/2}`; the plain one :math:`P^{-1/2} M^{-1} P^{-1/2}`.  For
+    :math:`P = LL^T + \\sigma^2 I` with :math:`LL^T \\preceq K` (pivoted / randomly pivoted Cholesky,
+    Nyström) the eigenvalues of :math:`M` lie in :math:`[1, 1 + \\lambda_{\\max}(K - LL^T)/\\sigma^2]`:
+    when the residual is small against the noise, :math:`M^{-1} - I` is small and the control variate
+    removes most of the variance; when it is large, :math:`M^{-1} - I \\approx -I` on the unexplained
+    directions and the control variate *adds* :math:`\\sigma^{-2}`-sized noise (measured: 10x the
+    plain estimator's spread for a rank-20 preconditioner at noise 0.05).  The rule uses the
+    average residual eigenvalue :math:`\\operatorname{tr}(K - LL^T)/n` -- a deterministic function of
+    ``P`` and ``K``, so the estimator stays unbiased.
+    """
+    L, noise = getattr(P, "L", None), getattr(P, "noise", None)
+    if L is None or noise is None or kernel_trace is None or getattr(P, "rank", 0) == 0:
+        return False
+    residual = float(kernel_trace) - float((L.to(torch.float64) ** 2).sum())
+    return residual <= CONTROL_VARIATE_RATIO * L.shape[0] * float(noise)
+
+
+def trace_pairs(ps, weight, control_variate="auto", kernel_trace: float | None = None):
     """Column pairs for ``weight * tr(K̂⁻¹ ∂K̂)`` through :func:`gpscale.operators.bilinear_derivative`.
 
     Parameters
@@ -42,9 +67,12 @@ def trace_pairs(ps, weight, control_variate: bool = True):
         The probe solves (``ps.cg.x[:, :t]`` are :math:`\\hat K^{-1}z_i`).
     weight : float or 0-d tensor
         Multiplies the trace (e.g. ``-1/2`` for the MLL gradient).
-    control_variate : bool, default True
-        Use the exact :math:`\\operatorname{tr}(P^{-1}\\partial\\hat K)` when the preconditioner is low
-        rank and exposes :meth:`inverse_parts`; otherwise the plain estimator.
+    control_variate : {"auto", True, False}
+        Use the exact :math:`\\operatorname{tr}(P^{-1}\\partial\\hat K)` (needs a low-rank preconditioner
+        exposing :meth:`inverse_parts`); ``auto`` decides with :func:`use_control_variate`.
+    kernel_trace : float, optional
+        :math:`\\operatorname{tr}(K)` without the noise (``n * outputscale`` for stationary kernels);
+        needed by ``auto``.
 
     Returns
     -------
@@ -56,6 +84,8 @@ def trace_pairs(ps, weight, control_variate: bool = True):
     t = ps.num_probes
     U, PZ = ps.cg.x[:, :t], ps.precond_probes
     P = ps.preconditioner
+    if control_variate == "auto":
+        control_variate = use_control_variate(P, kernel_trace)
     parts = P.inverse_parts() if control_variate and getattr(P, "rank", 0) > 0 else None
     if parts is None:
         return U, PZ * (weight / t), {"lengthscale": 0.0, "outputscale": 0.0, "noise": 0.0}
