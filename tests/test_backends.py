@@ -151,3 +151,38 @@ def test_keops_derivatives_match_torch(keops_ok, kidx, ard):
     got, want = bilinear_derivative(op, A, B), bilinear_derivative(ref, A, B)
     for key in want:
         assert_close(got[key], want[key], 1e-10, what=f"keops bilinear {key}")
+
+
+# ----------------------------------------------------------------------------- lazy imports, sources
+def test_cpu_use_never_imports_the_cuda_loader_or_pykeops():
+    """A CPU-only workflow (auto backend, MLL) must not import gpscale._ext or pykeops."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, gpscale\n"
+            "from gpscale.operators import KernelOperator, derivative_matmul\n"
+            "from gpscale.kernels import RBF\n"
+            "X = torch.rand(40, 2, dtype=torch.float64)\n"
+            "op = KernelOperator(X, RBF(), noise=0.1)\n"
+            "op.matmul(torch.ones(40, dtype=X.dtype)); derivative_matmul(op, torch.ones(40, 2, dtype=X.dtype))\n"
+            "bad = [m for m in ('gpscale._ext', 'pykeops', 'cupy') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_sources_are_found_and_includes_inlined(tmp_path, monkeypatch):
+    from gpscale._ext import sources
+
+    assert (sources.csrc_dir() / "profiles.cuh").is_file()  # the checkout's csrc/
+    (tmp_path / "profiles.cuh").write_text("#pragma once\n#define ANSWER 42\n")
+    (tmp_path / "a.cu").write_text('#include "profiles.cuh"\n#include "profiles.cuh"\nint x = ANSWER;\n')
+    monkeypatch.setenv("GPSCALE_CSRC", str(tmp_path))
+    assert sources.csrc_dir() == tmp_path
+    text = sources.read_source("a.cu")
+    assert "#include" not in text and text.count("#define ANSWER 42") == 1
+    monkeypatch.setenv("GPSCALE_CSRC", str(tmp_path / "missing"))
+    monkeypatch.setattr(sources, "__file__", str(tmp_path / "pkg" / "gpscale" / "_ext" / "sources.py"))
+    monkeypatch.setattr(sources.sys, "prefix", str(tmp_path / "prefix"))
+    with pytest.raises(FileNotFoundError, match="GPSCALE_CSRC"):
+        sources.csrc_dir()
