@@ -101,3 +101,19 @@ def test_fit_hypers_improves_likelihood():
     h = _problems.fit_hypers(X, y, "rbf", max_iter=15)
     assert h["mll_per_point"] > h0["mll_per_point"]
     assert h["noise"] >= _problems.NOISE_FLOOR and min(h["lengthscale"]) > 0 and len(h["lengthscale"]) == 2
+
+
+def test_logdet_seeds_extend_the_logdet_spread_only(tmp_path):
+    """--logdet-seeds adds log-det-only runs (loosest rtol); timings still come from --seeds."""
+    pytest.importorskip("matplotlib")
+    args = ["--synthetic", "--max-n", "200", "--ranks", "10", "--seeds", "0", "--logdet-seeds", "0,1,2,3",
+            "--preconditioners", "none,pivchol", "--hyper-n", "100", "--hyper-iter", "5", "--num-probes", "4",
+            "--rtols", "1e-2,1e-4", "--quiet", "--out-dir", str(tmp_path)]
+    assert bench.main(args) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    for arm in res["datasets"]["synthetic"]["arms"]:
+        s = arm["summary"]
+        assert s["0.01"]["logdet_seeds"] == 4 and s["0.0001"]["logdet_seeds"] == 1
+        assert math.isfinite(s["0.01"]["logdet_std"]) and s["0.01"]["wall_seconds"] > 0
+        assert sum(1 for r in arm["runs"] if r.get("logdet_only")) == 3
+    assert "log-det err ± std @0.01" in (tmp_path / "results.md").read_text()
