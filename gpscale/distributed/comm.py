@@ -78,6 +78,13 @@ def init_process_group(backend: str | None = None, timeout_s: float = DEFAULT_TI
                             timeout=datetime.timedelta(seconds=float(timeout_s)))
 
 
+def _comm_device(like: torch.device) -> torch.device:
+    """Where collective buffers live: the current CUDA device for NCCL, host memory for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _run(name: str, fn):
     try:
         return fn()
@@ -104,12 +111,12 @@ def all_gather_vector(vec: torch.Tensor, failed: bool = False, group=None, name:
     result (an all-reduce with a deterministic order).  ``failed=True`` marks this rank as failed:
     every rank then raises (this one with its own exception, which the caller re-raises).
     """
-    payload = torch.cat([vec.reshape(-1), torch.tensor([1.0 if failed else 0.0], dtype=vec.dtype,
-                                                        device=vec.device)])
+    flag = torch.tensor([1.0 if failed else 0.0], dtype=vec.dtype, device=vec.device)
+    payload = torch.cat([vec.reshape(-1), flag]).to(_comm_device(vec.device))
     size = dist.get_world_size(group)
     out = [torch.empty_like(payload) for _ in range(size)]
     _run(name, lambda: dist.all_gather(out, payload.contiguous(), group=group))
-    rows = torch.stack(out)
+    rows = torch.stack(out).to(vec.device)
     if not failed:
         _raise_peer_failure(rows[:, -1], _group_ranks(group, size), name)
     return rows[:, :-1]
@@ -126,17 +133,17 @@ def gather_rows(block: torch.Tensor | None, like: torch.Tensor, n: int, group, s
     """
     b = -(-n // size)
     failed = block is None
-    buf = torch.zeros(b + 1, like.shape[1], dtype=like.dtype, device=like.device)
+    buf = torch.zeros(b + 1, like.shape[1], dtype=like.dtype, device=_comm_device(like.device))
     if failed:
         buf[b] = 1.0
     else:
         buf[:block.shape[0]] = block
     out = [torch.empty_like(buf) for _ in range(size)]
     _run(name, lambda: dist.all_gather(out, buf, group=group))
-    flags = torch.stack([o[b, 0] for o in out]) if like.shape[1] else torch.zeros(size)
+    flags = torch.stack([o[b, 0] for o in out]).cpu() if like.shape[1] else torch.zeros(size)
     if not failed:
         _raise_peer_failure(flags, _group_ranks(group, size), name)
-    return torch.cat([o[:b] for o in out], dim=0)[:n]
+    return torch.cat([o[:b] for o in out], dim=0)[:n].to(like.device)
 
 
 def gather_columns(local: torch.Tensor | None, like: torch.Tensor, total: int, grid, name: str = "column all_gather"):
@@ -147,7 +154,7 @@ def gather_columns(local: torch.Tensor | None, like: torch.Tensor, total: int, g
     device; ``local=None`` marks a local failure (every rank then raises).
     """
     m, w = like.shape[0], -(-total // grid.cols)
-    buf = torch.zeros(m + 1, w, dtype=like.dtype, device=like.device)
+    buf = torch.zeros(m + 1, w, dtype=like.dtype, device=_comm_device(like.device))
     if local is None:
         buf[m] = 1.0
     else:
@@ -155,12 +162,12 @@ def gather_columns(local: torch.Tensor | None, like: torch.Tensor, total: int, g
     out = [torch.empty_like(buf) for _ in range(grid.world_size)]
     _run(name, lambda: dist.all_gather(out, buf, group=None))
     if local is not None:
-        _raise_peer_failure(torch.stack([o[m, 0] for o in out]), list(range(grid.world_size)), name)
+        _raise_peer_failure(torch.stack([o[m, 0] for o in out]).cpu(), list(range(grid.world_size)), name)
     parts = []
     for c in range(grid.cols):
         c0, c1 = share_range(total, grid.cols, c)
         parts.append(out[c * grid.rows][:m, :c1 - c0])
-    return torch.cat(parts, dim=1)
+    return torch.cat(parts, dim=1).to(like.device)
 
 
 def share_range(total: int, parts: int, index: int) -> tuple[int, int]:
@@ -172,9 +179,9 @@ def share_range(total: int, parts: int, index: int) -> tuple[int, int]:
 
 def broadcast_tensor(t: torch.Tensor, src: int = 0, name: str = "broadcast") -> torch.Tensor:
     """``t`` from rank ``src`` on every rank (a copy; the input is not modified)."""
-    out = t.detach().clone().contiguous()
+    out = t.detach().clone().contiguous().to(_comm_device(t.device))
     _run(name, lambda: dist.broadcast(out, src=src))
-    return out
+    return out.to(t.device)
 
 
 def broadcast_object(obj, src: int = 0, name: str = "broadcast_object"):
