@@ -43,6 +43,9 @@ CASES = {
     # name: (kernel factory, noise, num_probes)
     "rbf_ard": (lambda: RBF(lengthscale=torch.tensor([0.6, 0.9, 1.2]), outputscale=1.3).double(), 0.05, 7),
     "matern12": (lambda: Matern(nu=0.5, lengthscale=0.8, outputscale=0.9).double(), 0.1, 8),
+    # smooth kernel, rank-20 preconditioner explains it: the trace control variate is on (the exact
+    # tr(P⁻¹∂K̂) part must be counted once across the grid)
+    "rbf_control_variate": (lambda: RBF(lengthscale=1.2, outputscale=1.0).double(), 0.3, 6),
 }
 
 
@@ -262,3 +265,17 @@ def test_bad_strategy():
 
 if __name__ == "__main__":
     _worker()
+
+
+def test_control_variate_case_uses_it():
+    from gpscale.logdet.trace import use_control_variate
+
+    X, _ = _data()
+    make_kernel, noise, _ = CASES["rbf_control_variate"]
+    k = make_kernel()
+    P = PivotedCholesky(rank=20).build(gpscale.KernelOperator(X, k, noise=noise))
+    assert use_control_variate(P, X.shape[0] * float(k.outputscale.detach()))
+    make_kernel, noise, _ = CASES["matern12"]
+    k = make_kernel()
+    P = PivotedCholesky(rank=20).build(gpscale.KernelOperator(X, k, noise=noise))
+    assert not use_control_variate(P, X.shape[0] * float(k.outputscale.detach()))

@@ -35,6 +35,7 @@ import torch
 
 from ..logdet.slq import build_preconditioner, draw_probes
 from ..operators import KernelOperator
+from ..logdet.trace import trace_columns
 from ..operators.derivatives import bilinear_derivative
 from ..solvers.cg import CGStatus, CGWarning, ConjugateGradients
 from .comm import DistributedError, all_gather_vector, broadcast_tensor
@@ -98,7 +99,7 @@ def _solve_share(pb: _Problem, prep: dict, d_ls: int) -> _Local:
     res = dataclasses.replace(pb.solver, num_tridiag=Z.shape[1])(prep["op"], rhs, preconditioner=P)
     terms = res.tridiag.quadrature(torch.log) if Z.shape[1] else torch.zeros(0, dtype=torch.float64)
     alpha = res.x[:, -1] if own_y else None
-    g = _local_gradient(pb, prep["full"], prep["op"], res.x, P.solve(Z), alpha, d_ls)
+    g = _local_gradient(pb, prep["full"], prep["op"], res.x, P, P.solve(Z), alpha, d_ls)
     vals = dict.fromkeys(_SUM + _MAX, 0.0)
     if pb.grid.counts_replicated:  # quantities the whole row group holds identically: count them once
         s = res.summary()
@@ -114,17 +115,30 @@ def _solve_share(pb: _Problem, prep: dict, d_ls: int) -> _Local:
     return _Local(vec, float(P.logdet()), P.stats.get("name"), int(P.rank))
 
 
-def _local_gradient(pb: _Problem, full, op, x, PZ, alpha, d_ls: int) -> dict:
-    """This rank's terms of :math:`\\tfrac12\\alpha^T\\partial\\hat K\\alpha - \\tfrac1{2t}\\sum_i u_i^T\\partial\\hat K P^{-1}z_i`."""
+def _local_gradient(pb: _Problem, full, op, x, P, PZ, alpha, d_ls: int) -> dict:
+    """This rank's terms of :math:`\\tfrac12\\alpha^T\\partial\\hat K\\alpha - \\tfrac12\\operatorname{tr}(\\hat K^{-1}\\partial\\hat K)`.
+
+    The trace uses the same estimator as one process (:func:`gpscale.logdet.trace.trace_columns`):
+    each column group adds its probes' remainder terms; the exact :math:`\\operatorname{tr}(P^{-1}\\partial\\hat K)`
+    part (when the control variate is on) comes from column group 0 only -- each of its row blocks
+    adds its rows -- and its closed-form constants from grid rank (0, 0) only.
+    """
     zero = {"lengthscale": torch.zeros(d_ls, dtype=torch.float64), "outputscale": 0.0, "noise": 0.0}
     if not pb.need_grad or x.shape[1] == 0:
         return zero
-    B = (-0.5 / pb.num_probes) * PZ
+    t_loc = PZ.shape[1]
+    n = pb.X.shape[0]
+    kernel_trace = n * float(pb.kernel.outputscale.detach())
+    first_cols = pb.grid.col_index == 0
+    A, B, const = trace_columns(x[:, :t_loc], PZ, pb.num_probes, P, -0.5, kernel_trace=kernel_trace,
+                                include_exact=first_cols)
     if alpha is not None:
+        A = torch.cat([A, alpha[:, None]], dim=1)
         B = torch.cat([B, 0.5 * alpha[:, None]], dim=1)
-    if pb.grid.rows == 1:
-        return bilinear_derivative(full, x, B)
-    return row_bilinear_derivative(op, x, B)
+    g = bilinear_derivative(full, A, B) if pb.grid.rows == 1 else row_bilinear_derivative(op, A, B)
+    if first_cols and pb.grid.row_index == 0:
+        g = {k: v + torch.as_tensor(const[k], dtype=v.dtype) for k, v in g.items()}
+    return g
 
 
 def _fingerprint(pb: _Problem, noise, mean) -> torch.Tensor:

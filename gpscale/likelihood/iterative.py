@@ -12,7 +12,8 @@ Backward reuses those solves (no second CG, no autograd graph through the kernel
     \\frac{\\partial \\log p}{\\partial\\theta} = \\tfrac12 \\alpha^T \\partial_\\theta\\hat K\\,\\alpha
     - \\tfrac12 \\operatorname{tr}(\\hat K^{-1}\\partial_\\theta \\hat K),\\quad
     \\operatorname{tr}(\\hat K^{-1}\\partial_\\theta\\hat K) \\approx \\frac1t\\sum_i u_i^T
-    \\partial_\\theta \\hat K\\, P^{-1} z_i ,
+    \\partial_\\theta \\hat K\\, P^{-1} z_i
+    \\quad(\\text{or its control-variate form, } :mod:`gpscale.logdet.trace`),
 
 all hyperparameters at once through :func:`gpscale.operators.bilinear_derivative` with
 ``A = [α, u]`` and ``B = [α/2, -P^{-1}z/(2t)]`` (one pass, about two kernel products), and
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..logdet.slq import ProbeSolve, probe_solve
+from ..logdet.trace import trace_pairs
 from ..operators.derivatives import bilinear_derivative
 from ..operators.kernel_operator import KernelOperator
 from ..solvers.cg import CGWarning, ConjugateGradients
@@ -71,17 +73,19 @@ class _IterativeMLLFunction(torch.autograd.Function):
         value = -0.5 * quad - 0.5 * float(logdet) - 0.5 * n * math.log(2 * math.pi)
         holder.append(IterativeMLL(torch.tensor(value), quad, float(logdet), ps.logdet_stderr, ps, op.backend))
         ctx.op, ctx.alpha, ctx.ps, ctx.t = op, alpha, ps, num_probes
+        ctx.kernel_trace = n * float(outputscale.detach())  # stationary: k(x, x) = s
         return torch.tensor(value, dtype=X.dtype, device=X.device)
 
     @staticmethod
     def backward(ctx, grad):
         op, alpha, ps, t = ctx.op, ctx.alpha, ctx.ps, ctx.t
-        U = ps.cg.x[:, :t]
-        A = torch.cat([alpha[:, None], U], dim=1)
-        B = torch.cat([0.5 * alpha[:, None], (-0.5 / max(t, 1)) * ps.precond_probes], dim=1)
-        if t == 0:
-            A, B = A[:, :1], B[:, :1]
+        # -½ tr(K̂⁻¹∂K̂) from the probe solves, with the preconditioner as control variate where it
+        # lowers the variance (gpscale.logdet.trace).
+        At, Bt, const = trace_pairs(ps, -0.5, kernel_trace=ctx.kernel_trace)
+        A = torch.cat([alpha[:, None], At], dim=1)
+        B = torch.cat([0.5 * alpha[:, None], Bt], dim=1)
         g = bilinear_derivative(op, A, B)
+        g = {k: v + torch.as_tensor(const[k], dtype=v.dtype, device=v.device) for k, v in g.items()}
         g_mean = alpha.sum()
         return (grad * g["lengthscale"], grad * g["outputscale"], grad * g["noise"], grad * g_mean, None)
 

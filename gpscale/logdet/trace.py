@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["trace_pairs", "use_control_variate"]
+__all__ = ["trace_pairs", "trace_columns", "use_control_variate"]
 
 #: ``auto`` uses the control variate when the preconditioner's unexplained kernel mass is at most this
 #: fraction of the noise: :math:`\\operatorname{tr}(K - LL^T) \\le \\text{ratio}\\cdot n\\sigma^2`.
@@ -81,14 +81,27 @@ def trace_pairs(ps, weight, control_variate="auto", kernel_trace: float | None =
     const : dict
         Closed-form additions per hyperparameter (``lengthscale``, ``outputscale``, ``noise``).
     """
-    t = ps.num_probes
-    U, PZ = ps.cg.x[:, :t], ps.precond_probes
-    P = ps.preconditioner
+    return trace_columns(ps.cg.x[:, :ps.num_probes], ps.precond_probes, ps.num_probes, ps.preconditioner, weight,
+                         control_variate, kernel_trace)
+
+
+def trace_columns(U, PZ, num_probes: int, P, weight, control_variate="auto", kernel_trace=None,
+                  include_exact: bool = True):
+    """:func:`trace_pairs` from raw pieces: a share of the probe columns (distributed column split).
+
+    ``U``, ``PZ`` may hold only some of the ``num_probes`` columns (the remainder terms add up over
+    shares); ``include_exact=False`` leaves out the exact :math:`\\operatorname{tr}(P^{-1}\\partial\\hat K)`
+    part (columns and constants), which exactly one share must include.
+    """
+    t = num_probes
     if control_variate == "auto":
         control_variate = use_control_variate(P, kernel_trace)
     parts = P.inverse_parts() if control_variate and getattr(P, "rank", 0) > 0 else None
+    zero = {"lengthscale": 0.0, "outputscale": 0.0, "noise": 0.0}
     if parts is None:
-        return U, PZ * (weight / t), {"lengthscale": 0.0, "outputscale": 0.0, "noise": 0.0}
+        return U, PZ * (weight / t), zero
+    if not include_exact:
+        return U - PZ, PZ * (weight / t), zero
     d, Ul, Vl = parts
     A = torch.cat([U - PZ, Ul.to(U.dtype)], dim=1)
     B = torch.cat([PZ * (weight / t), Vl.to(U.dtype) * (-weight)], dim=1)
