@@ -198,6 +198,33 @@ def run_child(argv: list[str], *, timeout: float | None, env: dict | None = None
     return out
 
 
+def guarded_worker(record: dict, body, *, memory_limit_gb=None, threads=None) -> int:
+    """Worker side: apply the limits, run ``body()`` (returns a dict merged into ``record``), always emit.
+
+    Any exception -- including MemoryError under the address-space limit -- becomes
+    ``status="failed"`` with ``reason`` ``oom`` or ``error`` and a traceback tail, so the parent
+    always gets a record.
+    """
+    set_memory_limit(memory_limit_gb)
+    record.setdefault("status", "failed")
+    try:
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        record["torch_threads"] = torch.get_num_threads()
+        record.update(body())
+        record["status"] = "ok"
+    except BaseException as exc:  # noqa: BLE001 - the parent must always get a record
+        import traceback
+
+        record.update(status="failed", reason="oom" if is_oom_error(exc) else "error",
+                      error=f"{type(exc).__name__}: {str(exc)[:500]}", traceback=traceback.format_exc()[-3000:])
+    record["peak_rss_gb"] = peak_rss_gb()
+    emit_result(record)
+    return 0
+
+
 def _tail(text, limit: int = 2000) -> str:
     if text is None:
         return ""

@@ -134,24 +134,8 @@ def run_arm(spec) -> dict:
 
 
 def worker_main(spec: dict) -> int:
-    C.set_memory_limit(spec.get("memory_limit_gb"))
-    record = {"arm": spec["arm"], "n": spec["n"], "status": "failed"}
-    try:
-        import torch
-
-        if spec.get("threads"):
-            torch.set_num_threads(int(spec["threads"]))
-        record["torch_threads"] = torch.get_num_threads()
-        record.update(run_arm(spec))
-        record["status"] = "ok"
-    except BaseException as exc:  # noqa: BLE001 - the parent must always get a record
-        import traceback
-
-        record.update(reason="oom" if C.is_oom_error(exc) else "error",
-                      error=f"{type(exc).__name__}: {str(exc)[:500]}", traceback=traceback.format_exc()[-3000:])
-    record["peak_rss_gb"] = C.peak_rss_gb()
-    C.emit_result(record)
-    return 0
+    return C.guarded_worker({"arm": spec["arm"], "n": spec["n"]}, lambda: run_arm(spec),
+                            memory_limit_gb=spec.get("memory_limit_gb"), threads=spec.get("threads"))
 
 
 # ============================================================================== parent side
