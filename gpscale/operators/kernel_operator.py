@@ -11,10 +11,13 @@ Complexity of one product with ``t`` columns: :math:`O(n m (d + t))` time,
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .._validation import check_inputs, check_positive_hyper, check_same
 from ..kernels.base import StationaryKernel
+from ..precision import dtype_name, is_low_precision, lowp_mm, round_to, scale_columns
 from .backends import check_backend_name, fused_products, select_backend
 from .blocking import plan_symmetric_tiling, plan_tiling
 
@@ -208,6 +211,14 @@ class KernelOperator(CrossKernelOperator):
         Keep upper-triangle tiles in memory while they fit ``memory_budget``.
     backend : {"auto", "cuda", "keops", "torch"}
         See :class:`CrossKernelOperator`; fused backends recompute every pair (no tile cache).
+    product_dtype : {None, "float32", "tf32", "bfloat16", "float16"} or torch.dtype
+        Arithmetic of the products (:mod:`gpscale.precision`).  ``None`` (default) multiplies in the
+        dtype of ``X``.  A low precision rounds each kernel tile once (and caches it rounded: a bf16
+        cache holds twice the tiles) and each right-hand-side block, scaled per column by a power of
+        two, and accumulates in float32 (:func:`gpscale.precision.lowp_mm`); the distances and the
+        ``exp`` stay in the dtype of ``X`` (the expanded distance cancels catastrophically in 16
+        bits), and the noise term ``noise * V`` is added in the dtype of ``X``.  Low-precision
+        products run on the ``torch`` backend (``auto`` picks it).
 
     Notes
     -----
@@ -222,9 +233,12 @@ class KernelOperator(CrossKernelOperator):
     """
 
     def __init__(self, X, kernel: StationaryKernel, noise=1.0, *, memory_budget=None, tile=None, tile_rows=None,
-                 tile_cols=None, cache: bool = True, backend: str = "auto"):
+                 tile_cols=None, cache: bool = True, backend: str = "auto", product_dtype=None):
         check_inputs(X, "X", min_rows=1)
         check_backend_name(backend)
+        self.product_precision = None if product_dtype is None else dtype_name(product_dtype)
+        if self.product_precision == "float64" and X.dtype != torch.float64:
+            raise ValueError(f"product_dtype='float64' needs float64 inputs, but X is {X.dtype}; pass X.double()")
         # The parent resolves the backend for its provisional tiling; "torch" here, re-resolved below.
         super().__init__(X, X, kernel, memory_budget=memory_budget, cache=False, backend="torch")
         self.tiling = plan_symmetric_tiling(X.shape[0], X.dtype, X.device, memory_budget,
@@ -239,7 +253,31 @@ class KernelOperator(CrossKernelOperator):
         check_positive_hyper("noise", noise_t)
         self.noise = noise_t.reshape(()).to(dtype=X.dtype, device=X.device)
         self._noise_value = float(noise_t)  # one host read at build time, none per product
-        self.backend = select_backend(self, backend)
+        self._lowp = is_low_precision(self.product_precision) or (
+            self.product_precision is not None and dtype_name(X.dtype) != self.product_precision)
+        if self._lowp and backend not in ("auto", "torch"):
+            raise ValueError(f"product_dtype={self.product_precision!r} runs on the torch backend only, got "
+                             f"backend={backend!r}; use backend='torch' or 'auto'")
+        self.backend = "torch" if self._lowp else select_backend(self, backend)
+
+    def with_product_dtype(self, product_dtype) -> "KernelOperator":
+        """The same operator (shared inputs and hyperparameters) with another product precision.
+
+        Returns ``self`` when nothing changes; otherwise a shallow copy with its own, empty tile cache
+        (so during a fallback both caches may live: up to twice ``memory_budget``).
+        """
+        name = None if product_dtype is None else dtype_name(product_dtype)
+        if name == self.product_precision or (name == dtype_name(self.dtype) and not self._lowp):
+            return self
+        if name == "float64" and self.dtype != torch.float64:
+            raise ValueError(f"product_dtype='float64' needs float64 inputs, but X is {self.dtype}")
+        other = copy.copy(self)
+        other.product_precision = name
+        other._lowp = name is not None and name != dtype_name(self.dtype)
+        other._tile_cache, other._cache_used, other.num_products = [], 0, 0
+        if other._lowp:
+            other.backend = "torch"
+        return other
 
     @property
     def cached_fraction(self) -> float:
@@ -251,6 +289,8 @@ class KernelOperator(CrossKernelOperator):
             return self._tile_cache[idx]
         i0, i1, j0, j1 = self._tiles[idx]
         F = self.profile_tile(i0, i1, j0, j1)
+        if self._lowp:  # round once; the cache keeps the rounded tile (half the bytes in 16 bits)
+            F = round_to(F, self.product_precision)
         if idx == len(self._tile_cache) and self._cache_used + F.numel() * F.element_size() <= self.tiling.cache_bytes:
             self._tile_cache.append(F)
             self._cache_used += F.numel() * F.element_size()
@@ -259,6 +299,8 @@ class KernelOperator(CrossKernelOperator):
     def _profile_matmul(self, V: torch.Tensor) -> torch.Tensor:
         """``F @ V`` over upper-triangle tiles, each off-diagonal tile applied twice."""
         self.num_products += 1
+        if self._lowp:
+            return self._lowp_profile_matmul(V)
         if self.backend != "torch":
             return fused_products(self, V, "f")
         VT = V.T.contiguous()  # transposed layout: see CrossKernelOperator._profile_matmul
@@ -269,6 +311,28 @@ class KernelOperator(CrossKernelOperator):
             if i0 != j0:
                 outT[:, j0:j1].addmm_(VT[:, i0:i1], F)
         return outT.T.contiguous()
+
+    def _lowp_profile_matmul(self, V: torch.Tensor) -> torch.Tensor:
+        """``F @ V`` in the product precision: rounded tiles and blocks, float32 accumulation.
+
+        Each column of ``V`` is scaled by a power of two so that its largest entry lies in [0.5, 1)
+        before rounding (float16 would otherwise overflow above 65504 or lose digits below 6e-5); the
+        tile entries ``f(q)`` lie in [0, 1] already.  Exact powers of two keep the unscaling exact.
+        """
+        name = self.product_precision
+        s = scale_columns(V)
+        VT = round_to((V * s).T.contiguous(), name)
+        if VT.device.type != "cuda":
+            VT = VT.float()  # CPU: widen once (exact, see lowp_mm), not per tile
+        outT = torch.zeros(V.shape[1], self.shape[0], dtype=torch.float32, device=V.device)
+        for idx, (i0, i1, j0, j1) in enumerate(self._tiles):
+            F = self._tile(idx)
+            if F.device.type != "cuda":
+                F = F.float()
+            outT[:, i0:i1] += lowp_mm(VT[:, j0:j1], F.T, name)
+            if i0 != j0:
+                outT[:, j0:j1] += lowp_mm(VT[:, i0:i1], F, name)
+        return (outT.T.to(V.dtype) / s).contiguous()
 
     @torch.no_grad()
     def matmul(self, V: torch.Tensor) -> torch.Tensor:
