@@ -92,6 +92,12 @@ class PrecisionPolicy:
         fallback precision) misses the tolerance continue in ``fallback_product``.
     fallback_product : str or torch.dtype, default "float32"
         Product precision of the fallback phase (``"float64"`` needs float64 inputs).
+    refine_steps : int, default 4
+        Before falling back, columns that are only inaccurate (not broken down) get up to this many
+        cycles of mixed-precision iterative refinement: true residual in ``fallback_product``,
+        correction solved in ``product`` to ``refine_rtol``.  0 disables.
+    refine_rtol : float, default 0.1
+        Relative tolerance of each refinement's inner solve.
 
     Examples
     --------
@@ -115,6 +121,8 @@ class PrecisionPolicy:
     stall_decrease: float = 0.01
     fallback: bool = True
     fallback_product: str = "float32"
+    refine_steps: int = 4
+    refine_rtol: float = 0.1
 
     def __post_init__(self):
         # Normalise names in place (frozen dataclass: object.__setattr__ is the documented escape).
@@ -140,6 +148,10 @@ class PrecisionPolicy:
             raise ValueError(f"stall_window must be an int >= 0 (0 disables), got {self.stall_window!r}")
         if not 0.0 <= float(self.stall_decrease) < 1.0:
             raise ValueError(f"stall_decrease must be in [0, 1), got {self.stall_decrease!r}")
+        if not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+            raise ValueError(f"refine_steps must be an int >= 0, got {self.refine_steps!r}")
+        if not 0.0 < float(self.refine_rtol) < 1.0:
+            raise ValueError(f"refine_rtol must be in (0, 1), got {self.refine_rtol!r}")
         for name in ("rescale", "fallback"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

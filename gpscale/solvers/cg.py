@@ -9,6 +9,7 @@ iterations whether any column is still running -- no host synchronisation per st
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import warnings
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from .._validation import check_positive_int, check_tolerance
+from ..precision import PrecisionPolicy, as_policy
 from .lanczos import Tridiagonal
+from .stability import ResidualBasis, StallDetector
 
 
 class CGStatus(enum.IntEnum):
@@ -26,6 +29,9 @@ class CGStatus(enum.IntEnum):
     MAX_ITERATIONS = 1
     BREAKDOWN = 2
     NON_FINITE = 3
+    #: the residual made no progress for ``stall_window`` iterations (stagnation detection of a
+    #: :class:`gpscale.PrecisionPolicy`) and no fallback could take over
+    STAGNATED = 4
 
     @property
     def message(self) -> str:
@@ -45,6 +51,11 @@ _MESSAGES = {
     CGStatus.NON_FINITE: (
         "CG produced NaN/Inf; check the operator and right-hand side for NaN/Inf and the "
         "hyperparameters for overflow (e.g. tiny lengthscales), or use float64"
+    ),
+    CGStatus.STAGNATED: (
+        "some columns stagnated in low precision and no fallback ran; use PrecisionPolicy(fallback=True) "
+        "with an operator that has with_product_dtype (KernelOperator) or a tensor, re-orthogonalise "
+        "(reorth='full'), or use a higher product precision"
     ),
 }
 
@@ -76,7 +87,21 @@ class CGResult:
     residual_history : (iterations + 1, t) tensor or None
         Recurrence residual norms :math:`\\|r_j\\|` of every column before the first and after each
         iteration up to ``iterations.max()`` (a converged column keeps its last value), when run with
-        ``record_history=True``; divide by :attr:`rhs_norm` for relative residuals.
+        ``record_history=True``; divide by :attr:`rhs_norm` for relative residuals.  Under a precision
+        policy with a fallback it covers the low-precision phase.
+    finished_precision : tuple of str or None
+        Under a :class:`gpscale.PrecisionPolicy`: the product precision each column finished in (the
+        policy's ``product``, or its ``fallback_product`` for the columns that fell back).
+    low_precision_iterations : (t,) long tensor or None
+        Iterations each column ran in the low-precision phase (``iterations`` counts both phases).
+    stagnated : (t,) bool tensor or None
+        Columns whose stagnation detector fired in the low-precision phase.
+
+    Notes
+    -----
+    Under a precision policy, :attr:`residual_norm` of a column that finished in low precision is
+    its *true* residual :math:`\|b - A x\|` measured with one product in the fallback precision,
+    not the recurrence residual (the two drift apart when the products are rounded).
     """
 
     x: torch.Tensor
@@ -89,6 +114,9 @@ class CGResult:
     tridiag: Tridiagonal | None
     num_matmuls: int
     residual_history: torch.Tensor | None = None
+    finished_precision: tuple | None = None
+    low_precision_iterations: torch.Tensor | None = None
+    stagnated: torch.Tensor | None = None
 
     @property
     def converged(self) -> bool:
@@ -102,10 +130,16 @@ class CGResult:
         """Plain-python statistics for reports and logs."""
         it = self.iterations.float()
         rel = self.residual_norm / self.rhs_norm.clamp_min(torch.finfo(self.rhs_norm.dtype).tiny)
-        return {"status": self.status.name, "num_matmuls": self.num_matmuls,
-                "iterations_max": int(self.iterations.max()) if it.numel() else 0,
-                "iterations_mean": float(it.mean()) if it.numel() else 0.0,
-                "relative_residual_max": float(rel.max()) if rel.numel() else 0.0}
+        out = {"status": self.status.name, "num_matmuls": self.num_matmuls,
+               "iterations_max": int(self.iterations.max()) if it.numel() else 0,
+               "iterations_mean": float(it.mean()) if it.numel() else 0.0,
+               "relative_residual_max": float(rel.max()) if rel.numel() else 0.0}
+        if self.finished_precision is not None:
+            names = self.finished_precision
+            out["finished_precision"] = {p: names.count(p) for p in sorted(set(names))}
+            out["low_precision_iterations_max"] = int(self.low_precision_iterations.max()) if it.numel() else 0
+            out["stagnated_columns"] = int(self.stagnated.sum()) if self.stagnated is not None else 0
+        return out
 
 
 def _as_matmul(A):
@@ -135,6 +169,10 @@ class ConjugateGradients:
     record_history : bool
         Keep every column's residual norm at every iteration (:attr:`CGResult.residual_history`):
         one ``(t,)`` device tensor per step, stacked at the end -- no extra host synchronisation.
+    precision : PrecisionPolicy, optional
+        Mixed-precision solve (:mod:`gpscale.solvers.mixed`): products in ``precision.product``, CG
+        state in ``precision.state``, with re-orthogonalisation, stagnation detection and fallback as
+        the policy says.  ``None`` (default): the products and state of ``A`` and ``B`` as given.
 
     Notes
     -----
@@ -149,8 +187,10 @@ class ConjugateGradients:
     check_every: int = 8
     num_tridiag: int = 0
     record_history: bool = False
+    precision: PrecisionPolicy | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "precision", as_policy(self.precision))
         check_tolerance("rtol", self.rtol)
         check_tolerance("atol", self.atol)
         check_positive_int("max_iter", self.max_iter)
@@ -166,14 +206,22 @@ class ConjugateGradients:
         vec = B.dim() == 1
         B2 = B[:, None] if vec else B
         X0 = None if x0 is None else (x0[:, None] if x0.dim() == 1 else x0)
-        _check_system(A, B2, X0)
-        solve = _precond_solve(preconditioner, A)
-        res = self._run(matmul, solve, B2, X0)
+        _check_system(A, B2, X0, check_dtype=self.precision is None)
+        if self.precision is not None:
+            from .mixed import mixed_precision_solve
+
+            res = mixed_precision_solve(self, A, B2, X0, preconditioner)
+        else:
+            res = self._run(matmul, _precond_solve(preconditioner, A), B2, X0)
         if vec:
-            res = CGResult(res.x[:, 0], *[getattr(res, f) for f in _FIELDS[1:]])
+            res = dataclasses.replace(res, x=res.x[:, 0])
         return res
 
-    def _run(self, matmul, solve, B, X0) -> CGResult:
+    def _run(self, matmul, solve, B, X0, *, tol=None, num_tridiag=None, reorth: int = 0,
+             stall: tuple[int, float] | None = None) -> CGResult:
+        """The CG loop.  ``tol`` overrides the per-column thresholds, ``num_tridiag`` the config's;
+        ``reorth`` keeps that many residuals for re-orthogonalisation and ``stall = (window,
+        decrease)`` switches on stagnation detection (:mod:`gpscale.solvers.stability`)."""
         t, dev = B.shape[1], B.device
         x = torch.zeros_like(B) if X0 is None else X0.clone()
         r = B.clone() if X0 is None else B - matmul(X0)
@@ -182,14 +230,19 @@ class ConjugateGradients:
         p = z.clone()
         rz = (r * z).sum(0)
         bnorm = B.norm(dim=0)
-        tol = torch.clamp(self.rtol * bnorm, min=self.atol)
+        if tol is None:
+            tol = torch.clamp(self.rtol * bnorm, min=self.atol)
         rnorm = r.norm(dim=0)
         # "not <=" rather than ">": a NaN residual must not count as converged.
         active = ~(rnorm <= tol)
         status = torch.where(torch.isfinite(rnorm), CGStatus.CONVERGED.value, CGStatus.NON_FINITE.value)
         active = active & torch.isfinite(rnorm)
         iters = torch.zeros(t, dtype=torch.long, device=dev)
-        nt = min(self.num_tridiag, t)
+        nt = min(self.num_tridiag if num_tridiag is None else num_tridiag, t)
+        basis = ResidualBasis(reorth, B.shape[0], t, B.dtype, dev) if reorth else None
+        if basis is not None:
+            basis.store(r, z, rz, active)
+        stalls = StallDetector(stall[0], stall[1], rnorm) if stall and stall[0] else None
         rz0 = rz[:nt].clone()
         alphas, betas = [], []
         history = [rnorm] if self.record_history else None
@@ -210,8 +263,12 @@ class ConjugateGradients:
             alpha = torch.where(active, rz / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rz))
             x.addcmul_(alpha, p)
             r.addcmul_(alpha, Ap, value=-1.0)
+            if basis is not None:  # departs from textbook CG: see gpscale.solvers.stability
+                basis.orthogonalize_(r, active)
             z = solve(r)
             rz_new = (r * z).sum(0)
+            if basis is not None:
+                basis.store(r, z, rz_new, active)
             beta = torch.where(active, rz_new / torch.where(active, rz, torch.ones_like(rz)), torch.zeros_like(rz))
             if nt:
                 alphas.append(alpha[:nt])
@@ -223,6 +280,10 @@ class ConjugateGradients:
             bad = active & ~torch.isfinite(rnorm)
             status = torch.where(bad, CGStatus.NON_FINITE.value, status)
             active = active & ~bad & (rnorm > tol)
+            if stalls is not None:
+                stalled = stalls.update(rnorm, active)
+                status = torch.where(stalled, CGStatus.STAGNATED.value, status)
+                active = active & ~stalled
             if history is not None:
                 history.append(rnorm)
         status = torch.where(active, CGStatus.MAX_ITERATIONS.value, status)
@@ -235,10 +296,6 @@ class ConjugateGradients:
         if history is not None:  # the loop sees convergence every check_every steps: trim the tail
             hist = torch.stack(history)[: (int(iters.max()) if t else 0) + 1]
         return CGResult(x, worst, status, iters, rnorm, bnorm, tol, tri, nmm, hist)
-
-
-_FIELDS = ("x", "status", "column_status", "iterations", "residual_norm", "rhs_norm", "tolerance", "tridiag",
-           "num_matmuls", "residual_history")
 
 
 def _running_columns(active: torch.Tensor) -> torch.Tensor | None:
@@ -260,7 +317,7 @@ def _masked_matmul(matmul, p: torch.Tensor, cols: torch.Tensor | None) -> torch.
     return Ap
 
 
-def _check_system(A, B, X0) -> None:
+def _check_system(A, B, X0, check_dtype: bool = True) -> None:
     if not isinstance(B, torch.Tensor):
         raise TypeError(f"B must be a torch.Tensor, got {type(B).__name__}")
     if B.dim() != 2:
@@ -278,7 +335,7 @@ def _check_system(A, B, X0) -> None:
         if not torch.isfinite(X0).all():
             raise ValueError("x0 contains NaN/Inf; pass a finite initial guess or None")
     ref = getattr(A, "dtype", None)
-    if ref is not None and ref != B.dtype:
+    if check_dtype and ref is not None and ref != B.dtype:
         raise TypeError(f"A has dtype {ref} but B has dtype {B.dtype}; convert B with B.to({ref})")
     dev = getattr(A, "device", None)
     if dev is not None and torch.device(dev) != B.device:
@@ -297,7 +354,8 @@ def _precond_solve(preconditioner, A):
 
 
 def cg(A, B, *, rtol: float = 1e-2, atol: float = 0.0, max_iter: int = 1000, x0=None, preconditioner=None,
-       num_tridiag: int = 0, check_every: int = 8, record_history: bool = False, warn: bool = True) -> CGResult:
+       num_tridiag: int = 0, check_every: int = 8, record_history: bool = False, warn: bool = True,
+       precision=None) -> CGResult:
     """Solve ``A X = B`` by batched preconditioned CG.
 
     Column ``j`` stops when :math:`\\|b_j - A x_j\\|_2 \\le \\max(\\mathrm{rtol}\\,\\|b_j\\|_2,\\ \\mathrm{atol})`
@@ -317,6 +375,9 @@ def cg(A, B, *, rtol: float = 1e-2, atol: float = 0.0, max_iter: int = 1000, x0=
         already built preconditioner.
     warn : bool, default True
         Emit a :class:`CGWarning` when the status is not ``CONVERGED``.
+    precision : PrecisionPolicy or dtype name, optional
+        Mixed-precision solve, see :class:`gpscale.PrecisionPolicy` and ``docs/precision.md``; a name
+        such as ``"bfloat16"`` means ``PrecisionPolicy(product="bfloat16")`` (all fixes on).
 
     Returns
     -------
@@ -324,10 +385,11 @@ def cg(A, B, *, rtol: float = 1e-2, atol: float = 0.0, max_iter: int = 1000, x0=
 
     References
     ----------
-    Hestenes & Stiefel (1952); Gardner et al. (2018) for the batched (mBCG) form.
+    Hestenes & Stiefel (1952); Gardner et al. (2018) for the batched (mBCG) form; Maddox, Potapczynski &
+    Wilson (UAI 2022) for low-precision CG.
     """
     solver = ConjugateGradients(rtol=rtol, atol=atol, max_iter=max_iter, check_every=check_every,
-                                num_tridiag=num_tridiag, record_history=record_history)
+                                num_tridiag=num_tridiag, record_history=record_history, precision=precision)
     res = solver(A, B, x0=x0, preconditioner=preconditioner)
     if warn and not res.converged:
         warnings.warn(f"CG ended with status {res.status.name}: {res.message}", CGWarning, stacklevel=2)
