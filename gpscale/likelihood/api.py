@@ -17,6 +17,7 @@ from .._validation import (
     check_targets,
 )
 from ..kernels.base import StationaryKernel
+from ..precision import as_policy
 from ..precond.pivoted_cholesky import PivotedCholesky
 from ..solvers.cg import ConjugateGradients
 from .cholesky import cholesky_mll
@@ -79,8 +80,10 @@ def _prepare(X, y, kernel, noise, mean):
 def mll_estimate(X, y, kernel, noise=1.0, mean=0.0, *, method: str = "auto", rtol: float = 1e-2,
                  max_iter: int = 1000, num_probes: int = 10, preconditioner=PivotedCholesky(rank=100),
                  seed: int | None = None, generator: torch.Generator | None = None,
-                 memory_budget: int | None = None, warn: bool = True, distributed=None) -> MLLResult:
+                 memory_budget: int | None = None, warn: bool = True, distributed=None,
+                 precision=None) -> MLLResult:
     """Like :func:`marginal_log_likelihood` but returns an :class:`MLLResult` with statistics."""
+    precision = as_policy(precision)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     y, noise, mean = _prepare(X, y, kernel, noise, mean)
@@ -95,7 +98,7 @@ def mll_estimate(X, y, kernel, noise=1.0, mean=0.0, *, method: str = "auto", rto
     check_positive_int("num_probes", num_probes, minimum=1)
     if generator is None and seed is not None:
         generator = torch.Generator(device=X.device).manual_seed(int(seed))
-    solver = ConjugateGradients(rtol=rtol, max_iter=max_iter)
+    solver = ConjugateGradients(rtol=rtol, max_iter=max_iter, precision=precision)
     if distributed is not None:  # the Cholesky path above runs replicated on every rank
         from ..distributed.mll import distributed_mll
 
@@ -108,6 +111,8 @@ def mll_estimate(X, y, kernel, noise=1.0, mean=0.0, *, method: str = "auto", rto
                          preconditioner=preconditioner, generator=generator,
                          op_kwargs={"memory_budget": memory_budget}, warn=warn)
     stats = info.stats()
+    if precision is not None:
+        stats["precision"] = precision.product
     stats["forward_seconds"] = time.perf_counter() - t0
     return MLLResult(info.value, "iterative", stats)
 
@@ -116,7 +121,7 @@ def marginal_log_likelihood(X, y, kernel, noise=1.0, mean=0.0, *, method: str = 
                             max_iter: int = 1000, num_probes: int = 10,
                             preconditioner=PivotedCholesky(rank=100), seed: int | None = None,
                             generator: torch.Generator | None = None, memory_budget: int | None = None,
-                            warn: bool = True, distributed=None) -> torch.Tensor:
+                            warn: bool = True, distributed=None, precision=None) -> torch.Tensor:
     """Log marginal likelihood :math:`\\log p(y \\mid X, \\theta)` of an exact GP, summed over points.
 
     Differentiable with torch autograd w.r.t. every kernel hyperparameter, ``noise`` and ``mean``
@@ -147,6 +152,12 @@ def marginal_log_likelihood(X, y, kernel, noise=1.0, mean=0.0, *, method: str = 
         Split the iterative evaluation over an initialised ``torch.distributed`` process group
         (every rank passes the same arguments and gets the same value and gradient); ``method="auto"``
         then always takes the iterative path.  See :mod:`gpscale.distributed`.
+    precision : PrecisionPolicy or dtype name, optional
+        Mixed-precision CG for the iterative path (``docs/precision.md``): e.g.
+        ``PrecisionPolicy("bfloat16")`` runs the probe and ``y`` solves with bf16 kernel products,
+        float32 state, re-orthogonalisation and the automatic fallback.  The log-det uses each probe's
+        Lanczos tridiagonal from the precision that probe's run finished in; the backward
+        derivative pass stays in the dtype of ``X``.  Ignored by the Cholesky path.
 
     Returns
     -------
@@ -164,4 +175,5 @@ def marginal_log_likelihood(X, y, kernel, noise=1.0, mean=0.0, *, method: str = 
     """
     return mll_estimate(X, y, kernel, noise, mean, method=method, rtol=rtol, max_iter=max_iter,
                         num_probes=num_probes, preconditioner=preconditioner, seed=seed, generator=generator,
-                        memory_budget=memory_budget, warn=warn, distributed=distributed).value
+                        memory_budget=memory_budget, warn=warn, distributed=distributed,
+                        precision=precision).value

@@ -126,7 +126,7 @@ def probe_solve(op, extra_rhs: torch.Tensor | None, num_probes: int, solver: Con
 
 
 def slq_logdet(op, num_probes: int = 10, preconditioner=None, rtol: float = 1e-2, max_iter: int = 1000,
-               generator: torch.Generator | None = None) -> ProbeSolve:
+               generator: torch.Generator | None = None, precision=None) -> ProbeSolve:
     """Estimate :math:`\\log|\\hat K|` of a kernel operator by preconditioned SLQ.
 
     Parameters
@@ -137,6 +137,12 @@ def slq_logdet(op, num_probes: int = 10, preconditioner=None, rtol: float = 1e-2
         E.g. ``gpscale.precond.PivotedCholesky(rank=50)``; ``None`` gives plain SLQ.
     rtol, max_iter : CG settings for the probe solves.
     generator : torch.Generator, optional
+    precision : PrecisionPolicy or dtype name, optional
+        Mixed-precision probe solves (:mod:`gpscale.solvers.mixed`).  With re-orthogonalisation the
+        CG coefficients still define the Lanczos tridiagonal of the Krylov space (rounding only
+        destroyed the orthogonality that re-orthogonalisation restores), so the quadrature is valid
+        for the low-precision operator; a probe that breaks down restarts its Lanczos run in the
+        fallback precision and its tridiagonal is that run's.
 
     Returns
     -------
@@ -149,5 +155,5 @@ def slq_logdet(op, num_probes: int = 10, preconditioner=None, rtol: float = 1e-2
     Cost: one batched CG run with ``num_probes`` columns, i.e. (iterations) kernel products of
     :math:`O(n^2 t)`, plus the preconditioner build.
     """
-    solver = ConjugateGradients(rtol=rtol, max_iter=max_iter)
+    solver = ConjugateGradients(rtol=rtol, max_iter=max_iter, precision=precision)
     return probe_solve(op, None, num_probes, solver, preconditioner, generator)

@@ -24,6 +24,7 @@ from ..likelihood.api import CHOLESKY_CROSSOVER
 from ..likelihood.cholesky import cholesky_factor
 from ..logdet.slq import build_preconditioner
 from ..operators import DEFAULT_MEMORY_BUDGET, CrossKernelOperator, KernelOperator
+from ..precision import as_policy
 from ..precond.pivoted_cholesky import PivotedCholesky
 from ..solvers.cg import CGWarning, cg
 from ..distributed.fitting import FitCoordinator
@@ -97,6 +98,10 @@ class ExactGP:
     checkpoint : str or path, optional
         Save the optimiser state after every step (atomically) and resume from the file when it
         exists.  See :mod:`gpscale.models.checkpoint`.
+    precision : PrecisionPolicy or dtype name, optional
+        Mixed-precision CG for the iterative training objective (``docs/precision.md``), e.g.
+        ``PrecisionPolicy("bfloat16")``.  The prediction solves stay in ``dtype`` (they need
+        ``predict_rtol``).
 
     Attributes
     ----------
@@ -129,7 +134,7 @@ class ExactGP:
                  preconditioner=PivotedCholesky(rank=100),
                  seed: int = 0, dtype: torch.dtype = torch.float64, device=None, memory_budget: int | None = None,
                  noise_init: float = 0.1, noise_floor: float = 1e-4, lengthscale_init: float | None = None,
-                 init_subset: int | None = None, verbose: bool = False, checkpoint=None):
+                 init_subset: int | None = None, verbose: bool = False, checkpoint=None, precision=None):
         self.kernel, self.ard, self.optimizer = kernel, ard, optimizer
         self.max_iter, self.lr, self.tol = max_iter, lr, tol
         self.method, self.rtol, self.predict_rtol, self.num_probes = method, rtol, predict_rtol, num_probes
@@ -137,7 +142,7 @@ class ExactGP:
         self.preconditioner, self.seed, self.dtype, self.device = preconditioner, seed, dtype, device
         self.memory_budget, self.noise_init, self.noise_floor = memory_budget, noise_init, noise_floor
         self.lengthscale_init, self.init_subset = lengthscale_init, init_subset
-        self.verbose, self.checkpoint = verbose, checkpoint
+        self.verbose, self.checkpoint, self.precision = verbose, checkpoint, precision
 
     # ------------------------------------------------------------------ configuration
     def _check_config(self) -> None:
@@ -163,6 +168,7 @@ class ExactGP:
         if not (0 < self.noise_floor < self.noise_init):
             raise ValueError(f"need 0 < noise_floor < noise_init, got noise_floor={self.noise_floor!r}, "
                              f"noise_init={self.noise_init!r}")
+        as_policy(self.precision)  # raises on a bad policy
         if self.lengthscale_init is not None and not self.lengthscale_init > 0:
             raise ValueError(f"lengthscale_init must be > 0, got {self.lengthscale_init!r}")
 
@@ -186,7 +192,8 @@ class ExactGP:
                 "lr": float(self.lr),
                 "noise_init": float(self.noise_init), "noise_floor": float(self.noise_floor),
                 "lengthscale_init": self.lengthscale_init, "init_subset": self.init_subset,
-                "preconditioner": repr(self.preconditioner)}
+                "preconditioner": repr(self.preconditioner),
+                **({"precision": repr(as_policy(self.precision))} if self.precision is not None else {})}
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y, *, distributed=None) -> "ExactGP":
@@ -219,7 +226,8 @@ class ExactGP:
         params = GPParams(self._init_kernel(d), self.noise_init, 0.0, self.noise_floor)
         mll_kwargs = {"method": method, "rtol": self.rtol, "max_iter": self.cg_max_iter,
                       "num_probes": self.num_probes, "preconditioner": self.preconditioner,
-                      "memory_budget": self.memory_budget, "distributed": distributed}
+                      "memory_budget": self.memory_budget, "distributed": distributed,
+                      "precision": as_policy(self.precision)}
         fp = fingerprint(X, y, self._fingerprint_config(method))
         state = dist_fit.from_writer(lambda: self._load_state(fp))
         theta0 = self._start_vector(state, Xs, ys, params, mll_kwargs)

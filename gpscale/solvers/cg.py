@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .._validation import check_positive_int, check_tolerance
-from ..precision import PrecisionPolicy, as_policy
+from ..precision import PrecisionPolicy, as_policy, is_low_precision
 from .lanczos import Tridiagonal
 from .stability import ResidualBasis, StallDetector
 
@@ -100,7 +100,7 @@ class CGResult:
     Notes
     -----
     Under a precision policy, :attr:`residual_norm` of a column that finished in low precision is
-    its *true* residual :math:`\|b - A x\|` measured with one product in the fallback precision,
+    its *true* residual :math:`\\|b - A x\\|` measured with one product in the fallback precision,
     not the recurrence residual (the two drift apart when the products are rounded).
     """
 
@@ -137,6 +137,7 @@ class CGResult:
         if self.finished_precision is not None:
             names = self.finished_precision
             out["finished_precision"] = {p: names.count(p) for p in sorted(set(names))}
+            out["low_precision_columns"] = sum(is_low_precision(p) for p in names)
             out["low_precision_iterations_max"] = int(self.low_precision_iterations.max()) if it.numel() else 0
             out["stagnated_columns"] = int(self.stagnated.sum()) if self.stagnated is not None else 0
         return out
