@@ -1,0 +1,200 @@
+"""Mixed-precision BBMM: float32 vs bfloat16 vs float16 kernel products (issue 4).
+
+For each UCI data set (``../shared/data/uci/<name>.npz``, a random ``--max-n`` subsample, 90/10
+train/test split, standardised) and each product precision, one child process measures
+
+* one MLL + gradient at the initial hyperparameters of ``ExactGP`` (Matérn-5/2 ARD): value, gradient
+  norm, CG iterations (total and in low precision), which precision the columns finished in, time;
+* ``ExactGP(method="iterative", dtype=float32, precision=...).fit`` with L-BFGS-B (``--fit-iter``
+  steps): the fitted MLL under the policy's own estimator *and* re-evaluated under float32 at the
+  fitted hyperparameters (same probes), test RMSE and NLL, fit time.
+
+Products are float32 state + the policy's safeguards (rescaling, re-orthogonalisation, stagnation
+detection, refinement, float32 fallback).  On CPU low precision is *emulated* (rounded operands,
+float32 GEMM: numerically what tensor cores do, not faster), so CPU times measure the overheads;
+the speed claim needs a GPU (``--device cuda``).
+
+Writes ``benchmarks/results/precision_<device>.json`` and the ``precision_<device>`` section of
+``docs/benchmarks.md``.  Example (smoke)::
+
+    python benchmarks/bench_precision.py --datasets pol --max-n 600 --fit-iter 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    DEFAULT_DATA_DIR,
+    REPO_ROOT,
+    fmt,
+    guarded_worker,
+    library_versions,
+    machine_info,
+    replace_markdown_section,
+    run_child,
+    write_json,
+)
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+DATASETS = ("pol", "elevators", "protein")
+
+
+# ============================================================================== worker (child) side
+def _data(spec):
+    import numpy as np
+
+    with np.load(Path(spec["data_dir"]) / f"{spec['dataset']}.npz", allow_pickle=False) as f:
+        X, y = f["X"].astype(np.float64), f["y"].astype(np.float64).reshape(-1)
+    rng = np.random.default_rng(spec["seed"])
+    idx = rng.permutation(X.shape[0])[: spec["max_n"]]
+    X, y = X[idx], y[idx]
+    n_test = max(1, len(y) // 10)
+    return X[n_test:], y[n_test:], X[:n_test], y[:n_test]
+
+
+def _mll_grad(Xtr, ytr, spec, policy):
+    import torch
+
+    import gpscale
+    from gpscale.precond import PivotedCholesky
+
+    X = torch.as_tensor((Xtr - Xtr.mean(0)) / Xtr.std(0).clip(1e-12), dtype=torch.float32)
+    y = torch.as_tensor((ytr - ytr.mean()) / ytr.std(), dtype=torch.float32)
+    d = X.shape[1]
+    k = gpscale.kernels.Matern(nu=2.5, lengthscale=torch.full((d,), math.sqrt(d)), outputscale=1.0)
+    noise = torch.tensor(0.1, requires_grad=True)
+    t0 = time.perf_counter()
+    r = gpscale.mll_estimate(X, y, k, noise, method="iterative", seed=0, rtol=spec["rtol"],
+                             preconditioner=PivotedCholesky(rank=spec["rank"]), precision=policy, warn=False)
+    r.value.backward()
+    wall = time.perf_counter() - t0
+    grads = [p.grad.reshape(-1) for p in k.parameters()] + [noise.grad.reshape(-1)]
+    g = torch.cat([x.to(torch.float64) for x in grads])
+    return {"mll": float(r.value.detach()), "grad": g.tolist(), "grad_norm": float(g.norm()), "seconds": wall,
+            "cg": {k2: v for k2, v in r.stats.items() if k2 != "forward_seconds"}}
+
+
+def _fit(Xtr, ytr, Xte, yte, spec, policy):
+    import numpy as np
+    import torch
+
+    import gpscale
+    from gpscale.precond import PivotedCholesky
+
+    gp = gpscale.ExactGP(kernel="matern52", method="iterative", dtype=torch.float32, max_iter=spec["fit_iter"],
+                         rtol=spec["rtol"], preconditioner=PivotedCholesky(rank=spec["rank"]), precision=policy)
+    t0 = time.perf_counter()
+    gp.fit(Xtr, ytr)
+    fit_s = time.perf_counter() - t0
+    mean, std = gp.predict(Xte, return_std=True)
+    rmse = float(np.sqrt(np.mean((mean - yte) ** 2)))
+    nll = float(np.mean(0.5 * np.log(2 * np.pi * std ** 2) + 0.5 * (yte - mean) ** 2 / std ** 2))
+    # The fitted hyperparameters' MLL under one common estimator (float32 products, same probes).
+    ref = gpscale.mll_estimate(gp.X_train_, gp.y_train_, gp.kernel_, gp.noise_, gp.mean_, method="iterative",
+                               seed=0, rtol=1e-3, preconditioner=PivotedCholesky(rank=spec["rank"]), warn=False)
+    rep = gp.report_
+    return {"fit_seconds": fit_s, "fit_iterations": rep.iterations, "fit_mll_per_point_own": rep.mll_per_point,
+            "fit_mll_per_point_f32": float(ref.value.detach()) / gp.X_train_.shape[0] - math.log(gp.scaler_.y_scale),
+            "test_rmse": rmse, "test_nll": nll, "cg_failures": rep.cg_failures, "noise": rep.noise}
+
+
+def worker(spec: dict) -> int:
+    def body():
+        import torch
+
+        from gpscale import PrecisionPolicy
+
+        torch.manual_seed(spec["seed"])
+        Xtr, ytr, Xte, yte = _data(spec)
+        policy = PrecisionPolicy(spec["precision"])
+        out = {"n_train": int(len(ytr)), "n_test": int(len(yte)), "d": int(Xtr.shape[1])}
+        out["mll_grad"] = _mll_grad(Xtr, ytr, spec, policy)
+        if spec["fit_iter"] > 0:
+            out["fit"] = _fit(Xtr, ytr, Xte, yte, spec, policy)
+        return out
+
+    return guarded_worker(dict(spec), body, threads=spec.get("threads"))
+
+
+# ============================================================================== parent side
+def _markdown(results: list[dict], args) -> str:
+    rows = ["| data | n | product | MLL | rel. to f32 | ‖grad‖ | CG its (low) | finished in | MLL+grad s "
+            "| fit MLL/pt (f32 est.) | rel. | RMSE | rel. | NLL | fit s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {r["dataset"]: r for r in results if r["precision"] == "float32" and r.get("status") == "ok"}
+    for r in results:
+        if r.get("status") != "ok":
+            rows.append(f"| {r['dataset']} | — | {r['precision']} | failed: {r.get('error', '')[:60]} |"
+                        + " |" * 11)
+            continue
+        b, m, f = base.get(r["dataset"]), r["mll_grad"], r.get("fit", {})
+        rel = (lambda a, key: abs(a - key) / abs(key) if key else None)
+        cg = m["cg"]
+        rows.append(
+            f"| {r['dataset']} | {r['n_train']} | {r['precision']} | {fmt(m['mll'], '.2f')} | "
+            f"{fmt(rel(m['mll'], b['mll_grad']['mll']) if b else None, '.1e')} | {fmt(m['grad_norm'])} | "
+            f"{cg.get('iterations_max')} ({cg.get('low_precision_iterations_max', '—')}) | "
+            f"{cg.get('finished_precision', '—')} | {fmt(m['seconds'], '.2f')} | "
+            f"{fmt(f.get('fit_mll_per_point_f32'), '.4f')} | "
+            f"{fmt(rel(f['fit_mll_per_point_f32'], b['fit']['fit_mll_per_point_f32']) if f and b and 'fit' in b else None, '.1e')} | "
+            f"{fmt(f.get('test_rmse'), '.4f')} | "
+            f"{fmt(rel(f['test_rmse'], b['fit']['test_rmse']) if f and b and 'fit' in b else None, '.1e')} | "
+            f"{fmt(f.get('test_nll'), '.3f')} | {fmt(f.get('fit_seconds'), '.1f')} |")
+    head = (f"## Mixed-precision CG ({args.device})\n\n`python benchmarks/bench_precision.py --max-n {args.max_n} "
+            f"--fit-iter {args.fit_iter}`: Matérn-5/2 ARD, float32 CG state, rtol {args.rtol}, pivoted-Cholesky "
+            f"rank {args.rank}.  On CPU the 16-bit products are emulated (exact rounding, float32 GEMM), so "
+            "the times show overheads, not the tensor-core speed-up.  Done-when: |fit MLL rel.| ≤ 1e-2 and "
+            "|RMSE rel.| ≤ 1e-2 for the low-precision rows.\n\n")
+    return head + "\n".join(rows) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS))
+    ap.add_argument("--max-n", type=int, default=5000, help="subsample size (train + test)")
+    ap.add_argument("--fit-iter", type=int, default=30, help="L-BFGS-B steps of ExactGP.fit (0: skip the fit)")
+    ap.add_argument("--rtol", type=float, default=1e-2)
+    ap.add_argument("--rank", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    ap.add_argument("--timeout", type=float, default=7200.0, help="per child, seconds")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--markdown", default=str(REPO_ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--no-markdown", action="store_true")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
+    results = []
+    for ds in args.datasets:
+        for prec in args.precisions:
+            spec = {"dataset": ds, "precision": prec, "max_n": args.max_n, "fit_iter": args.fit_iter,
+                    "rtol": args.rtol, "rank": args.rank, "seed": args.seed, "threads": args.threads,
+                    "data_dir": args.data_dir, "device": args.device}
+            t0 = time.perf_counter()
+            rec = run_child([sys.executable, __file__, "--worker", json.dumps(spec)], timeout=args.timeout)
+            rec.update(dataset=ds, precision=prec)
+            results.append(rec)
+            print(f"{ds:10s} {prec:9s} {rec.get('status')} {time.perf_counter() - t0:7.1f}s "
+                  f"mll={rec.get('mll_grad', {}).get('mll')} rmse={rec.get('fit', {}).get('test_rmse')}", flush=True)
+    out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / f"precision_{args.device}.json"
+    write_json(out, {"config": vars(args), "machine": machine_info(), "versions": library_versions(),
+                     "results": results})
+    if not args.no_markdown:
+        replace_markdown_section(args.markdown, f"precision_{args.device}", _markdown(results, args))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
