@@ -151,7 +151,7 @@ def run(args) -> dict:
             spec = {"arm": arm, "n": n, **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                             if k not in ("worker", "render", "sizes", "arms", "out", "markdown")}}
             rec = C.run_child([sys.executable, script, "--worker", json.dumps(spec)],
-                              timeout=args.time_limit * 3 + 600)
+                              timeout=args.child_timeout)
             rec.setdefault("arm", arm)
             rec.setdefault("n", n)
             payload["records"].append(rec)
@@ -203,6 +203,8 @@ def parse_args(argv=None):
     p.add_argument("--arms", default="gpytorch,gpscale")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--time-limit", type=float, default=1500.0, help="stop training an arm after this many seconds")
+    p.add_argument("--child-timeout", type=float, default=4 * 3600.0,
+                   help="seconds per (arm, n) child incl. data loading and prediction (default 4 h)")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--kernel", default="matern52", choices=("rbf", "matern12", "matern32", "matern52"))
     p.add_argument("--no-ard", dest="ard", action="store_false")
