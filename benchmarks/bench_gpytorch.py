@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 ARMS = ("gpytorch", "gpscale")
 
@@ -86,8 +86,8 @@ def _hypers(model, likelihood) -> dict:
 
 
 def run_arm(spec) -> dict:
-    import torch
     import gpytorch
+    import torch
 
     Xn, yn, Xt, yt, y_scale = _load(spec)
     dtype = getattr(torch, spec["dtype"])

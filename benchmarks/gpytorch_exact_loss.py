@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
-import bench_gpytorch as B  # noqa: E402
+import _common as C
+import bench_gpytorch as B
 
 
 def main(argv=None) -> int:

@@ -12,8 +12,8 @@ import torch
 
 gpytorch = pytest.importorskip("gpytorch")
 
-import gpscale  # noqa: E402
-from gpscale.integrations.gpytorch import (  # noqa: E402
+import gpscale
+from gpscale.integrations.gpytorch import (
     BackendOptions,
     GpscaleKernelLinearOperator,
     GPyTorchFallbackWarning,

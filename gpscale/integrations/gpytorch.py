@@ -32,10 +32,21 @@ import torch
 
 from ..likelihood.api import CHOLESKY_CROSSOVER
 from ..precond.pivoted_cholesky import PivotedCholesky
-from .gpytorch_operator import BackendState, GpscaleKernelLinearOperator, GPyTorchFallbackWarning
+from .gpytorch_operator import (
+    BackendState,
+    GpscaleKernelLinearOperator,
+    GPyTorchFallbackWarning,
+)
 
-__all__ = ["BackendOptions", "use_gpscale", "restore_gpytorch", "gpscale_backend", "backend_stats",
-           "GpscaleKernelLinearOperator", "GPyTorchFallbackWarning"]
+__all__ = [
+    "BackendOptions",
+    "GPyTorchFallbackWarning",
+    "GpscaleKernelLinearOperator",
+    "backend_stats",
+    "gpscale_backend",
+    "restore_gpytorch",
+    "use_gpscale",
+]
 
 _METHODS = ("auto", "cholesky", "iterative")
 

@@ -26,7 +26,11 @@ from __future__ import annotations
 import warnings
 
 import torch
-from linear_operator.operators import ConstantDiagLinearOperator, DiagLinearOperator, LinearOperator
+from linear_operator.operators import (
+    ConstantDiagLinearOperator,
+    DiagLinearOperator,
+    LinearOperator,
+)
 
 from ..kernels import make_kernel
 from ..likelihood.cholesky import cholesky_factor
@@ -67,7 +71,7 @@ class _InvQuadLogdet(torch.autograd.Function):
     """``(rhsᵀ K̂⁻¹ rhs, log|K̂|)`` by one CG call on ``[probes, rhs]``; backward reuses the solves."""
 
     @staticmethod
-    def forward(ctx, rhs, ls, s, noise, cfg):  # noqa: D401 - autograd API
+    def forward(ctx, rhs, ls, s, noise, cfg):
         op, opts, state = cfg
         t = opts.num_probes
         gen = None if opts.seed is None else torch.Generator(device=rhs.device).manual_seed(int(opts.seed))
@@ -99,7 +103,7 @@ class _Solve(torch.autograd.Function):
     """``K̂⁻¹ B`` by gpscale CG; backward: one more solve for the right-hand side's gradient."""
 
     @staticmethod
-    def forward(ctx, rhs, ls, s, noise, cfg):  # noqa: D401 - autograd API
+    def forward(ctx, rhs, ls, s, noise, cfg):
         op, opts, state = cfg
         X = _chunked_cg(op, rhs, opts, state, "solve")
         ctx.op, ctx.X, ctx.cfg = op, X, cfg

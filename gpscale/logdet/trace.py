@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["trace_pairs", "trace_columns", "use_control_variate"]
+__all__ = ["trace_columns", "trace_pairs", "use_control_variate"]
 
 #: ``auto`` uses the control variate when the preconditioner's unexplained kernel mass is at most this
 #: fraction of the noise: :math:`\\operatorname{tr}(K - LL^T) \\le \\text{ratio}\\cdot n\\sigma^2`.
