@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import gpytorch
 import torch
 
+from .._validation import check_positive_int
 from ..likelihood.api import CHOLESKY_CROSSOVER
 from ..precond.pivoted_cholesky import PivotedCholesky
 from .gpytorch_operator import (
@@ -98,8 +99,7 @@ class BackendOptions:
             if not (0 < v < 1):
                 raise ValueError(f"{name} must be in (0, 1), got {v!r}")
         for name in ("num_probes", "max_iter", "solve_block"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            check_positive_int(name, getattr(self, name))
 
 
 # ------------------------------------------------------------------------------ kernel inspection

@@ -34,7 +34,7 @@ from linear_operator.operators import (
 
 from ..kernels import make_kernel
 from ..likelihood.cholesky import cholesky_factor
-from ..logdet.slq import probe_solve
+from ..logdet.slq import build_preconditioner, probe_solve
 from ..logdet.trace import trace_pairs
 from ..operators.derivatives import bilinear_derivative
 from ..operators.kernel_operator import CrossKernelOperator, KernelOperator
@@ -53,10 +53,8 @@ def _gpscale_kernel(kind: str, ls: torch.Tensor, s: torch.Tensor):
 
 
 def _dense(kind: str, x1, x2, ls, s):
-    """Autograd-capable dense ``s K_f(x1, x2)`` (the reference formula, exact distances)."""
-    ls = ls.reshape(-1).to(x1.dtype)
-    dist = torch.cdist(x1 / ls, x2 / ls, compute_mode="donot_use_mm_for_euclid_dist")
-    return s.reshape(()).to(x1.dtype) * _PROFILES[kind].profile(dist * dist)
+    """Autograd-capable dense ``s K_f(x1, x2)`` (the kernels' reference formula, exact distances)."""
+    return _PROFILES[kind].evaluate(x1, x2, ls.reshape(-1).to(x1.dtype), s.reshape(()).to(x1.dtype))
 
 
 _PROFILES = {k: make_kernel(k) for k in ("rbf", "matern12", "matern32", "matern52")}
@@ -79,7 +77,7 @@ class _InvQuadLogdet(torch.autograd.Function):
         ps = probe_solve(op, rhs if rhs.shape[1] else None, t, solver, opts.preconditioner, gen)
         alpha = ps.cg.x[:, t:]
         state.record("inv_quad_logdet", ps.cg, logdet_stderr=ps.logdet_stderr)
-        ctx.op, ctx.alpha, ctx.ps, ctx.t = op, alpha, ps, t
+        ctx.op, ctx.alpha, ctx.ps = op, alpha, ps
         ctx.shapes = [(v.shape, v.dtype) for v in (ls, s, noise)]
         ctx.kernel_trace = rhs.shape[0] * float(s)  # stationary: k(x, x) = s
         quad = (rhs * alpha).sum(0)
@@ -87,7 +85,7 @@ class _InvQuadLogdet(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_quad, g_logdet):
-        op, alpha, ps, t = ctx.op, ctx.alpha, ctx.ps, ctx.t
+        op, alpha, ps = ctx.op, ctx.alpha, ctx.ps
         # d(quad_c)/dθ = -α_cᵀ ∂K α_c ;  d(logdet)/dθ = tr(K⁻¹ ∂K), estimated from the probe solves
         # with the preconditioner as control variate (gpscale.logdet.trace).
         At, Bt, const = trace_pairs(ps, g_logdet, kernel_trace=ctx.kernel_trace)
@@ -105,15 +103,16 @@ class _Solve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rhs, ls, s, noise, cfg):
         op, opts, state = cfg
-        X = _chunked_cg(op, rhs, opts, state, "solve")
-        ctx.op, ctx.X, ctx.cfg = op, X, cfg
+        P = build_preconditioner(op, opts.preconditioner)
+        X = _chunked_cg(op, P, rhs, opts, state, "solve")
+        ctx.op, ctx.P, ctx.X, ctx.cfg = op, P, X, cfg
         ctx.shapes = [(v.shape, v.dtype) for v in (ls, s, noise)]
         return X
 
     @staticmethod
     def backward(ctx, G):
         op, X, (_, opts, state) = ctx.op, ctx.X, ctx.cfg
-        Y = _chunked_cg(op, G, opts, state, "solve_backward")  # K̂ symmetric: K̂⁻ᵀ G = K̂⁻¹ G
+        Y = _chunked_cg(op, ctx.P, G, opts, state, "solve_backward")  # K̂ symmetric: K̂⁻ᵀ G = K̂⁻¹ G
         if any(ctx.needs_input_grad[1:4]):
             g = bilinear_derivative(op, Y, -X)  # d(K̂⁻¹B) = -K̂⁻¹ (∂K̂) K̂⁻¹ B
             return (Y, *_shaped(g, ctx.shapes), None)
@@ -125,10 +124,9 @@ def _shaped(g: dict, shapes) -> tuple:
     return tuple(g[k].reshape(sh).to(dt) for k, (sh, dt) in zip(("lengthscale", "outputscale", "noise"), shapes))
 
 
-def _chunked_cg(op, B, opts, state, what: str) -> torch.Tensor:
+def _chunked_cg(op, P, B, opts, state, what: str) -> torch.Tensor:
     """Solve in blocks of ``opts.solve_block`` columns (CG state is ``5 n`` numbers per column)."""
     solver = ConjugateGradients(rtol=opts.solve_rtol, max_iter=opts.max_iter)
-    P = opts.preconditioner.build(op) if opts.preconditioner is not None else None
     out = torch.empty_like(B)
     for c0 in range(0, B.shape[1], opts.solve_block):
         c1 = min(B.shape[1], c0 + opts.solve_block)

@@ -170,10 +170,19 @@ class StationaryKernel(nn.Module):
         expanded-distance cancellation).  Used by tests as the oracle and by the Cholesky path; the
         operators in :mod:`gpscale.operators` never call this on the full data.
         """
-        Z = X if Z is None else Z
         ls, s = self.hyper_values(X.dtype, X.device)
-        dist = torch.cdist(X / ls, Z / ls, compute_mode="donot_use_mm_for_euclid_dist")
-        return s * self.profile(dist * dist)
+        return self.evaluate(X, X if Z is None else Z, ls, s)
+
+    def evaluate(self, X: torch.Tensor, Z: torch.Tensor, lengthscale: torch.Tensor,
+                 outputscale: torch.Tensor) -> torch.Tensor:
+        """Dense ``s f(|(x - z)/ℓ|²)`` for *given* hyperparameter tensors (autograd flows into them).
+
+        What :meth:`forward` computes with the module's own values; integrations whose
+        hyperparameters live elsewhere (GPyTorch's constrained tensors) call it directly.
+        ``lengthscale`` is a scalar or ``(d,)``; same cost and exactness as :meth:`forward`.
+        """
+        dist = torch.cdist(X / lengthscale, Z / lengthscale, compute_mode="donot_use_mm_for_euclid_dist")
+        return outputscale * self.profile(dist * dist)
 
     def extra_repr(self) -> str:
         ls = self.lengthscale.detach()
