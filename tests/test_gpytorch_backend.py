@@ -264,3 +264,22 @@ def test_float32_model_runs_iteratively():
     assert abs(float(loss) - float(ref_loss)) <= 1e-2 * abs(float(ref_loss))
     assert float((mean.double() - ref_mean).abs().max()) <= 1e-2
     assert backend_stats(model)["counts"]["inv_quad_logdet"] == 1
+
+
+@pytest.mark.parametrize("where", ["X", "y", "Xs"])
+def test_nan_inputs_raise_clear_error(where):
+    X, y, Xs = _data()
+    X, y, Xs = X.clone(), y.clone(), Xs.clone()
+    {"X": X, "y": y, "Xs": Xs}[where][3] = float("nan")
+    model, lik = _model("rbf", X, y)
+    use_gpscale(model, method="iterative", rtol=1e-3, num_probes=4, seed=0)
+    if where == "Xs":
+        _loss_and_grads(model, lik, X, y)  # training is fine; the test points are not
+        with pytest.raises(ValueError, match=r"x\d contains \d+ NaN/Inf"):
+            _predict(model, lik, Xs)
+        return
+    match = r"x1 contains \d+ NaN/Inf" if where == "X" else r"training targets minus mean .* contains 1 NaN/Inf"
+    # GPyTorch's debug check `torch.equal(train_inputs, inputs)` is False for NaN inputs: switch it off
+    # so that the call reaches the kernel, as it does for users running without debug checks.
+    with gpytorch.settings.debug(False), pytest.raises(ValueError, match=match):
+        _loss_and_grads(model, lik, X, y)

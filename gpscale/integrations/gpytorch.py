@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import gpytorch
 import torch
 
-from .._validation import check_positive_int
+from .._validation import check_finite, check_positive_int
 from ..likelihood.api import CHOLESKY_CROSSOVER
 from ..precond.pivoted_cholesky import PivotedCholesky
 from .gpytorch_operator import (
@@ -137,6 +137,11 @@ class _GpscaleKernelMixin:
             if reason:  # "" = handled by GPyTorch silently (diagonals are cheap and exact there)
                 state.fallback(reason)
             return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
+        # CG on NaN inputs returns a NaN loss (or a bogus "converged" one); stock GPyTorch at least fails
+        # in its Cholesky, so say what is wrong before any kernel product runs.
+        check_finite("GPyTorch kernel input x1", x1)
+        if x2 is not None and x2 is not x1:
+            check_finite("GPyTorch kernel input x2", x2)
         scale = self if isinstance(self, gpytorch.kernels.ScaleKernel) else None
         base = self.base_kernel if scale is not None else self
         s = scale.outputscale if scale is not None else torch.ones((), dtype=x1.dtype, device=x1.device)

@@ -32,6 +32,7 @@ from linear_operator.operators import (
     LinearOperator,
 )
 
+from .._validation import check_finite
 from ..kernels import make_kernel
 from ..likelihood.cholesky import cholesky_factor
 from ..logdet.slq import build_preconditioner, probe_solve
@@ -323,6 +324,7 @@ class GpscaleKernelLinearOperator(LinearOperator):
         if B.dim() != 2:
             self.state.fallback("batched right-hand sides in solve")
             return super().solve(right_tensor, left_tensor)
+        check_finite("right-hand side of the GPyTorch solve (training targets minus mean)", B)
         if self._use_cholesky():
             L = cholesky_factor(self.to_dense())
             X = torch.cholesky_solve(B, L)
@@ -343,6 +345,8 @@ class GpscaleKernelLinearOperator(LinearOperator):
         if R is not None and R.dim() != 2:
             self.state.fallback("batched right-hand sides in inv_quad_logdet")
             return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
+        if R is not None:
+            check_finite("training targets minus mean (GPyTorch inv_quad_logdet right-hand side)", R)
         if self._use_cholesky():
             L = cholesky_factor(self.to_dense())
             quad = zero if R is None else (torch.linalg.solve_triangular(L, R, upper=False) ** 2).sum(0)
