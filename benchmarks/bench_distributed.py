@@ -62,6 +62,11 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    if args.pin and hasattr(os, "sched_setaffinity"):
+        # One core per rank, as `torchrun` + `taskset`/`numactl` would bind them: without it the
+        # scheduler migrates the single-threaded ranks between cores and the 2-rank runs pay for it.
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[int(os.environ.get("LOCAL_RANK", "0")) % len(cores)]})
     import gpscale
     import gpscale.distributed
     from gpscale.precond import PivotedCholesky
@@ -118,7 +123,7 @@ def launch(strategy: str, p: int, probes: int, args) -> dict:
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         argv = [sys.executable, __file__, "--worker", "--strategy", strategy, "--probes", str(probes),
                 "--n", str(args.n), "--d", str(args.d), "--rtol", str(args.rtol), "--repeats", str(args.repeats),
-                "--precond-rank", str(args.precond_rank)]
+                "--precond-rank", str(args.precond_rank)] + (["--pin"] if args.pin else [])
         if args.memory_budget is not None:
             argv += ["--memory-budget", str(args.memory_budget)]
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -180,7 +185,8 @@ def _efficiencies(results: list) -> None:
 def render(payload: dict) -> str:
     s, m = payload["settings"], payload["machine"]
     budget = "1 GiB" if s.get("memory_budget") is None else f"{s['memory_budget']} B"
-    head = (f"CPU gloo, one torch thread per rank, n = {s['n']}, d = {s['d']}, RBF, float64, rtol {s['rtol']}, "
+    pinned = "one core per rank (pinned)" if s.get("pin") else "ranks placed by the OS"
+    head = (f"CPU gloo, one torch thread per rank, {pinned}, median of {s.get('repeats')} evaluations, n = {s['n']}, d = {s['d']}, RBF, float64, rtol {s['rtol']}, "
             f"pivoted-Cholesky rank {s['precond_rank']}, memory budget {budget}; weak: {s['cols_per_rank']} CG "
             f"columns per rank, strong: {s['strong_probes']} probes.  Machine: {m.get('cpu_model', '?')}, "
             f"{m.get('cpu_count')} cores, load average at start {m.get('loadavg_at_start')}; {m.get('date_utc')}, "
@@ -215,7 +221,9 @@ def main(argv=None) -> None:
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--cols-per-rank", type=int, default=8)
     ap.add_argument("--strong-probes", type=int, default=15)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                    help="bind rank r to core r (default on; --no-pin lets the OS place the ranks)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     ap.add_argument("--out", default="benchmarks/results/distributed_cpu.json")
     ap.add_argument("--markdown", default="docs/distributed.md")
