@@ -63,8 +63,18 @@ def test_json_contents(run_dir):
 def test_markdown_table(run_dir):
     text = (run_dir / "results.md").read_text()
     assert "--max-n 400" in text and "## synthetic" in text
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "preconditioner" not in line]
+    table = text[text.index("## synthetic"):]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "preconditioner" not in line]
     assert len(rows) == 2 + 5 * 2
+    # the summary compares RPCholesky at the largest rank run (40) with none and greedy pivoted Cholesky
+    res = json.loads((run_dir / "results.json").read_text())
+    arms = {(a["family"], a["rank"]): a["summary"] for a in res["datasets"]["synthetic"]["arms"]}
+    summary = text[text.index("## Summary: rpchol at rank 40"):text.index("## synthetic")]
+    row = next(line for line in summary.splitlines() if line.startswith("| synthetic"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == f"{arms[('none', 0)]['0.0001']['iters_y']:.0f}"
+    assert cells[3].startswith(f"{arms[('rpchol', 40)]['0.0001']['iters_y']:.0f} (")
+    assert "→" in cells[6] and cells[6].endswith("x)")
 
 
 def test_hyperparameter_cache_reused(run_dir, monkeypatch, tmp_path):

@@ -60,10 +60,49 @@ def markdown(results: dict) -> str:
              f"- log-det error: SLQ estimate minus the Cholesky log-det on the first {s['logdet_max_n']} points "
              f"(all n if fewer), mean ± std over seeds {s.get('logdet_seeds') or s['seeds']}, at rtol "
              f"{_fmt(logdet_rtol(s))}", ""]
+    lines += _summary(results)
     for name, ds in results["datasets"].items():
         lines += _table(name, ds, s["rtols"], logdet_rtol(s))
     lines += [f"Wall time of the whole run: {results.get('total_seconds', float('nan')):.0f} s.", ""]
     return "\n".join(lines)
+
+
+def _arm(ds: dict, family: str, rank: int) -> dict | None:
+    return next((a["summary"] for a in ds["arms"] if a["family"] == family and a["rank"] == rank), None)
+
+
+def _summary(results: dict, family: str = "rpchol", rank: int | None = None) -> list[str]:
+    """One row per data set: ``family`` at ``rank`` against no preconditioner and greedy pivoted Cholesky.
+
+    ``rank`` defaults to 200 (the issue's reference rank) when it was run, else the largest rank run.
+
+    Iterations of the ``y`` column at the tightest tolerance, construction time as a share of the CG
+    time it saves there, and the log-det spread over seeds (Wenger et al. 2022: the preconditioned
+    estimator's variance falls with the preconditioner's quality).
+    """
+    s = results["settings"]
+    ranks = [int(r) for r in s.get("ranks") or [200]]
+    rank = rank if rank is not None else (200 if 200 in ranks else max(ranks))
+    rt, lt = f"{min(s['rtols']):g}", f"{logdet_rtol(s):g}"
+    rows = []
+    for name, ds in results["datasets"].items():
+        base, ours, piv = _arm(ds, "none", 0), _arm(ds, family, rank), _arm(ds, "pivchol", rank)
+        if base is None or ours is None:
+            continue
+        saved = base[rt]["wall_seconds"] - ours[rt]["wall_seconds"]
+        share = f"{ours['build_seconds'] / saved:.1%}" if saved > 0 else "no time saved"
+        piv_its = _fmt(piv[rt]["iters_y"], 4) if piv else "-"
+        ratio = base[lt]["logdet_std"] / ours[lt]["logdet_std"] if ours[lt]["logdet_std"] > 0 else float("nan")
+        rows.append(f"| {name} | {_fmt(ds['hypers']['noise'])} | {base[rt]['iters_y']:.0f} | "
+                    f"{ours[rt]['iters_y']:.0f} ({ours[rt]['iters_y'] / max(base[rt]['iters_y'], 1):.2f}x) | "
+                    f"{piv_its} | {_fmt(ours['build_seconds'])} s / {_fmt(saved)} s = {share} | "
+                    f"{_fmt(base[lt]['logdet_std'])} → {_fmt(ours[lt]['logdet_std'])} ({_fmt(ratio)}x) |")
+    if not rows:
+        return []
+    return [f"## Summary: {family} at rank {rank}", "",
+            f"| data set | noise | iters y, none @{rt} | iters y, {family} {rank} | iters y, pivchol {rank} | "
+            f"build / CG time saved @{rt} | log-det std none → {family} {rank} @{lt} |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _table(name: str, ds: dict, rtols: list[float], ld_rtol: float) -> list[str]:
