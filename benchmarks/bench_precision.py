@@ -124,6 +124,13 @@ def worker(spec: dict) -> int:
 
 
 # ============================================================================== parent side
+def _finished(by_precision) -> str:
+    """``{"bfloat16": 7, "float32": 1}`` -> ``bfloat16: 7, float32: 1`` (columns finishing in each)."""
+    if not isinstance(by_precision, dict):
+        return "—" if by_precision is None else str(by_precision)
+    return ", ".join(f"{k}: {v}" for k, v in by_precision.items())
+
+
 def _markdown(results: list[dict], args) -> str:
     rows = ["| data | n | product | MLL | rel. to f32 | ‖grad‖ | CG its (low) | finished in | MLL+grad s "
             "| fit MLL/pt (f32 est.) | rel. | RMSE | rel. | NLL | fit s |",
@@ -141,7 +148,7 @@ def _markdown(results: list[dict], args) -> str:
             f"| {r['dataset']} | {r['n_train']} | {r['precision']} | {fmt(m['mll'], '.2f')} | "
             f"{fmt(rel(m['mll'], b['mll_grad']['mll']) if b else None, '.1e')} | {fmt(m['grad_norm'])} | "
             f"{cg.get('iterations_max')} ({cg.get('low_precision_iterations_max', '—')}) | "
-            f"{cg.get('finished_precision', '—')} | {fmt(m['seconds'], '.2f')} | "
+            f"{_finished(cg.get('finished_precision'))} | {fmt(m['seconds'], '.2f')} | "
             f"{fmt(f.get('fit_mll_per_point_f32'), '.4f')} | "
             f"{fmt(rel(f['fit_mll_per_point_f32'], b['fit']['fit_mll_per_point_f32']) if f and b and 'fit' in b else None, '.1e')} | "
             f"{fmt(f.get('test_rmse'), '.4f')} | "
@@ -171,10 +178,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--markdown", default=str(REPO_ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--no-markdown", action="store_true")
+    ap.add_argument("--render", metavar="JSON", help="re-render the Markdown section from a saved JSON and exit")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        run_args = argparse.Namespace(**saved["config"])
+        replace_markdown_section(args.markdown, f"precision_{run_args.device}", _markdown(saved["results"], run_args))
+        return 0
     results = []
     for ds in args.datasets:
         for prec in args.precisions:
