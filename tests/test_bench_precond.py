@@ -127,3 +127,23 @@ def test_logdet_seeds_extend_the_logdet_spread_only(tmp_path):
         assert math.isfinite(s["0.01"]["logdet_std"]) and s["0.01"]["wall_seconds"] > 0
         assert sum(1 for r in arm["runs"] if r.get("logdet_only")) == 3
     assert "log-det err ± std @0.01" in (tmp_path / "results.md").read_text()
+
+
+def test_resume_keeps_finished_datasets_and_checks_settings(run_dir, monkeypatch, tmp_path, capsys):
+    """--resume skips the data sets already in results.json; other settings are refused, naming the option."""
+    out = tmp_path / "resume"
+    out.mkdir()
+    for name in ("results.json", "hypers.json"):
+        (out / name).write_bytes((run_dir / name).read_bytes())
+    before = json.loads((out / "results.json").read_text())["datasets"]
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a finished data set was run again")
+
+    monkeypatch.setattr(bench, "run_dataset", must_not_run)
+    assert bench.main(ARGS + ["--out-dir", str(out), "--resume"]) == 0
+    after = json.loads((out / "results.json").read_text())
+    assert after["datasets"] == before and "## synthetic" in (out / "results.md").read_text()
+    other = [a if a != "400" else "300" for a in ARGS]  # --max-n 300
+    assert bench.main(other + ["--out-dir", str(out), "--resume"]) == 2
+    assert "max_n" in capsys.readouterr().err

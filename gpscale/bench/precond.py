@@ -89,7 +89,30 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-seed", type=int, default=0, help="subsample seed (default %(default)s)")
     p.add_argument("--out-dir", default="bench-precond", help="where results.json/.md and PNGs go")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the data sets already in OUT_DIR/results.json (same settings) and run only the rest")
     p.set_defaults(func=run)
+
+
+# Settings that change the numbers: a resumed run must agree on all of them with the saved one.
+_RESUME_KEYS = ("synthetic", "preconditioners", "ranks", "kernel", "max_n", "seeds", "logdet_seeds", "rtols",
+                "num_probes", "max_iter", "block_size", "logdet_max_n", "hyper_n", "hyper_iter", "dtype",
+                "data_seed")
+
+
+def _resumed(args) -> dict:
+    """The saved results of an earlier run into ``args.out_dir`` (``--resume``), else ``{}``."""
+    path = os.path.join(args.out_dir, "results.json")
+    if not getattr(args, "resume", False) or not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        saved = json.load(fh)
+    old = saved.get("settings", {})
+    diff = [k for k in _RESUME_KEYS if _clean(old.get(k)) != _clean(getattr(args, k, None))]
+    if diff:
+        raise ValueError(f"--resume: {path} was run with different settings ({', '.join(diff)}: "
+                         f"{[old.get(k) for k in diff]}); use the same options, another --out-dir, or drop --resume")
+    return saved
 
 
 def _check(args) -> list[str]:
@@ -206,15 +229,24 @@ def _run(args, names) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     cache = args.hyper_cache or os.path.join(args.out_dir, "hypers.json")
     settings = {k: v for k, v in vars(args).items() if k != "func"}
-    results = {"settings": settings, "environment": _environment(device), "datasets": {}}
-    total = len(names) * len(_arms(args)) * len(args.seeds)
-    t0 = time.perf_counter()
+    saved = _resumed(args)
+    done = saved.get("datasets", {})
+    # --datasets order first, then anything else the saved run had
+    order = names + [name for name in done if name not in names]
+    results = {"settings": settings, "environment": _environment(device),
+               "datasets": {k: done[k] for k in order if k in done}}
+    todo = [name for name in names if name not in done]
+    total = len(todo) * len(_arms(args)) * len(args.seeds)
+    t0 = time.perf_counter() - (saved.get("total_seconds") or 0.0)  # wall time of all the runs together
     with tqdm(total=total, disable=args.quiet, desc="bench precond", unit="run", file=sys.stderr) as bar:
-        for name in names:
+        if done:
+            bar.write(f"resuming: {', '.join(done)} already in {args.out_dir}; running {', '.join(todo) or 'nothing'}")
+        for name in todo:
             prob = load_problem(name, data_dir=args.data_dir, max_n=args.max_n, kernel_name=args.kernel,
                                 hyper_n=args.hyper_n, seed=args.data_seed, cache_path=cache,
                                 hyper_iter=args.hyper_iter, log=bar.write)
-            results["datasets"][name] = run_dataset(prob, args, device, dtype, bar)
+            done = {**done, name: run_dataset(prob, args, device, dtype, bar)}
+            results["datasets"] = {k: done[k] for k in order if k in done}
             results["total_seconds"] = time.perf_counter() - t0
             _write(results, args.out_dir)  # partial results survive an interruption
     files = plots(results, args.out_dir)
