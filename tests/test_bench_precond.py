@@ -12,7 +12,7 @@ import gpscale.bench
 from gpscale.bench import _problems
 from gpscale.bench import precond as bench
 
-FAMILIES = "none,jacobi,pivchol,rpchol,rpchol-block,nystrom,gpytorch"
+FAMILIES = "none,jacobi,pivchol,rpchol,rpchol-block,rpchol-diag,nystrom,gpytorch"
 ARGS = ["--synthetic", "--max-n", "400", "--ranks", "10,40", "--seeds", "0,1", "--preconditioners", FAMILIES,
         "--hyper-n", "150", "--hyper-iter", "10", "--num-probes", "4", "--rtols", "1e-2,1e-4", "--quiet"]
 
@@ -53,7 +53,7 @@ def test_json_contents(run_dir):
         assert s["0.0001"]["iters_y"] >= s["0.01"]["iters_y"]
         h = arm["history_y"]  # relative residual curve of the y column, tightest tolerance, first seed
         assert h[0] == pytest.approx(1.0) and h[-1] <= 1e-4
-    for fam in ("pivchol", "gpytorch", "rpchol", "nystrom"):
+    for fam in ("pivchol", "gpytorch", "rpchol", "rpchol-diag", "nystrom"):
         lo, hi = arms[(fam, 10)]["summary"]["0.0001"], arms[(fam, 40)]["summary"]["0.0001"]
         assert hi["iters_y"] < lo["iters_y"] < arms[("none", 0)]["summary"]["0.0001"]["iters_y"]
     assert arms[("pivchol", 40)]["summary"]["rank_actual"] == 40
@@ -65,7 +65,7 @@ def test_markdown_table(run_dir):
     assert "--max-n 400" in text and "## synthetic" in text
     table = text[text.index("## synthetic"):]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "preconditioner" not in line]
-    assert len(rows) == 2 + 5 * 2
+    assert len(rows) == 2 + 6 * 2
     # the summary compares RPCholesky at the largest rank run (40) with none and greedy pivoted Cholesky
     res = json.loads((run_dir / "results.json").read_text())
     arms = {(a["family"], a["rank"]): a["summary"] for a in res["datasets"]["synthetic"]["arms"]}

@@ -20,7 +20,7 @@ from ..logdet.slq import probe_solve
 from ..solvers.cg import ConjugateGradients
 
 #: Families that take a rank; ``none`` and ``jacobi`` run once at rank 0.
-LOW_RANK = ("pivchol", "rpchol", "rpchol-block", "nystrom", "gpytorch")
+LOW_RANK = ("pivchol", "rpchol", "rpchol-block", "rpchol-diag", "nystrom", "gpytorch")
 FAMILIES = ("none", "jacobi") + LOW_RANK
 
 
@@ -90,6 +90,8 @@ def make_factory(family: str, rank: int, seed: int, block_size: int = 64) -> Pre
         "pivchol": lambda: PivotedCholesky(rank=rank, tol=0.0),
         "rpchol": lambda: RPCholesky(rank=rank, tol=0.0, seed=seed),
         "rpchol-block": lambda: RPCholesky(rank=rank, tol=0.0, block_size=block_size, seed=seed),
+        # RPCholesky with the FITC-style diagonal correction (P has the diagonal of K + sigma^2 I)
+        "rpchol-diag": lambda: RPCholesky(rank=rank, tol=0.0, seed=seed, residual_diagonal=True),
         "nystrom": lambda: Nystrom(rank=rank, seed=seed),
         "gpytorch": lambda: GPyTorchPivotedCholesky(rank=rank),
     }

@@ -1,7 +1,7 @@
 """``gpscale bench precond``: compare preconditioners on the same GP systems.
 
 For every data set the hyperparameters are fitted once (cached JSON) and every arm -- ``none``,
-``jacobi``, and ``pivchol`` / ``rpchol`` / ``rpchol-block`` / ``nystrom`` / ``gpytorch`` at each
+``jacobi``, and ``pivchol`` / ``rpchol`` / ``rpchol-block`` / ``rpchol-diag`` / ``nystrom`` / ``gpytorch`` at each
 rank -- solves the same system :math:`(K + \\sigma^2 I)[Z, y]` by preconditioned CG, with probes
 :math:`Z \\sim N(0, P)` as in the preconditioned log-det estimator (Wenger et al. 2022).  Reported per
 arm (means over seeds): construction time, CG iterations (``y`` column and probe columns) and wall

@@ -78,7 +78,7 @@ class _IterativeMLLFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        op, alpha, ps, t = ctx.op, ctx.alpha, ctx.ps, ctx.t
+        op, alpha, ps = ctx.op, ctx.alpha, ctx.ps
         # -½ tr(K̂⁻¹∂K̂) from the probe solves, with the preconditioner as control variate where it
         # lowers the variance (gpscale.logdet.trace).
         At, Bt, const = trace_pairs(ps, -0.5, kernel_trace=ctx.kernel_trace)

@@ -80,11 +80,23 @@ class Identity(BuiltPreconditioner):
 
 
 class LowRankPlusDiagonal(BuiltPreconditioner):
-    """:math:`P = L L^T + \\sigma^2 I` applied through the Woodbury identity.
+    """:math:`P = L L^T + D` with :math:`D = \\sigma^2 I` (default) or :math:`D = \\sigma^2 I + \\operatorname{diag}(r)`.
+
+    With :math:`D = \\sigma^2 I`, through the Woodbury identity
 
     .. math::
         P^{-1} R = \\sigma^{-2}\\big(R - L (\\sigma^2 I_k + L^T L)^{-1} L^T R\\big), \\qquad
-        \\log|P| = (n-k)\\log\\sigma^2 + \\log|\\sigma^2 I_k + L^T L| .
+        \\log|P| = (n-k)\\log\\sigma^2 + \\log|\\sigma^2 I_k + L^T L| ;
+
+    with a diagonal :math:`D`, :math:`P^{-1} = D^{-1} - D^{-1}L C^{-1} L^T D^{-1}`,
+    :math:`C = I_k + L^T D^{-1} L`, :math:`\\log|P| = \\sum_i \\log D_{ii} + \\log|C|`.
+
+    ``r = diag(K - LLᵀ)`` (``residual_diagonal=True`` on the factories) gives ``P`` the diagonal of
+    :math:`\\hat K` -- the FITC-style correction of Cutajar, Osborne, Cunningham & Filippone (ICML 2016).
+    It centres the unexplained part of the spectrum of :math:`P^{-1}\\hat K` on 1 instead of above it,
+    which lowers the spread of the preconditioned log-det estimator when the low-rank part leaves much
+    kernel mass unexplained; it can raise :math:`\\kappa(P^{-1}\\hat K)`.  See docs/benchmarks.md
+    (``benchmarks/logdet_variance.py``).
 
     The ``k x k`` capacitance matrix is factorised once in float64 (it is tiny, and float32 loses
     it when :math:`\\sigma^2` is small against :math:`\\|L\\|^2`).  Each solve costs :math:`O(nk)`
@@ -95,9 +107,11 @@ class LowRankPlusDiagonal(BuiltPreconditioner):
     L : (n, k) tensor
     noise : float or 0-d tensor, > 0
     stats : dict, optional
+    diagonal : (n,) tensor, optional
+        Non-negative entries ``r`` added to the noise on the diagonal of ``D``.
     """
 
-    def __init__(self, L: torch.Tensor, noise, stats: dict | None = None):
+    def __init__(self, L: torch.Tensor, noise, stats: dict | None = None, diagonal: torch.Tensor | None = None):
         self.L = L
         self.noise = float(noise)
         if not self.noise > 0:
@@ -105,16 +119,32 @@ class LowRankPlusDiagonal(BuiltPreconditioner):
         n, k = L.shape
         self.rank = k
         self._L64 = L if L.dtype == torch.float64 else L.to(torch.float64)  # O(nk): see solve()
-        cap = self._L64.T @ self._L64
-        cap.diagonal().add_(self.noise)
-        self._chol = torch.linalg.cholesky(cap)
-        self._logdet = (n - k) * math.log(self.noise) + 2 * self._chol.diagonal().log().sum()
-        self.stats = dict(stats or {}, rank=k)
+        self._dinv = None
+        if diagonal is not None:
+            if diagonal.shape != (n,) or not bool(torch.isfinite(diagonal).all()) or bool((diagonal < 0).any()):
+                raise ValueError(f"diagonal must be a finite, non-negative ({n},) tensor")
+            D = self.noise + diagonal.to(torch.float64)
+            self._dinv = 1.0 / D
+            cap = (self._L64 * self._dinv[:, None]).T @ self._L64
+            cap.diagonal().add_(1.0)
+            self._chol = torch.linalg.cholesky(cap)
+            self._logdet = D.log().sum() + 2 * self._chol.diagonal().log().sum()
+        else:
+            cap = self._L64.T @ self._L64
+            cap.diagonal().add_(self.noise)
+            self._chol = torch.linalg.cholesky(cap)
+            self._logdet = (n - k) * math.log(self.noise) + 2 * self._chol.diagonal().log().sum()
+        self.stats = dict(stats or {}, rank=k, diagonal="residual" if diagonal is not None else "noise")
 
     def solve(self, R):
+        R2 = (R[:, None] if R.dim() == 1 else R).to(torch.float64)
+        if self._dinv is not None:
+            DR = R2 * self._dinv[:, None]
+            corr = torch.cholesky_solve(self._L64.T @ DR, self._chol) if self.rank else None
+            out = (DR if corr is None else DR - self._dinv[:, None] * (self._L64 @ corr)).to(R.dtype)
+            return out[:, 0] if R.dim() == 1 else out
         if self.rank == 0:
             return R / self.noise
-        R2 = (R[:, None] if R.dim() == 1 else R).to(torch.float64)
         # The whole correction runs in float64: R - L C^{-1} L^T R cancels almost completely along
         # the large eigendirections, and in float32 the leftover rounding (amplified by 1/noise) made
         # preconditioned CG diverge at small noise (20k points, noise 0.1: residual 752 vs 26 its).
@@ -128,14 +158,20 @@ class LowRankPlusDiagonal(BuiltPreconditioner):
     def sample(self, num, generator=None):
         n, k = self.L.shape
         kw = dict(dtype=self.L.dtype, device=self.L.device, generator=generator)
-        z = math.sqrt(self.noise) * torch.randn(n, num, **kw)
+        z = torch.randn(n, num, **kw)
+        z = z * (1.0 / self._dinv).sqrt().to(z.dtype)[:, None] if self._dinv is not None else math.sqrt(self.noise) * z
         if k:
             z += self.L @ torch.randn(k, num, **kw)
         return z
 
     def inverse_parts(self):
-        # P^{-1} = σ⁻² I - σ⁻² L C⁻¹ Lᵀ with C = σ² I_k + LᵀL (C⁻¹ applied in float64, as in solve()).
         n = self.L.shape[0]
+        if self._dinv is not None:
+            # P^{-1} = D⁻¹ - (D⁻¹ L C⁻¹)(D⁻¹ L)ᵀ with C = I_k + Lᵀ D⁻¹ L.
+            DL = self._L64 * self._dinv[:, None]
+            U = torch.cholesky_solve(DL.T, self._chol).T
+            return self._dinv.to(self.L.dtype), U.to(self.L.dtype), DL.to(self.L.dtype)
+        # P^{-1} = σ⁻² I - σ⁻² L C⁻¹ Lᵀ with C = σ² I_k + LᵀL (C⁻¹ applied in float64, as in solve()).
         d = torch.full((n,), 1.0 / self.noise, dtype=self.L.dtype, device=self.L.device)
         U = (torch.cholesky_solve(self._L64.T, self._chol).T / self.noise).to(self.L.dtype)
         return d, U, self.L
@@ -143,5 +179,13 @@ class LowRankPlusDiagonal(BuiltPreconditioner):
     def to_dense(self) -> torch.Tensor:
         """Dense :math:`P` (tests only)."""
         P = self.L @ self.L.T
-        P.diagonal().add_(self.noise)
+        if self._dinv is not None:
+            P.diagonal().add_((1.0 / self._dinv).to(P.dtype))
+        else:
+            P.diagonal().add_(self.noise)
         return P
+
+
+def residual_diagonal(op, L: torch.Tensor) -> torch.Tensor:
+    """:math:`\\operatorname{diag}(K - LL^T)`, clamped at 0 (rounding), from the operator's kernel diagonal."""
+    return (op.kernel_diagonal().to(L.dtype) - (L * L).sum(1)).clamp_min(0)

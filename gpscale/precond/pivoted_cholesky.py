@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .._validation import check_positive_int, check_tolerance
-from .base import LowRankPlusDiagonal, Preconditioner
+from .base import LowRankPlusDiagonal, Preconditioner, residual_diagonal
 
 
 def partial_cholesky(op, rank: int, tol: float, choose_pivot) -> tuple[torch.Tensor, dict]:
@@ -69,6 +69,11 @@ class PivotedCholesky(Preconditioner):
         Maximum rank ``k`` (GPyTorch's default is 15; 50-200 is usually better at large n).
     tol : float, default 1e-6
         Stop early when the residual trace falls below ``tol * trace(K)``.
+    residual_diagonal : bool, default False
+        Add :math:`\\operatorname{diag}(K - LL^T)` to the noise on the diagonal of ``P`` (FITC-style,
+        Cutajar et al. 2016): ``P`` then has the diagonal of :math:`\\hat K`.  Lowers the spread of the
+        log-det estimator when the low-rank part leaves much kernel mass unexplained; may raise the
+        CG iterations (see :class:`LowRankPlusDiagonal`).
 
     Notes
     -----
@@ -79,6 +84,7 @@ class PivotedCholesky(Preconditioner):
 
     rank: int = 15
     tol: float = 1e-6
+    residual_diagonal: bool = False
 
     def __post_init__(self):
         check_positive_int("rank", self.rank, minimum=0)
@@ -88,4 +94,5 @@ class PivotedCholesky(Preconditioner):
         t0 = time.perf_counter()
         L, stats = partial_cholesky(op, self.rank, self.tol, lambda d: torch.argmax(d))
         stats.update(name="pivchol", build_seconds=time.perf_counter() - t0)
-        return LowRankPlusDiagonal(L, op.noise, stats)
+        diag = residual_diagonal(op, L) if self.residual_diagonal else None
+        return LowRankPlusDiagonal(L, op.noise, stats, diagonal=diag)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .._validation import check_positive_int, check_tolerance
-from .base import LowRankPlusDiagonal, Preconditioner
+from .base import LowRankPlusDiagonal, Preconditioner, residual_diagonal
 from .pivoted_cholesky import partial_cholesky
 
 
@@ -162,6 +162,11 @@ class RPCholesky(Preconditioner):
     seed : int or None, default 0
         Seeds a :class:`torch.Generator` on the operator's device, so a build is reproducible on a
         given device and dtype; ``None`` draws the seed from torch's global generator.
+    residual_diagonal : bool, default False
+        Add :math:`\\operatorname{diag}(K - LL^T)` to the noise on the diagonal of ``P`` (FITC-style,
+        Cutajar et al. 2016): ``P`` then has the diagonal of :math:`\\hat K`.  Lowers the spread of the
+        log-det estimator when the low-rank part leaves much kernel mass unexplained; may raise the
+        CG iterations (see :class:`LowRankPlusDiagonal`).
 
     Notes
     -----
@@ -181,6 +186,7 @@ class RPCholesky(Preconditioner):
     tol: float = 1e-6
     block_size: int = 1
     seed: int | None = 0
+    residual_diagonal: bool = False
 
     def __post_init__(self):
         check_positive_int("rank", self.rank, minimum=0)
@@ -199,4 +205,5 @@ class RPCholesky(Preconditioner):
             L, stats = block_rp_cholesky(op, self.rank, self.tol, self.block_size, g)
         stats.update(name="rpchol", block_size=self.block_size, seed=self.seed,
                      build_seconds=time.perf_counter() - t0)
-        return LowRankPlusDiagonal(L, op.noise, stats)
+        diag = residual_diagonal(op, L) if self.residual_diagonal else None
+        return LowRankPlusDiagonal(L, op.noise, stats, diagonal=diag)
