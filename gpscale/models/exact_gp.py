@@ -25,7 +25,8 @@ from ..precision import as_policy
 from ..precond.pivoted_cholesky import PivotedCholesky
 from ..solvers.cg import CGWarning
 from .checkpoint import check_compatible, fingerprint, load_checkpoint
-from .fit import FitReport, FitSession, GPParams, Objective, run_adam, run_lbfgs
+from .fit import FitReport, FitSession, GPParams, Objective
+from .optimizers import run_adam, run_lbfgs
 from .predict import (
     Standardizer,
     latent_mean,
