@@ -14,7 +14,7 @@ import torch
 from conftest import build_kernel, dense_kernel, make_generator, make_inputs
 from gpscale import KernelOperator
 from gpscale.logdet import slq_logdet
-from gpscale.precond import LowRankPlusDiagonal, Nystrom, PivotedCholesky, RPCholesky
+from gpscale.precond import AdaptiveRank, LowRankPlusDiagonal, Nystrom, PivotedCholesky, RPCholesky
 
 FACTORIES = [PivotedCholesky(rank=12, tol=0.0, residual_diagonal=True),
              RPCholesky(rank=12, tol=0.0, residual_diagonal=True),
@@ -76,3 +76,22 @@ def test_lowers_the_logdet_spread_when_the_residual_dominates_the_noise():
         spread[fitc] = float(est.std())
         assert abs(float(est.mean()) - exact) < 4 * spread[fitc] / 12 ** 0.5 + 1e-6 * abs(exact)
     assert spread[True] < 0.5 * spread[False], spread
+
+
+@pytest.mark.parametrize("base", [PivotedCholesky(), RPCholesky(seed=0), Nystrom(seed=0)],
+                         ids=["pivchol", "rpchol", "nystrom"])
+def test_adaptive_rank_noise_ratio_measures_the_residual_against_the_noise(base):
+    """``noise_ratio``: the first rank with tr(K − LLᵀ) ≤ ratio · n σ²; smaller noise needs a larger rank."""
+    ranks = []
+    for noise in (1e-1, 1e-3):
+        op, K = _op(n=150, nu=1.5, d=2, seed=63, noise=noise)
+        P = AdaptiveRank(base, noise_ratio=0.1, initial_rank=4).build(op)
+        info = P.stats["adaptive"]
+        assert info["stopped_by"] == "tol" and info["noise_ratio"] == 0.1
+        assert P.stats["residual_trace"] <= 0.1 * 150 * noise * (1 + 1e-9)
+        torch.testing.assert_close(torch.tensor(info["tol"], dtype=torch.float64), 0.1 * 150 * noise / torch.trace(K),
+                                   rtol=1e-9, atol=0)
+        ranks.append(P.rank)
+    assert ranks[1] > ranks[0]
+    with pytest.raises(ValueError, match="noise_ratio"):
+        AdaptiveRank(noise_ratio=0)

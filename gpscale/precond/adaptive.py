@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+
+import torch
 from dataclasses import dataclass
 
 from .._validation import check_positive_int, check_tolerance
@@ -49,6 +51,13 @@ class AdaptiveRank(Preconditioner):
         Absolute rank cap (``None``: ``n``).
     initial_rank : int, default 32
         First rank of the doubling search (bases without a ``tol`` field only).
+    noise_ratio : float or None, default None
+        Instead of ``tol``, stop once
+        :math:`\\operatorname{tr}(K - LL^T) \\le \\text{noise\\_ratio}\\cdot n\\sigma^2`:
+        the unexplained kernel mass measured against the noise.  That ratio, not the relative trace,
+        decides how much the preconditioner lowers the spread of the log-det estimator and turns the
+        trace estimator's control variate on (``gpscale.logdet.trace``); see docs/benchmarks.md
+        (preconditioners, dense study).  The effective relative tolerance is reported in ``stats``.
 
     Notes
     -----
@@ -66,6 +75,7 @@ class AdaptiveRank(Preconditioner):
     max_memory: int | None = 256 * 2 ** 20
     max_rank: int | None = None
     initial_rank: int = 32
+    noise_ratio: float | None = None
 
     def __post_init__(self):
         if not dataclasses.is_dataclass(self.base) or "rank" not in {f.name for f in dataclasses.fields(self.base)}:
@@ -77,6 +87,8 @@ class AdaptiveRank(Preconditioner):
         if self.max_rank is not None:
             check_positive_int("max_rank", self.max_rank, minimum=0)
         check_positive_int("initial_rank", self.initial_rank)
+        if self.noise_ratio is not None and not (isinstance(self.noise_ratio, (int, float)) and self.noise_ratio > 0):
+            raise ValueError(f"noise_ratio must be a positive number or None, got {self.noise_ratio!r}")
 
     def rank_cap(self, n: int, itemsize: int) -> tuple[int, str]:
         """The largest allowed rank and which limit sets it (``"memory"``, ``"max_rank"`` or ``"n"``)."""
@@ -92,24 +104,33 @@ class AdaptiveRank(Preconditioner):
         n = op.shape[0]
         itemsize = op.kernel_diagonal().element_size()
         cap, limit = self.rank_cap(n, itemsize)
+        tol = self._tolerance(op, n)
         if "tol" in {f.name for f in dataclasses.fields(self.base)}:
-            P, tried = dataclasses.replace(self.base, rank=cap, tol=self.tol).build(op), [cap]
+            P, tried = dataclasses.replace(self.base, rank=cap, tol=tol).build(op), [cap]
         else:
-            P, tried = self._doubling(op, cap)
+            P, tried = self._doubling(op, cap, tol)
         trace = P.stats.get("trace") or 1.0
         rel = P.stats["residual_trace"] / trace
-        stopped = "tol" if rel <= self.tol else limit
-        P.stats["adaptive"] = {"tol": self.tol, "max_memory": self.max_memory, "rank_cap": cap,
-                               "chosen_rank": P.rank, "relative_residual_trace": rel, "stopped_by": stopped,
+        stopped = "tol" if rel <= tol else limit
+        P.stats["adaptive"] = {"tol": tol, "noise_ratio": self.noise_ratio, "max_memory": self.max_memory,
+                               "rank_cap": cap, "chosen_rank": P.rank, "relative_residual_trace": rel,
+                               "stopped_by": stopped,
                                "ranks_tried": tried, "factor_bytes": n * P.rank * itemsize}
         P.stats["build_seconds"] = time.perf_counter() - t0
         return P
 
-    def _doubling(self, op, cap: int):
+    def _tolerance(self, op, n: int) -> float:
+        """The relative residual-trace target: ``tol``, or ``noise_ratio * n * noise / tr(K)``."""
+        if self.noise_ratio is None:
+            return self.tol
+        trace = float(op.kernel_diagonal().to(torch.float64).sum())
+        return min(1.0, self.noise_ratio * n * float(op.noise) / trace) if trace > 0 else self.tol
+
+    def _doubling(self, op, cap: int, tol: float):
         rank, tried = min(self.initial_rank, cap), []
         while True:
             P = dataclasses.replace(self.base, rank=rank).build(op)
             tried.append(rank)
-            if P.stats["residual_trace"] <= self.tol * P.stats["trace"] or rank >= cap:
+            if P.stats["residual_trace"] <= tol * P.stats["trace"] or rank >= cap:
                 return P, tried
             rank = min(2 * rank, cap)
