@@ -230,7 +230,7 @@ def _run(args, names) -> int:
     cache = args.hyper_cache or os.path.join(args.out_dir, "hypers.json")
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     saved = _resumed(args)
-    done = saved.get("datasets", {})
+    done = dict(saved.get("datasets", {}))
     # --datasets order first, then anything else the saved run had
     order = names + [name for name in done if name not in names]
     results = {"settings": settings, "environment": _environment(device),
@@ -245,7 +245,7 @@ def _run(args, names) -> int:
             prob = load_problem(name, data_dir=args.data_dir, max_n=args.max_n, kernel_name=args.kernel,
                                 hyper_n=args.hyper_n, seed=args.data_seed, cache_path=cache,
                                 hyper_iter=args.hyper_iter, log=bar.write)
-            done = {**done, name: run_dataset(prob, args, device, dtype, bar)}
+            done[name] = run_dataset(prob, args, device, dtype, bar)
             results["datasets"] = {k: done[k] for k in order if k in done}
             results["total_seconds"] = time.perf_counter() - t0
             _write(results, args.out_dir)  # partial results survive an interruption

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 
 import torch
-from dataclasses import dataclass
 
 from .._validation import check_positive_int, check_tolerance
 from .base import BuiltPreconditioner, Preconditioner
@@ -102,9 +102,10 @@ class AdaptiveRank(Preconditioner):
     def build(self, op) -> BuiltPreconditioner:
         t0 = time.perf_counter()
         n = op.shape[0]
-        itemsize = op.kernel_diagonal().element_size()
+        kdiag = op.kernel_diagonal()
+        itemsize = kdiag.element_size()
         cap, limit = self.rank_cap(n, itemsize)
-        tol = self._tolerance(op, n)
+        tol = self._tolerance(kdiag, float(op.noise))
         if "tol" in {f.name for f in dataclasses.fields(self.base)}:
             P, tried = dataclasses.replace(self.base, rank=cap, tol=tol).build(op), [cap]
         else:
@@ -114,17 +115,16 @@ class AdaptiveRank(Preconditioner):
         stopped = "tol" if rel <= tol else limit
         P.stats["adaptive"] = {"tol": tol, "noise_ratio": self.noise_ratio, "max_memory": self.max_memory,
                                "rank_cap": cap, "chosen_rank": P.rank, "relative_residual_trace": rel,
-                               "stopped_by": stopped,
-                               "ranks_tried": tried, "factor_bytes": n * P.rank * itemsize}
+                               "stopped_by": stopped, "ranks_tried": tried, "factor_bytes": n * P.rank * itemsize}
         P.stats["build_seconds"] = time.perf_counter() - t0
         return P
 
-    def _tolerance(self, op, n: int) -> float:
+    def _tolerance(self, kdiag: torch.Tensor, noise: float) -> float:
         """The relative residual-trace target: ``tol``, or ``noise_ratio * n * noise / tr(K)``."""
         if self.noise_ratio is None:
             return self.tol
-        trace = float(op.kernel_diagonal().to(torch.float64).sum())
-        return min(1.0, self.noise_ratio * n * float(op.noise) / trace) if trace > 0 else self.tol
+        trace = float(kdiag.to(torch.float64).sum())
+        return min(1.0, self.noise_ratio * kdiag.shape[0] * noise / trace) if trace > 0 else self.tol
 
     def _doubling(self, op, cap: int, tol: float):
         rank, tried = min(self.initial_rank, cap), []

@@ -80,7 +80,7 @@ class Identity(BuiltPreconditioner):
 
 
 class LowRankPlusDiagonal(BuiltPreconditioner):
-    """:math:`P = L L^T + D` with :math:`D = \\sigma^2 I` (default) or :math:`D = \\sigma^2 I + \\operatorname{diag}(r)`.
+    """:math:`P = L L^T + D` with :math:`D = \\sigma^2 I` or :math:`\\sigma^2 I + \\operatorname{diag}(r)`.
 
     With :math:`D = \\sigma^2 I`, through the Woodbury identity
 
@@ -119,16 +119,16 @@ class LowRankPlusDiagonal(BuiltPreconditioner):
         n, k = L.shape
         self.rank = k
         self._L64 = L if L.dtype == torch.float64 else L.to(torch.float64)  # O(nk): see solve()
-        self._dinv = None
+        self._D = self._dinv = None
         if diagonal is not None:
             if diagonal.shape != (n,) or not bool(torch.isfinite(diagonal).all()) or bool((diagonal < 0).any()):
                 raise ValueError(f"diagonal must be a finite, non-negative ({n},) tensor")
-            D = self.noise + diagonal.to(torch.float64)
-            self._dinv = 1.0 / D
+            self._D = self.noise + diagonal.to(torch.float64)
+            self._dinv = 1.0 / self._D
             cap = (self._L64 * self._dinv[:, None]).T @ self._L64
             cap.diagonal().add_(1.0)
             self._chol = torch.linalg.cholesky(cap)
-            self._logdet = D.log().sum() + 2 * self._chol.diagonal().log().sum()
+            self._logdet = self._D.log().sum() + 2 * self._chol.diagonal().log().sum()
         else:
             cap = self._L64.T @ self._L64
             cap.diagonal().add_(self.noise)
@@ -159,7 +159,8 @@ class LowRankPlusDiagonal(BuiltPreconditioner):
         n, k = self.L.shape
         kw = dict(dtype=self.L.dtype, device=self.L.device, generator=generator)
         z = torch.randn(n, num, **kw)
-        z = z * (1.0 / self._dinv).sqrt().to(z.dtype)[:, None] if self._dinv is not None else math.sqrt(self.noise) * z
+        scale = self._D.sqrt().to(z.dtype)[:, None] if self._D is not None else math.sqrt(self.noise)
+        z = scale * z
         if k:
             z += self.L @ torch.randn(k, num, **kw)
         return z
@@ -171,7 +172,7 @@ class LowRankPlusDiagonal(BuiltPreconditioner):
             DL = self._L64 * self._dinv[:, None]
             U = torch.cholesky_solve(DL.T, self._chol).T
             return self._dinv.to(self.L.dtype), U.to(self.L.dtype), DL.to(self.L.dtype)
-        # P^{-1} = σ⁻² I - σ⁻² L C⁻¹ Lᵀ with C = σ² I_k + LᵀL (C⁻¹ applied in float64, as in solve()).
+        # P^{-1} = σ⁻² I - σ⁻² L C⁻¹ Lᵀ with C = σ² I_k + LᵀL (C⁻¹ in float64, as in solve()).
         d = torch.full((n,), 1.0 / self.noise, dtype=self.L.dtype, device=self.L.device)
         U = (torch.cholesky_solve(self._L64.T, self._chol).T / self.noise).to(self.L.dtype)
         return d, U, self.L
@@ -179,13 +180,15 @@ class LowRankPlusDiagonal(BuiltPreconditioner):
     def to_dense(self) -> torch.Tensor:
         """Dense :math:`P` (tests only)."""
         P = self.L @ self.L.T
-        if self._dinv is not None:
-            P.diagonal().add_((1.0 / self._dinv).to(P.dtype))
+        if self._D is not None:
+            P.diagonal().add_(self._D.to(P.dtype))
         else:
             P.diagonal().add_(self.noise)
         return P
 
 
-def residual_diagonal(op, L: torch.Tensor) -> torch.Tensor:
-    """:math:`\\operatorname{diag}(K - LL^T)`, clamped at 0 (rounding), from the operator's kernel diagonal."""
-    return (op.kernel_diagonal().to(L.dtype) - (L * L).sum(1)).clamp_min(0)
+def low_rank_preconditioner(op, L: torch.Tensor, stats: dict, residual_diagonal: bool) -> LowRankPlusDiagonal:
+    """The factories' result: :math:`LL^T + \\sigma^2 I`, or with ``residual_diagonal`` the FITC-style
+    :math:`LL^T + \\operatorname{diag}(\\sigma^2 + \\operatorname{diag}(K - LL^T))` (residual clamped at 0)."""
+    diag = (op.kernel_diagonal().to(L.dtype) - (L * L).sum(1)).clamp_min(0) if residual_diagonal else None
+    return LowRankPlusDiagonal(L, op.noise, stats, diagonal=diag)

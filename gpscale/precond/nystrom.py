@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .._validation import check_positive_int
-from .base import LowRankPlusDiagonal, Preconditioner, residual_diagonal
+from .base import LowRankPlusDiagonal, Preconditioner, low_rank_preconditioner
 from .rpcholesky import make_generator
 
 
@@ -128,5 +128,4 @@ class Nystrom(Preconditioner):
         else:
             L, stats = nystrom_factor(op, self.rank, make_generator(self.seed, op.device))
         stats.update(name="nystrom", seed=self.seed, build_seconds=time.perf_counter() - t0)
-        diag = residual_diagonal(op, L) if self.residual_diagonal else None
-        return LowRankPlusDiagonal(L, op.noise, stats, diagonal=diag)
+        return low_rank_preconditioner(op, L, stats, self.residual_diagonal)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .._validation import check_positive_int, check_tolerance
-from .base import LowRankPlusDiagonal, Preconditioner, residual_diagonal
+from .base import LowRankPlusDiagonal, Preconditioner, low_rank_preconditioner
 
 
 def partial_cholesky(op, rank: int, tol: float, choose_pivot) -> tuple[torch.Tensor, dict]:
@@ -94,5 +94,4 @@ class PivotedCholesky(Preconditioner):
         t0 = time.perf_counter()
         L, stats = partial_cholesky(op, self.rank, self.tol, lambda d: torch.argmax(d))
         stats.update(name="pivchol", build_seconds=time.perf_counter() - t0)
-        diag = residual_diagonal(op, L) if self.residual_diagonal else None
-        return LowRankPlusDiagonal(L, op.noise, stats, diagonal=diag)
+        return low_rank_preconditioner(op, L, stats, self.residual_diagonal)

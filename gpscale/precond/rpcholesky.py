@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .._validation import check_positive_int, check_tolerance
-from .base import LowRankPlusDiagonal, Preconditioner, residual_diagonal
+from .base import LowRankPlusDiagonal, Preconditioner, low_rank_preconditioner
 from .pivoted_cholesky import partial_cholesky
 
 
@@ -205,5 +205,4 @@ class RPCholesky(Preconditioner):
             L, stats = block_rp_cholesky(op, self.rank, self.tol, self.block_size, g)
         stats.update(name="rpchol", block_size=self.block_size, seed=self.seed,
                      build_seconds=time.perf_counter() - t0)
-        diag = residual_diagonal(op, L) if self.residual_diagonal else None
-        return LowRankPlusDiagonal(L, op.noise, stats, diagonal=diag)
+        return low_rank_preconditioner(op, L, stats, self.residual_diagonal)
