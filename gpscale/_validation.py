@@ -93,6 +93,12 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_tolerance(name: str, value) -> float:
     if not isinstance(value, numbers.Real) or not value >= 0 or value != value or value == float("inf"):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

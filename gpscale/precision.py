@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._validation import check_bool
+
 #: Accepted product precisions, from the most to the least accurate.
 PRODUCT_DTYPES = ("float64", "float32", "tf32", "bfloat16", "float16")
 #: Accepted CG-state precisions.
@@ -153,8 +155,7 @@ class PrecisionPolicy:
         if not 0.0 < float(self.refine_rtol) < 1.0:
             raise ValueError(f"refine_rtol must be in (0, 1), got {self.refine_rtol!r}")
         for name in ("rescale", "fallback"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
 
     # ------------------------------------------------------------------ derived
     @property

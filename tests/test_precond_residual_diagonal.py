@@ -93,5 +93,12 @@ def test_adaptive_rank_noise_ratio_measures_the_residual_against_the_noise(base)
                                    rtol=1e-9, atol=0)
         ranks.append(P.rank)
     assert ranks[1] > ranks[0]
-    with pytest.raises(ValueError, match="noise_ratio"):
-        AdaptiveRank(noise_ratio=0)
+    for bad in (0, -1.0, True, "1"):
+        with pytest.raises(ValueError, match="noise_ratio"):
+            AdaptiveRank(noise_ratio=bad)
+
+
+@pytest.mark.parametrize("factory", [PivotedCholesky, RPCholesky, Nystrom])
+def test_residual_diagonal_must_be_a_bool(factory):
+    with pytest.raises(TypeError, match="residual_diagonal must be True or False"):
+        factory(rank=5, residual_diagonal="yes")

@@ -87,7 +87,8 @@ class AdaptiveRank(Preconditioner):
         if self.max_rank is not None:
             check_positive_int("max_rank", self.max_rank, minimum=0)
         check_positive_int("initial_rank", self.initial_rank)
-        if self.noise_ratio is not None and not (isinstance(self.noise_ratio, (int, float)) and self.noise_ratio > 0):
+        if self.noise_ratio is not None and (isinstance(self.noise_ratio, bool) or not (
+                isinstance(self.noise_ratio, (int, float)) and self.noise_ratio > 0)):
             raise ValueError(f"noise_ratio must be a positive number or None, got {self.noise_ratio!r}")
 
     def rank_cap(self, n: int, itemsize: int) -> tuple[int, str]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._validation import check_positive_int
+from .._validation import check_bool, check_positive_int
 from .base import LowRankPlusDiagonal, Preconditioner, low_rank_preconditioner
 from .rpcholesky import make_generator
 
@@ -116,6 +116,7 @@ class Nystrom(Preconditioner):
 
     def __post_init__(self):
         check_positive_int("rank", self.rank, minimum=0)
+        check_bool("residual_diagonal", self.residual_diagonal)
         if self.seed is not None:
             check_positive_int("seed", self.seed, minimum=0)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._validation import check_positive_int, check_tolerance
+from .._validation import check_bool, check_positive_int, check_tolerance
 from .base import LowRankPlusDiagonal, Preconditioner, low_rank_preconditioner
 
 
@@ -89,6 +89,7 @@ class PivotedCholesky(Preconditioner):
     def __post_init__(self):
         check_positive_int("rank", self.rank, minimum=0)
         check_tolerance("tol", self.tol)
+        check_bool("residual_diagonal", self.residual_diagonal)
 
     def build(self, op) -> LowRankPlusDiagonal:
         t0 = time.perf_counter()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._validation import check_positive_int, check_tolerance
+from .._validation import check_bool, check_positive_int, check_tolerance
 from .base import LowRankPlusDiagonal, Preconditioner, low_rank_preconditioner
 from .pivoted_cholesky import partial_cholesky
 
@@ -192,6 +192,7 @@ class RPCholesky(Preconditioner):
         check_positive_int("rank", self.rank, minimum=0)
         check_tolerance("tol", self.tol)
         check_positive_int("block_size", self.block_size)
+        check_bool("residual_diagonal", self.residual_diagonal)
         if self.seed is not None:
             check_positive_int("seed", self.seed, minimum=0)
 
