@@ -31,6 +31,7 @@
 // Entry points: gpscale_kmm_{tc,tc3}_{rbf,matern12,matern32,matern52}_{f,f_dq,d}
 //   (X[n,d], Z[m,d], V[m,t], O0[n,t], O1[n,t], n, m, d, t, sym), float32, row-major;
 //   grid (ceil(n / TC_ROWS), ceil(t / TC_TCH)), block 32 * TC_WARPS.  Needs sm_80+, d <= TC_DMAX.
+#include "mma.cuh"
 #include "profiles.cuh"
 
 #define TC_WARPS 4
@@ -50,15 +51,6 @@ __device__ __forceinline__ unsigned tf32_of(float x) {
 __device__ __forceinline__ void tf32_split(float x, unsigned& hi, unsigned& lo) {
     hi = tf32_of(x);
     lo = tf32_of(x - __uint_as_float(hi));
-}
-
-__device__ __forceinline__ void mma_tf32(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                         unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // c += a b with the 3xTF32 split (small terms first; a_lo b_lo ~ 2^-22 relative is dropped).

@@ -8,6 +8,7 @@ The CUDA kernels themselves are tested in ``test_cuda_kernels.py`` (GPU only) an
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from gpscale.kernels import RBF, Matern
 from gpscale.likelihood import mll_estimate
 from gpscale.operators import CrossKernelOperator, KernelOperator, bilinear_derivative, derivative_matmul
-from gpscale.operators import backends
+from gpscale.operators import backends, cuda_backend
 from gpscale.operators.blocking import plan_symmetric_tiling
 
 from conftest import KERNEL_IDS, KERNEL_SPECS, build_kernel, make_inputs
@@ -153,6 +154,56 @@ def test_keops_derivatives_match_torch(keops_ok, kidx, ard):
         assert_close(got[key], want[key], 1e-10, what=f"keops bilinear {key}")
 
 
+# ----------------------------------------------------------------------------- CUDA variant guard (CPU)
+@pytest.mark.parametrize("mode,slope", [("f", 0.5), ("f_dq", 0.5), ("d", 0.25)])
+def test_rbf_expansion_error_is_the_profile_slope_times_the_distance_error(mode, slope):
+    # max |f'| = 1/2 (f), max |d(f' q)/dq| = 1/2 (f_dq), max |f''| = 1/4 (d), all at q = 0
+    assert cuda_backend.expansion_error(RBF(), mode, 10.0) == pytest.approx(slope * cuda_backend.expansion_delta(10.0),
+                                                                            rel=1e-2)
+
+
+def test_matern12_expansion_error_is_the_square_root_of_the_distance_error():
+    delta = cuda_backend.expansion_delta(10.0)
+    assert cuda_backend.expansion_error(Matern(nu=0.5), "f", 10.0) == pytest.approx(math.sqrt(delta), rel=0.05)
+    assert cuda_backend.expansion_error(Matern(nu=0.5), "d", 10.0) > 1e3  # f' ~ 1/r: singular
+
+
+def test_variant_for_falls_back_to_simt_where_the_expansion_is_too_coarse(monkeypatch):
+    monkeypatch.delenv("GPSCALE_CUDA_VARIANT", raising=False)
+    f32, vf = torch.float32, cuda_backend.variant_for
+    assert vf(torch.float64) == "simt" and vf(f32) == "tc3"
+    assert vf(f32, RBF(), "f", 20.0) == "tc3"  # d = 8 at lengthscale ~1
+    assert vf(f32, Matern(nu=2.5), "f_dq", 20.0) == "tc3"
+    # the failing cases of the first H100 run: d = 1, points spread over 60 lengthscales (r2 ~ 1800)
+    assert vf(f32, RBF(), "f", 1800.0) == "simt"
+    assert vf(f32, Matern(nu=0.5), "f", 1.0) == "simt"  # sqrt(delta) near coincident points
+    assert vf(f32, Matern(nu=1.5), "d", 1.0) == "simt"  # steep f' at q = 0
+    monkeypatch.setenv("GPSCALE_CUDA_VARIANT", "tc")
+    assert vf(f32, Matern(nu=0.5), "f", 1.0) == "tc"  # an explicit override wins (benchmarks)
+
+
+def test_cuda_products_choose_the_variant_per_call_and_measure_the_inputs_once(monkeypatch):
+    from gpscale import _ext
+
+    monkeypatch.delenv("GPSCALE_CUDA_VARIANT", raising=False)
+    calls = []
+    monkeypatch.setattr(_ext, "kernel_matmul",
+                        lambda X, Z, V, name, mode, variant, symmetric: calls.append((name, mode, variant)) or V)
+    X = torch.zeros(30, 2)
+    X[0] = torch.tensor([3.0, 4.0])  # max |x|^2 = 25: r2 = 50
+    op = SimpleNamespace(_Xs=X, _Zs=X, kernel=RBF(), _symmetric=True, backend="cuda")
+    assert backends.backend_label(op) == "cuda"
+    cuda_backend.products(op, torch.ones(30, 1), "f")
+    assert op._cuda_r2 == pytest.approx(50.0) and calls[-1] == ("rbf", "f", "tc3")
+    assert backends.backend_label(op) == "cuda:tc3"
+    op.kernel = Matern(nu=0.5)  # the same operator data: r2 is not measured again
+    op._Xs = op._Zs = X * 1e3
+    cuda_backend.products(op, torch.ones(30, 1), "f_dq")
+    assert op._cuda_r2 == pytest.approx(50.0) and calls[-1] == ("matern12", "f_dq", "simt")
+    assert backends.backend_label(op) == "cuda:simt"
+    assert backends.backend_label(SimpleNamespace(backend="torch", cuda_variant="tc3")) == "torch"
+
+
 # ----------------------------------------------------------------------------- lazy imports, sources
 def test_cpu_use_never_imports_the_cuda_loader_or_pykeops():
     """A CPU-only workflow (auto backend, MLL) must not import gpscale._ext or pykeops."""
@@ -181,6 +232,7 @@ def test_sources_are_found_and_includes_inlined(tmp_path, monkeypatch):
     assert sources.csrc_dir() == tmp_path
     text = sources.read_source("a.cu")
     assert "#include" not in text and text.count("#define ANSWER 42") == 1
+    assert "#pragma once" not in text  # redundant once inlined, and nvcc warns about it in a main file
     monkeypatch.setenv("GPSCALE_CSRC", str(tmp_path / "missing"))
     monkeypatch.setattr(sources, "__file__", str(tmp_path / "pkg" / "gpscale" / "_ext" / "sources.py"))
     monkeypatch.setattr(sources.sys, "prefix", str(tmp_path / "prefix"))

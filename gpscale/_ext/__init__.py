@@ -16,11 +16,19 @@ csrc_dir(), cu_files()
 
 from __future__ import annotations
 
-from .launch import DMAX, KINDS, MODES, VARIANTS, entry_names, kernel_matmul
+from .launch import (
+    DMAX,
+    EXPERIMENTAL,
+    KINDS,
+    MODES,
+    VARIANTS,
+    entry_names,
+    kernel_matmul,
+)
 from .sources import csrc_dir, cu_files
 
-__all__ = ["available", "kernel_matmul", "csrc_dir", "cu_files", "entry_names", "VARIANTS", "KINDS", "MODES",
-           "DMAX"]
+__all__ = ["available", "kernel_matmul", "csrc_dir", "cu_files", "entry_names", "VARIANTS", "EXPERIMENTAL", "KINDS",
+           "MODES", "DMAX"]
 
 _COMPILED: dict = {}
 
@@ -31,8 +39,9 @@ def available(compile: bool = False) -> tuple[bool, str]:
     Parameters
     ----------
     compile : bool
-        Also compile (or load from the cache) every variant on the current device; the result is
-        remembered, so only the first call pays for it.
+        Also compile (or load from the cache) every variant on the current device except the
+        ``EXPERIMENTAL`` ones (compiled on first use); the result is remembered, so only the first
+        call pays for it.
 
     Returns
     -------
@@ -63,7 +72,8 @@ def available(compile: bool = False) -> tuple[bool, str]:
                 from .launch import _module  # noqa: PLC0415
 
                 for v in VARIANTS:
-                    _module(v, dev)
+                    if v not in EXPERIMENTAL:
+                        _module(v, dev)
                 _COMPILED[dev.index] = (True, "")
             except Exception as exc:  # noqa: BLE001 - reported, not raised: "auto" falls back
                 _COMPILED[dev.index] = (False, f"compiling csrc/ failed: {type(exc).__name__}: {exc}")

@@ -6,6 +6,8 @@ variant    file           dtypes    what
 ``simt``   kmm_simt.cu    f32, f64  CUDA cores, difference-form distances (exact reference)
 ``tc``     kmm_tc.cu      f32       tensor cores, 3xTF32 distances, 1xTF32 ``P V`` (~5e-4)
 ``tc3``    kmm_tc.cu      f32       tensor cores, 3xTF32 distances and ``P V`` (~1e-6)
+``tcb``    kmm_tcb.cu     f32       tensor cores, 3xTF32 distances, bf16x3 ``P V`` (~1e-5);
+                                    experimental: not yet run on a GPU, never picked by default
 =========  =============  ========  =====================================================
 """
 
@@ -19,7 +21,10 @@ from .compiler import load_module
 
 #: variant -> (source file, X rows per block, output columns per block, threads per block)
 VARIANTS = {"simt": ("kmm_simt.cu", 128, 16, 128), "tc": ("kmm_tc.cu", 64, 16, 128),
-            "tc3": ("kmm_tc.cu", 64, 16, 128)}
+            "tc3": ("kmm_tc.cu", 64, 16, 128), "tcb": ("kmm_tcb.cu", 128, 16, 128)}
+#: Variants that ``available(compile=True)`` does not compile (and so cannot make unavailable):
+#: written without a GPU, opt-in until their GPU tests have passed on a lent machine.
+EXPERIMENTAL = frozenset({"tcb"})
 KINDS = ("rbf", "matern12", "matern32", "matern52")
 MODES = ("f", "f_dq", "d")
 #: Largest input dimension the kernels hold in registers.
@@ -80,7 +85,7 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
     kernel : {"rbf", "matern12", "matern32", "matern52"}
     mode : {"f", "f_dq", "d"}
         See :mod:`gpscale.operators.backends`.
-    variant : {"simt", "tc", "tc3"}
+    variant : {"simt", "tc", "tc3", "tcb"}
     symmetric : bool
         ``Z`` is ``X``: the kernels set ``q_ii = 0`` exactly.
 

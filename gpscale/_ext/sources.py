@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+_PRAGMA_ONCE = re.compile(r"^\s*#\s*pragma\s+once\s*$", re.MULTILINE)
 
 
 def csrc_dir() -> Path:
@@ -57,7 +58,9 @@ def read_source(name: str) -> str:
             if inc in seen:
                 return ""
             seen.add(inc)
-            return f"// ---- inlined {inc}\n" + expand(inc) + f"\n// ---- end {inc}\n"
+            # "#pragma once" is redundant once inlined (each header once) and warns in a main file.
+            body = _PRAGMA_ONCE.sub("", expand(inc))
+            return f"// ---- inlined {inc}\n" + body + f"\n// ---- end {inc}\n"
 
         return _INCLUDE.sub(sub, text)
 

@@ -30,6 +30,7 @@ import torch
 
 from ..logdet.slq import ProbeSolve, probe_solve
 from ..logdet.trace import trace_pairs
+from ..operators.backends import backend_label
 from ..operators.derivatives import bilinear_derivative
 from ..operators.kernel_operator import KernelOperator
 from ..solvers.cg import CGWarning, ConjugateGradients
@@ -44,7 +45,8 @@ class IterativeMLL:
     logdet: float
     logdet_stderr: float
     solve: ProbeSolve
-    #: product backend the operator resolved to ("torch", "keops" or "cuda")
+    #: product backend the operator resolved to ("torch", "keops" or "cuda"; "cuda:<variant>" once
+    #: the CUDA kernels ran, e.g. "cuda:simt" where the tensor-core expansion was not accurate enough)
     backend: str = "torch"
 
     @property
@@ -71,7 +73,7 @@ class _IterativeMLLFunction(torch.autograd.Function):
         logdet = ps.logdet
         n = X.shape[0]
         value = -0.5 * quad - 0.5 * float(logdet) - 0.5 * n * math.log(2 * math.pi)
-        holder.append(IterativeMLL(torch.tensor(value), quad, float(logdet), ps.logdet_stderr, ps, op.backend))
+        holder.append(IterativeMLL(torch.tensor(value), quad, float(logdet), ps.logdet_stderr, ps, backend_label(op)))
         ctx.op, ctx.alpha, ctx.ps, ctx.t = op, alpha, ps, num_probes
         ctx.kernel_trace = n * float(outputscale.detach())  # stationary: k(x, x) = s
         return torch.tensor(value, dtype=X.dtype, device=X.device)

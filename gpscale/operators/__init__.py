@@ -1,9 +1,10 @@
 """Kernel operators: memory-bounded products with ``K(X, Z)`` and ``K(X, X) + noise I``."""
 
-from .backends import BACKENDS, backend_available
+from .backends import BACKENDS, backend_available, backend_label
 from .blocking import DEFAULT_MEMORY_BUDGET, Tiling, plan_tiling
 from .derivatives import bilinear_derivative, derivative_matmul
 from .kernel_operator import CrossKernelOperator, KernelOperator
 
 __all__ = ["KernelOperator", "CrossKernelOperator", "derivative_matmul", "bilinear_derivative",
-           "DEFAULT_MEMORY_BUDGET", "Tiling", "plan_tiling", "BACKENDS", "backend_available"]
+           "DEFAULT_MEMORY_BUDGET", "Tiling", "plan_tiling", "BACKENDS", "backend_available",
+           "backend_label"]

@@ -109,6 +109,12 @@ def select_backend(op, requested: str) -> str:
     return "torch"
 
 
+def backend_label(op) -> str:
+    """``op.backend``, with the CUDA kernel variant the last product used (``"cuda:tc3"``, ``"cuda:simt"``)."""
+    variant = getattr(op, "cuda_variant", None)
+    return f"{op.backend}:{variant}" if op.backend == "cuda" and variant else op.backend
+
+
 def fused_products(op, V: torch.Tensor, mode: str = "f"):
     """Profile products of ``op`` (no outputscale) on its fused backend.
 
@@ -137,5 +143,5 @@ def fused_products(op, V: torch.Tensor, mode: str = "f"):
     if op.backend == "cuda":
         from . import cuda_backend
 
-        return cuda_backend.products(op._Xs, op._Zs, op.kernel.name, V, mode, symmetric=op._symmetric)
+        return cuda_backend.products(op, V, mode)
     raise ValueError(f"fused_products needs a fused backend, but the operator uses {op.backend!r}")

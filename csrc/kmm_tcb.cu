@@ -1,0 +1,282 @@
+// Fused kernel product O = F(X, Z) V on tensor cores with a bf16x3 P V product ("tcb").
+//
+// Status: written after the first H100 measurement of kmm_tc.cu (2026-11-24: "tc3" 0.025 s per
+// product at n = m = 100k, d = 8, t = 16 -- 10x the exp bound and slower than KeOps), compiled in
+// CI, NOT yet run on a GPU: it is opt-in (variant="tcb" / GPSCALE_CUDA_VARIANT=tcb) until the GPU
+// tests pass on a lent machine.  Why kmm_tc.cu is slow, counted per pair: ~5 cvt.rna.tf32
+// conversions (each warp re-splits the shared Z and V tiles; 16/clk/SM like the exp itself) and
+// ~2.5 shared-memory wavefronts with one 16-row m-tile per warp.  This file removes both: splits
+// are integer round-and-mask (no cvt), Z and V are split once when the tile is loaded, every warp
+// owns two m-tiles that share each B fragment, and P V runs as bf16 m16n8k16 (half the MMAs).
+//
+// The FlashAttention scheme itself is the one of kmm_tc.cu:
+//
+// Dao et al., "FlashAttention" (NeurIPS 2022) / FlashAttention-2 (2023): a block owns a tile of
+// query rows, streams key/value tiles through shared memory, computes the score tile on tensor
+// cores, applies the nonlinearity in registers and multiplies by V on tensor cores without ever
+// writing the score tile.  Here "scores" are squared distances and the nonlinearity is f(q):
+//
+//   q_ij = |x_i|^2 + |z_j|^2 - 2 x_i.z_j      (x_i.z_j on tensor cores; the norms initialise the
+//                                              accumulator, so the MMA returns q itself)
+//   O_i += sum_j f(q_ij) v_j                   (P V on tensor cores)
+//
+// Accuracy (BBMM's CG needs relative errors <= 1e-4):
+// * Inputs are centred and divided by the lengthscales on the host, so |x|^2 stays O(d).  The
+//   expansion still leaves an absolute error ~ eps (|x|^2 + |z|^2) in q;
+//   gpscale/operators/cuda_backend.py predicts it (expansion_error) and falls back to "simt"
+//   where it would exceed the target (short lengthscales, Matern-1/2 near coincident points).
+// * The dot product uses the 3xTF32 split a = a_hi + a_lo: a.b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi,
+//   about fp32 accuracy; plain tf32 (2^-11) would leave errors growing with |x|^2.  The split is
+//   integer arithmetic (round the top 19 bits, subtract): no cvt instruction, and a_lo keeps all
+//   its bits -- the tensor core ignores the 13 low ones, an error of 2^-22 |a|.
+// * P V in bf16 (m16n8k16, twice the reduction depth of a tf32 MMA per instruction): P and V are
+//   split into bf16 hi + lo (P V ~ Ph Vh + Ph Vl + Pl Vh; ~2^-16 relative per term, hi rounded to
+//   nearest so the error is not biased).  P <= 1 and bf16 has float32's exponent range, so nothing
+//   overflows and V needs no rescaling.  Accumulation is fp32, two-level (a fresh fragment per Z
+//   tile, added to a register total).
+// * The symmetric case (Z is X) sets q_ii = 0 exactly, as the expansion leaves O(eps |x|^2).
+//
+// Layouts (PTX ISA, "Matrix fragments for mma.m16n8k8 / m16n8k16"; lane = 4 g + c).  The distance
+// MMA (m16n8k8) returns rows g, g+8 x columns 2c, 2c+1 of an 8-wide Z tile; two such n-tiles are
+// exactly the bf16 A fragment of m16n8k16 (k pairs 2c, 2c+1 and 2c+8, 2c+9), so P goes from one
+// MMA to the next without shuffles.  V is stored in shared memory as packed bf16 pairs along k.
+//
+// Cost per warp and 64-row Z tile (32 X rows, 2 m-tiles): 2 x 8 x 3 x ceil(d/8) tf32 MMAs,
+// 2 x 4 x 2 x 3 bf16 MMAs, 2048 exps; shared-memory fragments are shared by both m-tiles.
+//
+// Entry points: gpscale_kmm_tcb_{rbf,matern12,matern32,matern52}_{f,f_dq,d}
+//   (X[n,d], Z[m,d], V[m,t], O0[n,t], O1[n,t], n, m, d, t, sym), float32, row-major;
+//   grid (ceil(n / TCB_ROWS), ceil(t / TCB_TCH)), block 32 * TCB_WARPS.  Needs sm_80+, d <= TCB_DMAX.
+#include "mma.cuh"
+#include "profiles.cuh"
+
+#define TCB_WARPS 4
+#define TCB_MT 2                            // 16-row m-tiles per warp
+#define TCB_ROWS (16 * TCB_MT * TCB_WARPS)  // X rows per block
+#define TCB_BN 64                           // Z rows per tile
+#define TCB_DMAX 32                         // largest d (4 k-steps of 8)
+#define TCB_TCH 16                          // output columns per block (two MMA n-tiles)
+#define TCB_ZS (TCB_DMAX + 4)               // padded strides: conflict-free fragment loads
+#define TCB_VS (TCB_TCH + 8)                
+
+// float -> hi with its top 19 (tf32) or 16 (bf16) bits rounded to nearest (ties away), low bits 0.
+__device__ __forceinline__ float round_tf32(float x) {
+    return __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
+}
+__device__ __forceinline__ unsigned round_bf16_bits(float x) { return (__float_as_uint(x) + 0x8000u) & 0xffff0000u; }
+// Two floats' upper halves as one bf16x2 register (x in the low half: the lower k index).
+__device__ __forceinline__ unsigned pack_hi(unsigned x, unsigned y) { return __byte_perm(x, y, 0x7632); }
+
+// (x, y) -> bf16x2 hi (rounded) and lo = remainder (truncated to bf16 by the packing).
+__device__ __forceinline__ void split_bf16x2(float x, float y, unsigned& hi, unsigned& lo) {
+    const unsigned hx = round_bf16_bits(x), hy = round_bf16_bits(y);
+    hi = pack_hi(hx, hy);
+    lo = pack_hi(__float_as_uint(x - __uint_as_float(hx)), __float_as_uint(y - __uint_as_float(hy)));
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Load one Z tile split into tf32 hi/lo, its squared norms, and the V tile as packed bf16 hi/lo
+// pairs along k.  Zero padding: padded Z rows meet V rows of 0, padded dimensions add 0.
+__device__ __forceinline__ void tcb_load_tiles(float (*zh)[TCB_ZS], float (*zl)[TCB_ZS], float* zn,
+                                              unsigned (*vh)[TCB_VS], unsigned (*vl)[TCB_VS],
+                                              const float* __restrict__ Z, const float* __restrict__ V, int j0,
+                                              int m, int d, int kp, int t, int c0) {
+    for (int e = threadIdx.x; e < TCB_BN * kp; e += 32 * TCB_WARPS) {
+        const int r = e / kp, k = e - r * kp, j = j0 + r;
+        const float z = (j < m && k < d) ? Z[(long long)j * d + k] : 0.f;
+        const float h = round_tf32(z);
+        zh[r][k] = h;
+        zl[r][k] = z - h;
+    }
+    for (int e = threadIdx.x; e < (TCB_BN / 2) * TCB_TCH; e += 32 * TCB_WARPS) {
+        const int kq = e / TCB_TCH, c = e % TCB_TCH, j = j0 + 2 * kq;
+        const bool col = c0 + c < t;
+        const float v0 = (col && j < m) ? V[(long long)j * t + c0 + c] : 0.f;
+        const float v1 = (col && j + 1 < m) ? V[(long long)(j + 1) * t + c0 + c] : 0.f;
+        split_bf16x2(v0, v1, vh[kq][c], vl[kq][c]);
+    }
+    __syncthreads();
+    if (threadIdx.x < TCB_BN) {
+        float s = 0.f;
+        for (int k = 0; k < kp; ++k) {
+            const float z = zh[threadIdx.x][k] + zl[threadIdx.x][k];  // exact: lo = z - hi
+            s = fmaf(z, z, s);
+        }
+        zn[threadIdx.x] = s;
+    }
+}
+
+// This warp's rows (m-tile mt) as split A fragments of -2 X for every k-step, and their squared norms.
+__device__ __forceinline__ void tcb_load_rows(const float* __restrict__ X, int row0, int n, int d, int ksteps,
+                                             unsigned (&ah)[4][4], unsigned (&al)[4][4], float& na, float& nb) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int ra = row0 + g, rb = row0 + g + 8;
+    na = nb = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+        const int k0 = ks * 8 + c, k1 = k0 + 4;
+        const bool on = ks < ksteps;
+        const float v[4] = {(on && ra < n && k0 < d) ? X[(long long)ra * d + k0] : 0.f,
+                            (on && rb < n && k0 < d) ? X[(long long)rb * d + k0] : 0.f,
+                            (on && ra < n && k1 < d) ? X[(long long)ra * d + k1] : 0.f,
+                            (on && rb < n && k1 < d) ? X[(long long)rb * d + k1] : 0.f};
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const float a = -2.f * v[u];  // exact: the MMA then adds -2 x.z to the norms
+            const float h = round_tf32(a);
+            ah[ks][u] = __float_as_uint(h);
+            al[ks][u] = __float_as_uint(a - h);
+        }
+        na += v[0] * v[0] + v[2] * v[2];
+        nb += v[1] * v[1] + v[3] * v[3];
+    }
+    // A row's entries are spread over the 4 lanes of its quad.
+    na += __shfl_xor_sync(0xffffffffu, na, 1);
+    na += __shfl_xor_sync(0xffffffffu, na, 2);
+    nb += __shfl_xor_sync(0xffffffffu, nb, 1);
+    nb += __shfl_xor_sync(0xffffffffu, nb, 2);
+}
+
+// f (and f' q) of one 8-wide n-tile for both m-tiles: q from one 3xTF32 MMA chain per k-step,
+// started from |x|^2 + |z|^2.  The B fragments are read once for both m-tiles.
+template <int KIND, int MODE>
+__device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (&p1)[TCB_MT][4],
+                                                const float (*zh)[TCB_ZS], const float (*zl)[TCB_ZS],
+                                                const float* zn, int nt, int ksteps,
+                                                const unsigned (&ah)[TCB_MT][4][4], const unsigned (&al)[TCB_MT][4][4],
+                                                const float (&na)[TCB_MT], const float (&nb)[TCB_MT], int row0, int jt,
+                                                int sym) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const float z0 = zn[nt * 8 + 2 * c], z1 = zn[nt * 8 + 2 * c + 1];
+    float s[TCB_MT][4];
+#pragma unroll
+    for (int mt = 0; mt < TCB_MT; ++mt) {
+        s[mt][0] = na[mt] + z0;
+        s[mt][1] = na[mt] + z1;
+        s[mt][2] = nb[mt] + z0;
+        s[mt][3] = nb[mt] + z1;
+    }
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+        if (ks < ksteps) {
+            const float* hr = zh[nt * 8 + g] + ks * 8 + c;
+            const float* lr = zl[nt * 8 + g] + ks * 8 + c;
+            const unsigned bh0 = __float_as_uint(hr[0]), bh1 = __float_as_uint(hr[4]);
+            const unsigned bl0 = __float_as_uint(lr[0]), bl1 = __float_as_uint(lr[4]);
+#pragma unroll
+            for (int mt = 0; mt < TCB_MT; ++mt) {  // small terms first
+                mma_tf32(s[mt], al[mt][ks][0], al[mt][ks][1], al[mt][ks][2], al[mt][ks][3], bh0, bh1);
+                mma_tf32(s[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], bl0, bl1);
+                mma_tf32(s[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], bh0, bh1);
+            }
+        }
+    }
+#pragma unroll
+    for (int mt = 0; mt < TCB_MT; ++mt)
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            float q = fmaxf(s[mt][u], 0.f);
+            if (sym && row0 + mt * 16 + g + (u >> 1) * 8 == jt + nt * 8 + 2 * c + (u & 1)) q = 0.f;
+            gps_profile<KIND, MODE, true>(q, p0[mt][u], p1[mt][u]);
+        }
+}
+
+// acc[mt][vn] += P V for one 16-deep k-step; P = two n-tiles (h = 0, 1) in C layout = A layout.
+__device__ __forceinline__ void tcb_pv(float (&acc)[TCB_MT][2][4], const float (&p)[2][TCB_MT][4],
+                                      const unsigned (&bh)[2][2], const unsigned (&bl)[2][2]) {
+#pragma unroll
+    for (int mt = 0; mt < TCB_MT; ++mt) {
+        unsigned ph[4], pl[4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            split_bf16x2(p[h][mt][0], p[h][mt][1], ph[2 * h], pl[2 * h]);
+            split_bf16x2(p[h][mt][2], p[h][mt][3], ph[2 * h + 1], pl[2 * h + 1]);
+        }
+#pragma unroll
+        for (int vn = 0; vn < 2; ++vn) {
+            mma_bf16(acc[mt][vn], pl, bh[vn][0], bh[vn][1]);  // small terms first
+            mma_bf16(acc[mt][vn], ph, bl[vn][0], bl[vn][1]);
+            mma_bf16(acc[mt][vn], ph, bh[vn][0], bh[vn][1]);
+        }
+    }
+}
+
+template <int KIND, int MODE>
+__device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float* __restrict__ Z,
+                                       const float* __restrict__ V, float* __restrict__ O0, float* __restrict__ O1,
+                                       int n, int m, int d, int t, int sym) {
+    __shared__ float zh[TCB_BN][TCB_ZS], zl[TCB_BN][TCB_ZS];
+    __shared__ unsigned vh[TCB_BN / 2][TCB_VS], vl[TCB_BN / 2][TCB_VS];
+    __shared__ float zn[TCB_BN];
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int row0 = blockIdx.x * TCB_ROWS + (threadIdx.x >> 5) * (16 * TCB_MT);
+    const int c0 = blockIdx.y * TCB_TCH;
+    const int ksteps = (d + 7) >> 3, kp = ksteps * 8;
+    unsigned ah[TCB_MT][4][4], al[TCB_MT][4][4];
+    float na[TCB_MT], nb[TCB_MT];
+#pragma unroll
+    for (int mt = 0; mt < TCB_MT; ++mt) tcb_load_rows(X, row0 + 16 * mt, n, d, ksteps, ah[mt], al[mt], na[mt], nb[mt]);
+    float tot0[TCB_MT][2][4] = {}, tot1[TCB_MT][2][4] = {};
+
+    for (int j0 = 0; j0 < m; j0 += TCB_BN) {
+        __syncthreads();  // the previous tile is consumed
+        tcb_load_tiles(zh, zl, zn, vh, vl, Z, V, j0, m, d, kp, t, c0);
+        __syncthreads();
+        float acc0[TCB_MT][2][4] = {}, acc1[TCB_MT][2][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < TCB_BN / 16; ++kk) {
+            float p0[2][TCB_MT][4], p1[2][TCB_MT][4];
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                tcb_profile_tile<KIND, MODE>(p0[h], p1[h], zh, zl, zn, 2 * kk + h, ksteps, ah, al, na, nb, row0, j0,
+                                            sym);
+            unsigned bh[2][2], bl[2][2];
+#pragma unroll
+            for (int vn = 0; vn < 2; ++vn) {
+                bh[vn][0] = vh[kk * 8 + c][vn * 8 + g];
+                bh[vn][1] = vh[kk * 8 + 4 + c][vn * 8 + g];
+                bl[vn][0] = vl[kk * 8 + c][vn * 8 + g];
+                bl[vn][1] = vl[kk * 8 + 4 + c][vn * 8 + g];
+            }
+            tcb_pv(acc0, p0, bh, bl);
+            if (MODE == GPS_MODE_FDQ) tcb_pv(acc1, p1, bh, bl);
+        }
+#pragma unroll
+        for (int mt = 0; mt < TCB_MT; ++mt)
+#pragma unroll
+            for (int vn = 0; vn < 2; ++vn)
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    tot0[mt][vn][u] += acc0[mt][vn][u];
+                    if (MODE == GPS_MODE_FDQ) tot1[mt][vn][u] += acc1[mt][vn][u];
+                }
+    }
+#pragma unroll
+    for (int mt = 0; mt < TCB_MT; ++mt)
+#pragma unroll
+        for (int vn = 0; vn < 2; ++vn)
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int ri = row0 + mt * 16 + g + (u >> 1) * 8, cc = c0 + vn * 8 + 2 * c + (u & 1);
+                if (ri < n && cc < t) {
+                    O0[(long long)ri * t + cc] = tot0[mt][vn][u];
+                    if (MODE == GPS_MODE_FDQ) O1[(long long)ri * t + cc] = tot1[mt][vn][u];
+                }
+            }
+}
+
+#define GPS_TCB_ENTRY(NAME, KIND, MODE, UNUSED)                                                                \
+    extern "C" __global__ void __launch_bounds__(32 * TCB_WARPS)                                               \
+        NAME(const float* X, const float* Z, const float* V, float* O0, float* O1, int n, int m, int d, int t, \
+             int sym) {                                                                                        \
+        kmm_tcb<KIND, MODE>(X, Z, V, O0, O1, n, m, d, t, sym);                                                \
+    }
+
+GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb, 0)
