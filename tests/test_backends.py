@@ -13,15 +13,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import KERNEL_IDS, KERNEL_SPECS, build_kernel, make_inputs
+from operator_contract import assert_close
 
 from gpscale.kernels import RBF, Matern
 from gpscale.likelihood import mll_estimate
-from gpscale.operators import CrossKernelOperator, KernelOperator, bilinear_derivative, derivative_matmul
-from gpscale.operators import backends, cuda_backend
+from gpscale.operators import (
+    CrossKernelOperator,
+    KernelOperator,
+    backends,
+    bilinear_derivative,
+    cuda_backend,
+    derivative_matmul,
+)
 from gpscale.operators.blocking import plan_symmetric_tiling
-
-from conftest import KERNEL_IDS, KERNEL_SPECS, build_kernel, make_inputs
-from operator_contract import assert_close
 
 
 def _kernel(kidx, ard=False, d=3):
