@@ -78,29 +78,18 @@ __device__ __forceinline__ void tc_load_tiles(float (*zs)[TC_ZS], float (*vs)[TC
 // This warp's 16 rows as split A fragments for every k-step, and the squared norms of rows g, g+8.
 __device__ __forceinline__ void tc_load_rows(const float* __restrict__ X, int row0, int n, int d, int ksteps,
                                              unsigned (&ah)[4][4], unsigned (&al)[4][4], float& na, float& nb) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    const int ra = row0 + g, rb = row0 + g + 8;
     na = nb = 0.f;
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) {
-        const int k0 = ks * 8 + c, k1 = k0 + 4;
-        const bool on = ks < ksteps;
-        const float v0 = (on && ra < n && k0 < d) ? X[(long long)ra * d + k0] : 0.f;
-        const float v1 = (on && rb < n && k0 < d) ? X[(long long)rb * d + k0] : 0.f;
-        const float v2 = (on && ra < n && k1 < d) ? X[(long long)ra * d + k1] : 0.f;
-        const float v3 = (on && rb < n && k1 < d) ? X[(long long)rb * d + k1] : 0.f;
-        tf32_split(v0, ah[ks][0], al[ks][0]);
-        tf32_split(v1, ah[ks][1], al[ks][1]);
-        tf32_split(v2, ah[ks][2], al[ks][2]);
-        tf32_split(v3, ah[ks][3], al[ks][3]);
-        na += v0 * v0 + v2 * v2;
-        nb += v1 * v1 + v3 * v3;
+        float v[4];
+        a_frag_m16k8(X, row0, n, d, ks, ks < ksteps, v);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) tf32_split(v[u], ah[ks][u], al[ks][u]);
+        na += v[0] * v[0] + v[2] * v[2];
+        nb += v[1] * v[1] + v[3] * v[3];
     }
-    // A row's entries are spread over the 4 lanes of its quad.
-    na += __shfl_xor_sync(0xffffffffu, na, 1);
-    na += __shfl_xor_sync(0xffffffffu, na, 2);
-    nb += __shfl_xor_sync(0xffffffffu, nb, 1);
-    nb += __shfl_xor_sync(0xffffffffu, nb, 2);
+    na = quad_sum(na);
+    nb = quad_sum(nb);
 }
 
 // S = X_w Z_tile^T for n-tile nt (8 Z rows), 3xTF32.

@@ -115,18 +115,12 @@ __device__ __forceinline__ void tcb_load_tiles(float (*zh)[TCB_ZS], float (*zl)[
 
 // This warp's rows (m-tile mt) as split A fragments of -2 X for every k-step, and their squared norms.
 __device__ __forceinline__ void tcb_load_rows(const float* __restrict__ X, int row0, int n, int d, int ksteps,
-                                             unsigned (&ah)[4][4], unsigned (&al)[4][4], float& na, float& nb) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    const int ra = row0 + g, rb = row0 + g + 8;
+                                              unsigned (&ah)[4][4], unsigned (&al)[4][4], float& na, float& nb) {
     na = nb = 0.f;
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) {
-        const int k0 = ks * 8 + c, k1 = k0 + 4;
-        const bool on = ks < ksteps;
-        const float v[4] = {(on && ra < n && k0 < d) ? X[(long long)ra * d + k0] : 0.f,
-                            (on && rb < n && k0 < d) ? X[(long long)rb * d + k0] : 0.f,
-                            (on && ra < n && k1 < d) ? X[(long long)ra * d + k1] : 0.f,
-                            (on && rb < n && k1 < d) ? X[(long long)rb * d + k1] : 0.f};
+        float v[4];
+        a_frag_m16k8(X, row0, n, d, ks, ks < ksteps, v);
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
             const float a = -2.f * v[u];  // exact: the MMA then adds -2 x.z to the norms
@@ -137,11 +131,8 @@ __device__ __forceinline__ void tcb_load_rows(const float* __restrict__ X, int r
         na += v[0] * v[0] + v[2] * v[2];
         nb += v[1] * v[1] + v[3] * v[3];
     }
-    // A row's entries are spread over the 4 lanes of its quad.
-    na += __shfl_xor_sync(0xffffffffu, na, 1);
-    na += __shfl_xor_sync(0xffffffffu, na, 2);
-    nb += __shfl_xor_sync(0xffffffffu, nb, 1);
-    nb += __shfl_xor_sync(0xffffffffu, nb, 2);
+    na = quad_sum(na);
+    nb = quad_sum(nb);
 }
 
 // f (and f' q) of one 8-wide n-tile for both m-tiles: q from one 3xTF32 MMA chain per k-step,

@@ -13,3 +13,21 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], unsigned a0, unsigned a1
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+
+// The four A-fragment elements of m16n8k8 for rows row0 + g, row0 + g + 8 of row-major X[n, d] at
+// k-step ks (columns ks*8 + c, ks*8 + c + 4), in fragment order; zero outside X or when !on.
+__device__ __forceinline__ void a_frag_m16k8(const float* __restrict__ X, int row0, int n, int d, int ks, bool on,
+                                             float (&v)[4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int ra = row0 + g, rb = row0 + g + 8, k0 = ks * 8 + c, k1 = k0 + 4;
+    v[0] = (on && ra < n && k0 < d) ? X[(long long)ra * d + k0] : 0.f;
+    v[1] = (on && rb < n && k0 < d) ? X[(long long)rb * d + k0] : 0.f;
+    v[2] = (on && ra < n && k1 < d) ? X[(long long)ra * d + k1] : 0.f;
+    v[3] = (on && rb < n && k1 < d) ? X[(long long)rb * d + k1] : 0.f;
+}
+
+// Sum over the 4 lanes of a quad (a fragment row's entries are spread over them).
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
