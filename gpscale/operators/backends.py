@@ -30,6 +30,11 @@ import torch
 BACKENDS = ("auto", "cuda", "keops", "torch")
 #: Products each fused backend implements.
 MODES = ("f", "f_dq", "d")
+#: Order in which ``auto`` tries the fused backends on CUDA: fastest measured first.  First lent
+#: H100 (2026-11-24, n = m = 100k, d = 8, t = 16, benchmarks/results/kernel_matmul_h100_100k.json):
+#: KeOps 0.0213 / 0.0233 s per RBF / Matérn-5/2 product against 0.0249 / 0.0324 s for gpscale's
+#: ``tc3`` at the same accuracy, so KeOps leads until a faster csrc variant has been measured.
+AUTO_ORDER_CUDA = ("keops", "cuda")
 #: Kernels the fused backends know (``StationaryKernel.name``); others always run on torch.
 FUSED_KERNELS = ("rbf", "matern12", "matern32", "matern52")
 #: Below this many kernel entries a fused backend's launch/compile overhead is never repaid.
@@ -85,8 +90,9 @@ def select_backend(op, requested: str) -> str:
     plain GEMM, whereas KeOps recomputes all pairs and compiles each new formula for seconds (one
     uncached product at n = m = 3000, d = 8, t = 16 on the 2-core CI machine: torch 0.15 s / 0.25 s,
     KeOps 0.18 s / 0.13 s for RBF / Matérn-5/2: no clear winner without the cache).  On CUDA:
-    ``torch`` while the whole kernel fits the cache or the problem is tiny, otherwise ``cuda`` if its
-    kernels compile, else ``keops``, else ``torch``.  An explicit backend that cannot run raises
+    ``torch`` while the whole kernel fits the cache or the problem is tiny, otherwise the first
+    available of :data:`AUTO_ORDER_CUDA` (KeOps, then gpscale's ``cuda`` kernels: the measured
+    order), else ``torch``.  An explicit backend that cannot run raises
     ``RuntimeError`` with the reason.
     """
     check_backend_name(requested)
@@ -103,7 +109,7 @@ def select_backend(op, requested: str) -> str:
     n, m = op.shape
     if n * m < MIN_FUSED_ENTRIES or _fits_cache(op):
         return "torch"
-    for cand in ("cuda", "keops"):
+    for cand in AUTO_ORDER_CUDA:
         if backend_available(cand, device, dtype, name)[0]:
             return cand
     return "torch"
