@@ -7,13 +7,14 @@ from . import kernels, logdet, operators, precond, solvers
 from .likelihood import CHOLESKY_CROSSOVER, MLLResult, marginal_log_likelihood, mll_estimate
 from .operators import CrossKernelOperator, KernelOperator
 from .solvers import CGResult, CGStatus, CGWarning, ConjugateGradients, cg
-from .precision import PrecisionPolicy
+from .precision import PrecisionPolicy, PrecisionWarning
 
 __version__ = "0.1.0"
 
 __all__ = ["kernels", "operators", "precond", "solvers", "logdet", "KernelOperator", "CrossKernelOperator",
            "cg", "ConjugateGradients", "CGResult", "CGStatus", "CGWarning", "marginal_log_likelihood",
-           "mll_estimate", "MLLResult", "CHOLESKY_CROSSOVER", "PrecisionPolicy", "__version__"]
+           "mll_estimate", "MLLResult", "CHOLESKY_CROSSOVER", "PrecisionPolicy", "PrecisionWarning",
+           "__version__"]
 
 from .models import ExactGP, FitReport  # noqa: E402  (models build on everything above)
 

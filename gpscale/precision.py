@@ -196,6 +196,10 @@ class PrecisionPolicy:
 FLOAT32 = PrecisionPolicy()
 
 
+class PrecisionWarning(UserWarning):
+    """A low-precision result that float32 products would give noticeably differently."""
+
+
 def as_policy(precision) -> PrecisionPolicy | None:
     """``None`` stays ``None``; a dtype or name becomes ``PrecisionPolicy(product=...)``."""
     if precision is None or isinstance(precision, PrecisionPolicy):

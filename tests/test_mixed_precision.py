@@ -270,3 +270,28 @@ def test_probes_that_refinement_cannot_fix_restart_their_lanczos_run():
     (v32, _), (v16, stats) = vals[None], vals["bfloat16"]
     assert set(stats["finished_precision"]) == {"float32"}
     assert abs(v16 - v32) <= 2e-3 * abs(v32)
+
+
+# ----------------------------------------------------------------------------- post-fit precision check
+def test_low_precision_fit_is_checked_against_float32_products(regression, monkeypatch):
+    """report_.precision_check re-evaluates the optimum with float32 products and the same probes."""
+    from gpscale.models import fit as fit_mod
+
+    X, y = regression
+    kw = dict(kernel="rbf", method="iterative", max_iter=2, dtype=torch.float32, seed=3,
+              preconditioner=PivotedCholesky(rank=30))
+    gp = gpscale.ExactGP(precision="bfloat16", **kw).fit(X[:300], y[:300])
+    chk = gp.report_.precision_check
+    assert set(chk) == {"loss_own", "loss_float32", "relative", "ok"}
+    # the reference is the float32-product MLL at the fitted hyperparameters with the fit's probe seed
+    ref = gpscale.mll_estimate(gp.X_train_, gp.y_train_, gp.kernel_, gp.noise_, gp.mean_, method="iterative",
+                               seed=3, rtol=gp.rtol, num_probes=gp.num_probes, preconditioner=gp.preconditioner,
+                               warn=False)
+    assert chk["loss_float32"] == pytest.approx(-float(ref.value.detach()) / 300, rel=1e-5)
+    assert chk["relative"] == pytest.approx(abs(chk["loss_own"] - chk["loss_float32"]) / abs(chk["loss_float32"]))
+    assert "float32-product check" in str(gp.report_)
+    assert gpscale.ExactGP(precision=None, **kw).fit(X[:300], y[:300]).report_.precision_check is None
+    monkeypatch.setattr(fit_mod, "PRECISION_CHECK_RTOL", 0.0)  # any difference now counts as too large
+    with pytest.warns(gpscale.PrecisionWarning, match="differs from the float32-product estimate"):
+        gp = gpscale.ExactGP(precision="bfloat16", **kw).fit(X[:300], y[:300])
+    assert gp.report_.precision_check["ok"] is False and "WARNING" in str(gp.report_)

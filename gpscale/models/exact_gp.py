@@ -25,7 +25,7 @@ from ..precision import as_policy
 from ..precond.pivoted_cholesky import PivotedCholesky
 from ..solvers.cg import CGWarning
 from .checkpoint import check_compatible, fingerprint, load_checkpoint
-from .fit import FitReport, FitSession, GPParams, Objective
+from .fit import FitReport, FitSession, GPParams, Objective, precision_check
 from .optimizers import run_adam, run_lbfgs
 from .predict import (
     Standardizer,
@@ -244,6 +244,7 @@ class ExactGP:
         else:
             out = run_adam(session, theta0, max_iter=max_iter, lr=self.lr, seed=self.seed, state=state)
         out.theta = dist_fit.agree(out.theta)
+        out.precision_check = precision_check(objective, out.theta, self.seed)
         params.set_vector(out.theta)
         self._params, self.method_, self.n_features_in_ = params, method, d
         self.X_train_, self.y_train_ = Xs, ys
