@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Everything the open issues still need from a lent GPU, in two device calls (each under the
+# 10-minute limit), most important first:
+#
+#   run(command="bash benchmarks/gpu_session.sh kernels", carry=[".whl"], timeout_s=600)  # issue 5
+#   run(command="bash benchmarks/gpu_session.sh mll", carry=[".whl"], timeout_s=600)      # issues 5, 4
+#
+# .whl/ holds the pykeops + keopscore wheels (pip wheel --no-deps -w .whl pykeops==2.3 keopscore==2.3).
+# Every step has its own time limit and writes under $OUT (fetched after the call), so a slow or
+# failing step never loses the earlier ones.  The figures go to benchmarks/results/ by hand after.
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD
+step() {  # step NAME SECONDS CMD...: run, log to $OUT/NAME.log, print the tail
+    local name=$1 secs=$2; shift 2
+    echo "=== $name (limit ${secs}s)"
+    timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?"; tail -n 6 "$OUT/$name.log"
+}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+stage=${1:-kernels}
+if [ "$stage" = kernels ]; then
+# 1. correctness: every variant (the experimental tcb included) against the float64 reference
+step tests 200 python3 -m pytest tests/test_cuda_kernels.py tests/test_backends.py -q -p no:cacheprovider -rf
+# 2. issue 5's figure: 1M products for the tensor-core variants and KeOps (tcb first: the candidate)
+step km_1m 150 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --repeats 2 \
+    --backends cuda:tcb cuda:tc3 keops --out "$OUT/kernel_matmul_h100_1m.json"
+step km_100k 60 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 100000 \
+    --backends cuda:tcb cuda:tc3 cuda:tc cuda:simt keops --out "$OUT/kernel_matmul_h100_100k.json"
+fi
+if [ "$stage" = mll ]; then
+# 3. end-to-end MLL + gradient at 1M (backend auto)
+step mll_1m 300 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --kernels rbf \
+    --backends cuda:tc3 --repeats 1 --mll --out "$OUT/mll_1m_h100.json"
+# 4. issue 4's figure: float32 vs bf16 / fp16 MLL + gradient at n = 200k (generated data, d = 8)
+step precision_200k 280 python3 benchmarks/bench_precision.py --device cuda --datasets synthetic --max-n 222223 \
+    --fit-iter 0 --timeout 90 --no-markdown --out "$OUT/precision_cuda_200k.json"
+fi
+echo "=== done"; ls -la "$OUT"
