@@ -281,14 +281,30 @@ def test_duplicate_inputs(kidx):
     assert_close(dm["outputscale"], dKs @ B, tol, what="dK/ds @ V with duplicates")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: Matérn-1/2 at repeated inputs off the diagonal has an O(sqrt(eps)) ~ 1e-8 error "
-                   "in float64 (expanded-distance residue through sqrt); only the diagonal is snapped to q = 0")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_duplicate_inputs_get_the_exact_diagonal_value_for_matern12(dtype):
+    """K(x, x') for x' = x is the outputscale exactly, in every precision (float32 was off by ~1e-3)."""
+    X = make_inputs(300, 3, seed=4).to(dtype) * 3
+    X[200:240] = X[:40]
+    k = build_kernel("matern", 0.5, d=3)
+    op = CrossKernelOperator(X, X, k)  # symmetric (Z is X), no noise on the diagonal
+    assert op._qsnap > 0
+    K = op.to_dense()
+    s = float(op.outputscale)
+    assert torch.equal(K[torch.arange(40), torch.arange(200, 240)], torch.full((40,), s, dtype=dtype))
+    assert torch.equal(op.rows(torch.arange(40))[torch.arange(40), torch.arange(200, 240)],
+                       torch.full((40,), s, dtype=dtype))
+    assert_close(K, dense_kernel(k, X.double()), 2e-3 if dtype == torch.float32 else 1e-10, what="K with the shift")
+    # smooth kernels are left alone (no kink at 0: the residue costs only O(eps) there)
+    assert KernelOperator(X, build_kernel("matern", 2.5, d=3), noise=0.1)._qsnap == 0.0
+
+
 def test_duplicate_inputs_matern12_full_precision():
-    """Repeated inputs should be as exact as the diagonal: ``K_ij = s`` and zero derivative terms.
+    """Repeated inputs are as exact as the diagonal: ``K_ij = s`` and zero derivative terms.
 
     Checks both the product path (``to_dense``) and the derivative path (``bilinear_derivative``)
-    at float64 precision; either failing keeps this xfail.
+    at float64 precision.  Was an xfail (an O(sqrt(eps)) ~ 1e-8 error: the expanded distance's
+    residue through the square root) until the coincidence shift (``gpscale.operators.expansion``).
     """
     X = make_inputs(N, D, seed=3)
     X[100:130] = X[:30]  # 30 duplicate pairs: the residue is a matter of rounding luck per pair

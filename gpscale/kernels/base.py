@@ -146,20 +146,25 @@ class StationaryKernel(nn.Module):
 
     #: The tiled products compute ``u = sqdist_scale * q`` in one GEMM; see :meth:`profile_scaled_`.
     sqdist_scale = 1.0
+    #: ``f`` has a kink at ``q = 0`` (``f ~ 1 - c sqrt(q)``), so the expanded distance's residue at
+    #: repeated inputs would cost ``O(sqrt(eps))``: the tiled products then set ``q`` below the
+    #: expansion's error bound to 0 (:func:`gpscale.operators.expansion.coincidence_threshold`).
+    snap_near_coincident = False
 
     def profile_(self, q: torch.Tensor) -> torch.Tensor:
         """``f(q)``, allowed to overwrite ``q`` (subclasses do it in place to save memory passes)."""
         return self.profile(q)
 
-    def profile_scaled_(self, u: torch.Tensor) -> torch.Tensor:
+    def profile_scaled_(self, u: torch.Tensor, snap: float = 0.0) -> torch.Tensor:
         """``f(u / sqdist_scale)`` from a tile ``u`` that may be overwritten.
 
         ``u`` comes from an expanded-distance GEMM and can be slightly out of range by round-off
-        (``q < 0``); implementations clamp where their formula needs it.
+        (``q < 0``); implementations clamp where their formula needs it.  ``snap > 0``: every
+        ``q <= snap`` becomes 0 in the same pass (see :attr:`snap_near_coincident`).
         """
         if self.sqdist_scale != 1.0:
             u = u.div_(self.sqdist_scale)
-        return self.profile_(u.clamp_min_(0.0))
+        return self.profile_(torch.nn.functional.threshold_(u, snap, 0.0) if snap else u.clamp_min_(0.0))
 
     # ------------------------------------------------------------------ dense reference
     def forward(self, X: torch.Tensor, Z: torch.Tensor | None = None) -> torch.Tensor:

@@ -61,6 +61,10 @@ class Matern(StationaryKernel):
     def profile_derivative(self, q: torch.Tensor) -> torch.Tensor:
         return self.profile_and_derivative(q)[1]
 
+    @property
+    def snap_near_coincident(self) -> bool:  # f = exp(-sqrt(q)) has a kink at 0 (see StationaryKernel)
+        return self.nu == 0.5
+
     def profile_(self, q: torch.Tensor) -> torch.Tensor:
         """In-place-friendly ``f(q)`` for the no-grad tile passes (plain ``sqrt``: no autograd here)."""
         r = q.clamp_min_(0.0).sqrt()

@@ -37,7 +37,7 @@ class RBF(StationaryKernel):
         f = torch.exp(-0.5 * q)
         return f, -0.5 * f
 
-    def profile_scaled_(self, u: torch.Tensor) -> torch.Tensor:
+    def profile_scaled_(self, u: torch.Tensor, snap: float = 0.0) -> torch.Tensor:
         # u = -q/2 <= 0 up to round-off; exp of a +1e-7 excess is 1 + 1e-7, harmless, so no clamp.
         return u.exp_()
 

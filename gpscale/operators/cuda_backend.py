@@ -14,7 +14,7 @@ Variant policy (``GPSCALE_CUDA_VARIANT`` overrides it, e.g. for benchmarks):
 
 Why the guard: the tensor-core kernels compute ``q`` from norms and a dot product, which leaves an
 absolute error ``delta ~ 8 u (|x|^2 + |z|^2)`` (``u = 2^-24``) however exactly the dot product is
-formed, so an entry moves by ``|f(q + delta) - f(q)|``.  That is ``~ delta / 2`` for RBF -- harmless
+formed, so an entry moves by ``|f(q + delta) - f(q)|`` (:mod:`gpscale.operators.expansion`).  That is ``~ delta / 2`` for RBF -- harmless
 at ordinary lengthscales -- but ``~ sqrt(delta)`` near coincident points for Matérn-1/2 (and for the
 ``f'`` outputs of Matérn-1/2 and 3/2, which are singular or steep at ``q = 0``).  Measured on the first
 lent H100 (2026-11-24, ``tests/test_cuda_kernels.py``, d = 1, points spread over 60 lengthscales):
@@ -23,60 +23,15 @@ lent H100 (2026-11-24, ``tests/test_cuda_kernels.py``, d = 1, points spread over
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
+from .expansion import EXPANSION_UNITS, expansion_delta, expansion_error  # noqa: F401 - re-exported
+
 #: Largest change of one kernel entry (relative to ``f(0) = 1``) the expansion may cause before
 #: the float32 path falls back from ``"tc3"`` to ``"simt"``.
 EXPANSION_TOL = 1e-4
-#: ``delta = EXPANSION_UNITS * 2^-24 * (max|x|^2 + max|z|^2)``: two rounded norms, the 3xTF32 dot
-#: product (about float32 accuracy) and two additions, each worth about one unit roundoff of the
-#: largest term, with a factor 2 to spare.  The GPU tests check the kernels against this envelope.
-EXPANSION_UNITS = 8.0
-#: Grid of q on which the profile change is maximised: 0, then log-spaced to where every profile is
-#: below float32's resolution of 1.
-_Q_GRID = torch.cat([torch.zeros(1, dtype=torch.float64), torch.logspace(-14, 3.5, 2000, dtype=torch.float64)])
-
-
-def expansion_delta(r2: float) -> float:
-    """Absolute error bound of the expanded squared distance for inputs with ``max |x|^2 + max |z|^2 = r2``."""
-    return EXPANSION_UNITS * 2.0 ** -24 * float(r2)
-
-
-def _profile_outputs(kernel, q: torch.Tensor, mode: str) -> list[torch.Tensor]:
-    f, fp = kernel.profile_and_derivative(q)
-    return {"f": [f], "f_dq": [f, fp * q], "d": [fp]}[mode]
-
-
-def expansion_error(kernel, mode: str, r2: float) -> float:
-    """Largest change of a fused product's profile entries when ``q`` is off by :func:`expansion_delta`.
-
-    Parameters
-    ----------
-    kernel : gpscale.kernels.StationaryKernel
-        Only its profile ``f`` (and ``f'``) is used.
-    mode : {"f", "f_dq", "d"}
-        Which profile outputs the product forms: ``f``; ``f`` and ``f' q``; ``f'``.
-    r2 : float
-        ``max |x|^2 + max |z|^2`` of the centred, lengthscale-divided inputs.
-
-    Returns
-    -------
-    float
-        ``max_q max_out |g(q + delta) - g(q)|`` over a grid of ``q`` (``inf`` for outputs singular at
-        ``q = 0``, such as Matérn-1/2's ``f'``).  Time: a few thousand profile evaluations.
-    """
-    delta = expansion_delta(r2)
-    q = _Q_GRID
-    worst = 0.0
-    for lo, hi in zip(_profile_outputs(kernel, q, mode), _profile_outputs(kernel, q + delta, mode)):
-        # Matérn-1/2's f' is defined as 0 at q = 0 (it only ever meets a vanishing factor), but the
-        # kernel sees the expanded q > 0 there: its jump is part of the error.
-        err = (hi - lo).abs().max().item()
-        worst = max(worst, err if math.isfinite(err) else math.inf)
-    return worst
 
 
 def available(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
@@ -106,7 +61,7 @@ def variant_for(dtype: torch.dtype, kernel=None, mode: str = "f", r2: float = 0.
         return forced
     if dtype == torch.float64:
         return "simt"
-    if kernel is not None and expansion_error(kernel, mode, r2) > EXPANSION_TOL:
+    if kernel is not None and expansion_error(kernel, mode, r2, torch.float32) > EXPANSION_TOL:
         return "simt"
     return "tc3"
 

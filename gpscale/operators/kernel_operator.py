@@ -20,6 +20,7 @@ from ..kernels.base import StationaryKernel
 from ..precision import dtype_name, is_low_precision, lowp_mm, round_to, scale_columns
 from .backends import check_backend_name, fused_products, select_backend
 from .blocking import plan_symmetric_tiling, plan_tiling
+from .expansion import coincidence_threshold
 
 
 class CrossKernelOperator:
@@ -69,6 +70,9 @@ class CrossKernelOperator:
             self._Zs = self._Xs if Z is X else (Z - center) / self.lengthscale
             self._xn = self._Xs.pow(2).sum(1)
             self._zn = self._xn if Z is X else self._Zs.pow(2).sum(1)
+            # Kernels with a kink at q = 0 (Matérn-1/2): q below the expansion's error bound is set
+            # to 0, so repeated inputs get q = 0 exactly (see .expansion).
+            self._qsnap = coincidence_threshold(kernel, self._xn, self._zn)
             # Augmented features: one GEMM of width d+2 yields c*q = c(|x|^2 - 2 x.z + |z|^2)
             # directly (c = kernel.sqdist_scale, -1/2 for RBF), so a tile costs a GEMM write and
             # one in-place elementwise pass instead of four memory passes.
@@ -103,8 +107,12 @@ class CrossKernelOperator:
     def scaled_sqdist(self, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
         """Tile of squared scaled distances ``q`` (a fresh tensor the caller may overwrite)."""
         q = torch.addmm(self._zn[j0:j1], self._Xs[i0:i1], self._Zs[j0:j1].T, alpha=-2.0)
-        q.add_(self._xn[i0:i1, None]).clamp_min_(0.0)
+        q = self._floor_(q.add_(self._xn[i0:i1, None]))
         return self._zero_diagonal(q, i0, i1, j0, j1)
+
+    def _floor_(self, q: torch.Tensor) -> torch.Tensor:
+        """In place: ``q < 0`` (round-off) to 0, and ``q <= delta`` too for kernels with a kink at 0."""
+        return torch.nn.functional.threshold_(q, self._qsnap, 0.0) if self._qsnap else q.clamp_min_(0.0)
 
     def _zero_diagonal(self, t: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
         """Set the entries of a distance tile that lie on the diagonal of ``K(X, X)`` to exactly 0.
@@ -121,7 +129,7 @@ class CrossKernelOperator:
     def profile_tile(self, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
         """Tile of ``f(q)``: the kernel divided by the outputscale (the hot path of every product)."""
         u = self._Xa[i0:i1] @ self._ZaT[:, j0:j1]
-        return self.kernel.profile_scaled_(self._zero_diagonal(u, i0, i1, j0, j1))
+        return self.kernel.profile_scaled_(self._zero_diagonal(u, i0, i1, j0, j1), snap=self._qsnap)
 
     def _ensure_cache(self) -> None:
         c = self.tiling.cached_rows
@@ -179,7 +187,7 @@ class CrossKernelOperator:
         """Kernel rows ``K(X[idx], Z)``, shape ``(len(idx), m)`` (row access for preconditioners)."""
         idx = torch.as_tensor(idx, device=self.device).reshape(-1)
         Xs, xn = self._Xs[idx], self._xn[idx]
-        q = torch.addmm(self._zn, Xs, self._Zs.T, alpha=-2.0).add_(xn[:, None]).clamp_min_(0.0)
+        q = self._floor_(torch.addmm(self._zn, Xs, self._Zs.T, alpha=-2.0).add_(xn[:, None]))
         if self._symmetric:
             q[torch.arange(idx.numel(), device=self.device), idx] = 0.0
         return self.kernel.profile_(q).mul_(self.outputscale)
