@@ -78,18 +78,8 @@ __device__ __forceinline__ void tc_load_tiles(float (*zs)[TC_ZS], float (*vs)[TC
 // This warp's 16 rows as split A fragments for every k-step, and the squared norms of rows g, g+8.
 __device__ __forceinline__ void tc_load_rows(const float* __restrict__ X, int row0, int n, int d, int ksteps,
                                              unsigned (&ah)[4][4], unsigned (&al)[4][4], float& na, float& nb) {
-    na = nb = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-        float v[4];
-        a_frag_m16k8(X, row0, n, d, ks, ks < ksteps, v);
-#pragma unroll
-        for (int u = 0; u < 4; ++u) tf32_split(v[u], ah[ks][u], al[ks][u]);
-        na += v[0] * v[0] + v[2] * v[2];
-        nb += v[1] * v[1] + v[3] * v[3];
-    }
-    na = quad_sum(na);
-    nb = quad_sum(nb);
+    load_rows_split(X, row0, n, d, ksteps, ah, al, na, nb,
+                    [](float v, unsigned& hi, unsigned& lo) { tf32_split(v, hi, lo); });
 }
 
 // S = X_w Z_tile^T for n-tile nt (8 Z rows), 3xTF32.

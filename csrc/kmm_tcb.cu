@@ -116,23 +116,12 @@ __device__ __forceinline__ void tcb_load_tiles(float (*zh)[TCB_ZS], float (*zl)[
 // This warp's rows (m-tile mt) as split A fragments of -2 X for every k-step, and their squared norms.
 __device__ __forceinline__ void tcb_load_rows(const float* __restrict__ X, int row0, int n, int d, int ksteps,
                                               unsigned (&ah)[4][4], unsigned (&al)[4][4], float& na, float& nb) {
-    na = nb = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-        float v[4];
-        a_frag_m16k8(X, row0, n, d, ks, ks < ksteps, v);
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const float a = -2.f * v[u];  // exact: the MMA then adds -2 x.z to the norms
-            const float h = round_tf32(a);
-            ah[ks][u] = __float_as_uint(h);
-            al[ks][u] = __float_as_uint(a - h);
-        }
-        na += v[0] * v[0] + v[2] * v[2];
-        nb += v[1] * v[1] + v[3] * v[3];
-    }
-    na = quad_sum(na);
-    nb = quad_sum(nb);
+    load_rows_split(X, row0, n, d, ksteps, ah, al, na, nb, [](float v, unsigned& hi, unsigned& lo) {
+        const float a = -2.f * v;  // exact: the MMA then adds -2 x.z to the norms
+        const float h = round_tf32(a);
+        hi = __float_as_uint(h);
+        lo = __float_as_uint(a - h);
+    });
 }
 
 // f (and f' q) of one 8-wide n-tile for both m-tiles: q from one 3xTF32 MMA chain per k-step,

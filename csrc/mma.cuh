@@ -31,3 +31,23 @@ __device__ __forceinline__ float quad_sum(float x) {
     x += __shfl_xor_sync(0xffffffffu, x, 1);
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
+
+// A warp's 16 rows of X as hi/lo A fragments for every k-step (split(v, hi, lo) decides how, e.g.
+// 3xTF32), and the squared norms na, nb of rows g and g + 8 (of the unsplit values).
+template <typename Split>
+__device__ __forceinline__ void load_rows_split(const float* __restrict__ X, int row0, int n, int d, int ksteps,
+                                                unsigned (&ah)[4][4], unsigned (&al)[4][4], float& na, float& nb,
+                                                Split split) {
+    na = nb = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+        float v[4];
+        a_frag_m16k8(X, row0, n, d, ks, ks < ksteps, v);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) split(v[u], ah[ks][u], al[ks][u]);
+        na += v[0] * v[0] + v[2] * v[2];
+        nb += v[1] * v[1] + v[3] * v[3];
+    }
+    na = quad_sum(na);
+    nb = quad_sum(nb);
+}
