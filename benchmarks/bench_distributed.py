@@ -158,39 +158,76 @@ def run(args) -> dict:
     results = []
     for strategy in args.strategies:
         for mode in ("weak", "strong"):
+            rounds = {p: [] for p in args.ranks}
+            # Rounds alternate the rank counts (1, 2, 1, 2, ...): this VM's speed drifts by 10-25% over
+            # minutes, so an efficiency is only trustworthy as a median of *paired* ratios.
+            for rnd in range(args.rounds):
+                for p in args.ranks:
+                    probes = args.cols_per_rank * p - 1 if mode == "weak" else args.strong_probes
+                    print(f"[bench_distributed] {strategy:8s} {mode:6s} p={p} num_probes={probes} "
+                          f"round {rnd + 1}/{args.rounds} ...", flush=True)
+                    rec = launch(strategy, p, probes, args)
+                    print(f"    -> {fmt(rec.get('seconds'))} s ({rec['status']})", flush=True)
+                    rounds[p].append(rec)
             for p in args.ranks:
+                rec = _combine_rounds(rounds[p])
                 probes = args.cols_per_rank * p - 1 if mode == "weak" else args.strong_probes
-                print(f"[bench_distributed] {strategy:8s} {mode:6s} p={p} num_probes={probes} ...", flush=True)
-                rec = launch(strategy, p, probes, args)
                 rec.update(mode=mode, strategy=strategy, ranks=p, num_probes=probes)
                 if rec["status"] == "ok":
                     rec["bytes"] = message_bytes(rec["grid"], args.n, 1, probes + 1)
                     rec["compute_seconds"] = rec["seconds"] - rec["comm_seconds"]
-                print(f"    -> {fmt(rec.get('seconds'))} s ({rec['status']})", flush=True)
                 results.append(rec)
     _efficiencies(results)
     return {"machine": machine_info(), "settings": {k: v for k, v in vars(args).items() if k != "worker"},
             "results": results}
 
 
+def _combine_rounds(recs: list) -> dict:
+    """One record from the rounds of one (strategy, mode, p): medians, and every round's time kept."""
+    failed = [r for r in recs if r.get("status") != "ok"]
+    if failed:
+        return dict(failed[0])
+    out = dict(recs[0])
+    out["seconds_rounds"] = [r["seconds"] for r in recs]
+    out["seconds"] = statistics.median(out["seconds_rounds"])
+    out["comm_seconds"] = statistics.median(r["comm_seconds"] for r in recs)
+    out["times_by_rank"] = [t for r in recs for t in r["times_by_rank"]] if len(recs) > 1 else out["times_by_rank"]
+    return out
+
+
 def _efficiencies(results: list) -> None:
-    base = {(r["strategy"], r["mode"]): r["seconds"] for r in results if r["status"] == "ok" and r["ranks"] == 1}
+    """Weak ``t1 / tp``, strong ``t1 / (p tp)``; with rounds, the median of the per-round paired ratios."""
+    base = {(r["strategy"], r["mode"]): r for r in results if r["status"] == "ok" and r["ranks"] == 1}
     for r in results:
-        t1 = base.get((r["strategy"], r["mode"]))
-        if r["status"] != "ok" or t1 is None:
+        b = base.get((r["strategy"], r["mode"]))
+        if r["status"] != "ok" or b is None:
             continue
-        r["efficiency"] = t1 / r["seconds"] if r["mode"] == "weak" else t1 / (r["ranks"] * r["seconds"])
+        scale = 1 if r["mode"] == "weak" else r["ranks"]
+        pairs = [t1 / (scale * tp) for t1, tp in zip(b.get("seconds_rounds", [b["seconds"]]),
+                                                    r.get("seconds_rounds", [r["seconds"]]))]
+        r["efficiency"] = statistics.median(pairs) if len(pairs) > 1 else b["seconds"] / (scale * r["seconds"])
+        if len(pairs) > 1:
+            r["efficiency_rounds"] = pairs
+
+
+def _eff_text(r: dict) -> str:
+    pairs = r.get("efficiency_rounds")
+    rng = f" ({min(pairs):.0%}–{max(pairs):.0%})" if pairs and r["ranks"] > 1 else ""
+    return fmt(r.get("efficiency"), ".0%") + rng
 
 
 def render(payload: dict) -> str:
     s, m = payload["settings"], payload["machine"]
     budget = "1 GiB" if s.get("memory_budget") is None else f"{s['memory_budget']} B"
     pinned = "one core per rank (pinned)" if s.get("pin") else "ranks placed by the OS"
+    rounds = s.get("rounds", 1)
+    paired = (f"; {rounds} alternating rounds (1 rank, 2 ranks, 1, 2, ...): times are medians over rounds, "
+              "efficiency the median of the per-round paired ratios (range in brackets)") if rounds > 1 else ""
     head = (f"CPU gloo, one torch thread per rank, {pinned}, median of {s.get('repeats')} evaluations, n = {s['n']}, d = {s['d']}, RBF, float64, rtol {s['rtol']}, "
             f"pivoted-Cholesky rank {s['precond_rank']}, memory budget {budget}; weak: {s['cols_per_rank']} CG "
             f"columns per rank, strong: {s['strong_probes']} probes.  Machine: {m.get('cpu_model', '?')}, "
             f"{m.get('cpu_count')} cores, load average at start {m.get('loadavg_at_start')}; {m.get('date_utc')}, "
-            f"commit {(m.get('git_commit') or '?')[:9]}.")
+            f"commit {(m.get('git_commit') or '?')[:9]}{paired}.")
     lines = [head, "",
              "| strategy | mode | ranks | grid | probes | CG its | time / eval (s) | comm (s) | efficiency |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -201,7 +238,7 @@ def render(payload: dict) -> str:
             continue
         lines.append(f"| {r['strategy']} | {r['mode']} | {r['ranks']} | {r['grid']} | {r['num_probes']} | "
                      f"{r['iterations_max']} | {fmt(r['seconds'])} | {fmt(r['comm_seconds'])} | "
-                     f"{fmt(r.get('efficiency'), '.0%')} |")
+                     f"{_eff_text(r)} |")
     return "\n".join(lines)
 
 
@@ -222,6 +259,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cols-per-rank", type=int, default=8)
     ap.add_argument("--strong-probes", type=int, default=15)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="launch every rank count this many times, alternating; efficiency = median paired ratio")
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                     help="bind rank r to core r (default on; --no-pin lets the OS place the ranks)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
