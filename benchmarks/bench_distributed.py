@@ -150,7 +150,7 @@ def launch(strategy: str, p: int, probes: int, args) -> dict:
 def message_bytes(strategy_grid: str, n: int, d: int, columns: int) -> dict:
     """Bytes each rank sends per CG iteration (row all-gather) and per evaluation (the final reduction)."""
     R, C = (int(v) for v in strategy_grid.split("x"))
-    per_iter = 0 if R == 1 else 8 * (-(-n // R) + 1) * -(-columns // C)
+    per_iter = 0 if R == 1 else 8 * (n * -(-columns // C) + 1)  # a partial product + failure flag
     return {"per_iteration": per_iter, "per_evaluation": 8 * (1 + 12 + 8 + 1 + d)}
 
 

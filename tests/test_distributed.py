@@ -124,6 +124,26 @@ def _scenario_raise(rank: int, world: int) -> dict:
     return out
 
 
+def _scenario_raise_in_product(rank: int, world: int) -> dict:
+    """Rank 1 raises inside a row-partition product (mid-CG): the failure flag stops rank 0 at once."""
+    from gpscale.distributed import row_operator
+
+    if rank == 1:
+        calls = {"n": 0}
+        original = row_operator.RowBlockOperator.local_matmul
+
+        def failing(self, V):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise ValueError("injected failure in a product on rank 1")
+            return original(self, V)
+
+        row_operator.RowBlockOperator.local_matmul = failing
+    X, y = _data()
+    return {"rows": _expect_failure(lambda: gpscale.marginal_log_likelihood(
+        X, y, RBF(lengthscale=0.7).double(), 0.1, method="iterative", seed=0, distributed="rows"))}
+
+
 def _expect_failure(fn) -> dict:
     t0 = time.perf_counter()
     try:
@@ -250,6 +270,15 @@ def test_raising_rank_stops_every_rank_at_once(tmp_path):
         assert r1["error"] == "ValueError" and "injected" in r1["message"]
         assert r0["error"] == "DistributedError" and "rank(s) [1]" in r0["message"], r0
         assert r0["seconds"] < 30.0  # well inside the 60 s timeout: no waiting for it
+
+
+def test_rank_raising_inside_a_row_product_stops_every_rank(tmp_path):
+    results, _codes, logs = launch(2, "raise_in_product", tmp_path, timeout_s=60.0, deadline_s=120.0)
+    assert all(r is not None for r in results), "\n".join(logs)
+    r0, r1 = results[0]["rows"], results[1]["rows"]
+    assert r1["error"] == "ValueError" and "injected" in r1["message"]
+    assert r0["error"] == "DistributedError" and "rank(s) [1]" in r0["message"], r0
+    assert r0["seconds"] < 30.0  # the flag in the all-gather, not the 60 s timeout
 
 
 def test_without_process_group_says_how_to_launch():
