@@ -308,3 +308,17 @@ def test_control_variate_case_uses_it():
     k = make_kernel()
     P = PivotedCholesky(rank=20).build(gpscale.KernelOperator(X, k, noise=noise))
     assert not use_control_variate(P, X.shape[0] * float(k.outputscale.detach()))
+
+
+def test_tile_shares_are_balanced_disjoint_and_cover_the_upper_triangle():
+    from gpscale.distributed import share_tiles
+    from gpscale.operators.blocking import plan_symmetric_tiling
+
+    tiles = plan_symmetric_tiling(1000, torch.float64, torch.device("cpu"), tile=96).upper_tiles(1000)
+    area = lambda ts: sum((i1 - i0) * (j1 - j0) for i0, i1, j0, j1 in ts)  # noqa: E731
+    for parts in (1, 2, 3):
+        shares = [share_tiles(tiles, parts, r) for r in range(parts)]
+        assert sorted(t for s in shares for t in s) == sorted(tiles)  # disjoint, complete
+        loads = [area(s) for s in shares]
+        assert max(loads) - min(loads) <= 96 * 96  # within one tile's area
+        assert all(s == [t for t in tiles if t in s] for s in shares)  # original order kept

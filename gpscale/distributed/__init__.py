@@ -16,7 +16,8 @@ all-gather per CG iteration; ``"hybrid"`` is a 2-D grid of both.  See ``docs/dis
 from .comm import DistributedError, init_process_group, is_writer, rank
 from .grid import STRATEGIES, Partition, ProcessGrid, process_grid
 from .mll import distributed_mll
-from .row_operator import RowBlockOperator, row_bilinear_derivative
+from .row_operator import RowBlockOperator, row_bilinear_derivative, share_tiles
 
 __all__ = ["STRATEGIES", "DistributedError", "Partition", "ProcessGrid", "RowBlockOperator", "distributed_mll",
-           "init_process_group", "is_writer", "process_grid", "rank", "row_bilinear_derivative"]
+           "init_process_group", "is_writer", "process_grid", "rank", "row_bilinear_derivative",
+           "share_tiles"]
