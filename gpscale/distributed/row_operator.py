@@ -18,9 +18,12 @@ Message per product: ``n t + 1`` numbers from each rank (a partial product and a
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..operators import KernelOperator, bilinear_derivative
+from ..operators.blocking import plan_symmetric_tiling
 from .comm import all_gather_vector
 
 
@@ -64,8 +67,12 @@ class RowBlockOperator:
         if n < grid.rows:
             raise ValueError(f"the row partition needs at least one row per rank: n={n} < {grid.rows} row ranks")
         self.grid, self.n = grid, n
-        # backend="torch": the tiled path, whose tile list is what the ranks share.
-        self.block = KernelOperator(X, kernel, noise=noise, memory_budget=memory_budget, backend="torch")
+        # backend="torch": the tiled path, whose tile list is what the ranks share.  At least ~8 tiles
+        # per rank (k(k+1)/2 upper tiles for k = ceil(sqrt(16 R)) tile rows), so that the greedy share
+        # is balanced to about one tile in eight, whatever tile size the memory budget alone would give.
+        tile = plan_symmetric_tiling(n, X.dtype, X.device, memory_budget).tile
+        tile = max(1, min(tile, -(-n // math.ceil(math.sqrt(16 * grid.rows)))))
+        self.block = KernelOperator(X, kernel, noise=noise, memory_budget=memory_budget, tile=tile, backend="torch")
         self.block._tiles = share_tiles(self.block._tiles, grid.rows, grid.row_index)
         self.noise = float(noise.detach() if isinstance(noise, torch.Tensor) else noise)
         self.X, self.kernel = X, kernel
