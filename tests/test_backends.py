@@ -25,6 +25,7 @@ from gpscale.operators import (
     bilinear_derivative,
     cuda_backend,
     derivative_matmul,
+    expansion,
 )
 from gpscale.operators.blocking import plan_symmetric_tiling
 
@@ -165,14 +166,14 @@ def test_keops_derivatives_match_torch(keops_ok, kidx, ard):
 @pytest.mark.parametrize("mode,slope", [("f", 0.5), ("f_dq", 0.5), ("d", 0.25)])
 def test_rbf_expansion_error_is_the_profile_slope_times_the_distance_error(mode, slope):
     # max |f'| = 1/2 (f), max |d(f' q)/dq| = 1/2 (f_dq), max |f''| = 1/4 (d), all at q = 0
-    assert cuda_backend.expansion_error(RBF(), mode, 10.0) == pytest.approx(slope * cuda_backend.expansion_delta(10.0),
+    assert expansion.expansion_error(RBF(), mode, 10.0) == pytest.approx(slope * expansion.expansion_delta(10.0),
                                                                             rel=1e-2)
 
 
 def test_matern12_expansion_error_is_the_square_root_of_the_distance_error():
-    delta = cuda_backend.expansion_delta(10.0)
-    assert cuda_backend.expansion_error(Matern(nu=0.5), "f", 10.0) == pytest.approx(math.sqrt(delta), rel=0.05)
-    assert cuda_backend.expansion_error(Matern(nu=0.5), "d", 10.0) > 1e3  # f' ~ 1/r: singular
+    delta = expansion.expansion_delta(10.0)
+    assert expansion.expansion_error(Matern(nu=0.5), "f", 10.0) == pytest.approx(math.sqrt(delta), rel=0.05)
+    assert expansion.expansion_error(Matern(nu=0.5), "d", 10.0) > 1e3  # f' ~ 1/r: singular
 
 
 def test_variant_for_falls_back_to_simt_where_the_expansion_is_too_coarse(monkeypatch):
@@ -198,13 +199,15 @@ def test_cuda_products_choose_the_variant_per_call_and_measure_the_inputs_once(m
                         lambda X, Z, V, name, mode, variant, symmetric: calls.append((name, mode, variant)) or V)
     X = torch.zeros(30, 2)
     X[0] = torch.tensor([3.0, 4.0])  # max |x|^2 = 25: r2 = 50
-    op = SimpleNamespace(_Xs=X, _Zs=X, kernel=RBF(), _symmetric=True, backend="cuda")
+    xn = X.pow(2).sum(1)  # the operator's squared row norms, which the guard reads
+    op = SimpleNamespace(_Xs=X, _Zs=X, _xn=xn, _zn=xn, kernel=RBF(), _symmetric=True, backend="cuda")
     assert backends.backend_label(op) == "cuda"
     cuda_backend.products(op, torch.ones(30, 1), "f")
     assert op._cuda_r2 == pytest.approx(50.0) and calls[-1] == ("rbf", "f", "tc3")
     assert backends.backend_label(op) == "cuda:tc3"
     op.kernel = Matern(nu=0.5)  # the same operator data: r2 is not measured again
     op._Xs = op._Zs = X * 1e3
+    op._xn = op._zn = xn * 1e6
     cuda_backend.products(op, torch.ones(30, 1), "f_dq")
     assert op._cuda_r2 == pytest.approx(50.0) and calls[-1] == ("matern12", "f_dq", "simt")
     assert backends.backend_label(op) == "cuda:simt"

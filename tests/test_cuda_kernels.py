@@ -13,7 +13,7 @@ long-lengthscale cases, where every entry is near 1 and the rounding of P is cor
 and ``max|V|`` its floor, the kernel's own scale ``f(0) = 1`` (cross products at a short lengthscale
 underflow in float32: measured against that scale, not their own tiny size).  ``env`` is, for the
 tensor-core variants only, what the documented expansion error of ``q``
-(``gpscale.operators.cuda_backend.expansion_delta``) can move the product: ``|G(q +- delta) - G(q)| |V|``.
+(``gpscale.operators.expansion.expansion_delta``) can move the product: ``|G(q +- delta) - G(q)| |V|``.
 The operators never use a tensor-core variant where that envelope exceeds their tolerance
 (``cuda_backend.variant_for``, tested on CPU in ``tests/test_backends.py``).
 """
@@ -39,7 +39,7 @@ from gpscale.operators import (  # noqa: E402
     bilinear_derivative,
     derivative_matmul,
 )
-from gpscale.operators.cuda_backend import expansion_delta  # noqa: E402
+from gpscale.operators.expansion import expansion_delta  # noqa: E402
 
 _OK, _WHY = _ext.available(compile=True)
 if not _OK:

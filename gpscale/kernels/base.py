@@ -42,6 +42,15 @@ def to_positive(raw: torch.Tensor) -> torch.Tensor:
     return softplus(raw) + _FLOOR
 
 
+def floor_sqdist_(q: torch.Tensor, snap: float = 0.0) -> torch.Tensor:
+    """In place: an expanded squared distance's round-off below 0 set to 0 -- and, with ``snap > 0``,
+    every ``q <= snap`` too (kernels with a kink at 0, see ``StationaryKernel.snap_near_coincident``).
+
+    One elementwise pass either way (``threshold_`` where ``clamp_min_`` would do).
+    """
+    return torch.nn.functional.threshold_(q, snap, 0.0) if snap else q.clamp_min_(0.0)
+
+
 class StationaryKernel(nn.Module):
     """Base class of gpscale's stationary kernels :math:`s f(\\|(x-z)/\\ell\\|^2)`.
 
@@ -164,7 +173,7 @@ class StationaryKernel(nn.Module):
         """
         if self.sqdist_scale != 1.0:
             u = u.div_(self.sqdist_scale)
-        return self.profile_(torch.nn.functional.threshold_(u, snap, 0.0) if snap else u.clamp_min_(0.0))
+        return self.profile_(floor_sqdist_(u, snap))
 
     # ------------------------------------------------------------------ dense reference
     def forward(self, X: torch.Tensor, Z: torch.Tensor | None = None) -> torch.Tensor:

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from .expansion import EXPANSION_UNITS, expansion_delta, expansion_error  # noqa: F401 - re-exported
+from .expansion import expansion_error, norm_bound
 
 #: Largest change of one kernel entry (relative to ``f(0) = 1``) the expansion may cause before
 #: the float32 path falls back from ``"tc3"`` to ``"simt"``.
@@ -70,7 +70,7 @@ def _max_sq_norms(op) -> float:
     """``max |x|^2 + max |z|^2`` of the operator's scaled inputs, computed once per operator."""
     r2 = getattr(op, "_cuda_r2", None)
     if r2 is None:
-        r2 = sum(float(T.pow(2).sum(1).max()) if T.shape[0] else 0.0 for T in (op._Xs, op._Zs))
+        r2 = norm_bound(op._xn, op._zn)  # the operator's own squared norms, not recomputed
         op._cuda_r2 = r2  # one host sync per operator, not per CG step
     return r2
 

@@ -71,6 +71,11 @@ def expansion_error(kernel, mode: str, r2: float, dtype: torch.dtype = torch.flo
     return worst
 
 
+def norm_bound(xn: torch.Tensor, zn: torch.Tensor) -> float:
+    """``r2 = max |x|^2 + max |z|^2`` from the squared row norms (0 for an empty side); one host sync."""
+    return sum(float(t.max()) for t in (xn, zn) if t.numel())
+
+
 def coincidence_threshold(kernel, xn: torch.Tensor, zn: torch.Tensor) -> float:
     """``delta``, below which an expanded ``q`` is set to 0, for a kernel with a kink at 0; else 0.
 
@@ -85,4 +90,4 @@ def coincidence_threshold(kernel, xn: torch.Tensor, zn: torch.Tensor) -> float:
     """
     if not getattr(kernel, "snap_near_coincident", False) or xn.numel() == 0 or zn.numel() == 0:
         return 0.0
-    return expansion_delta(float(xn.max()) + float(zn.max()), xn.dtype)
+    return expansion_delta(norm_bound(xn, zn), xn.dtype)

@@ -16,7 +16,7 @@ import copy
 import torch
 
 from .._validation import check_inputs, check_positive_hyper, check_same
-from ..kernels.base import StationaryKernel
+from ..kernels.base import StationaryKernel, floor_sqdist_
 from ..precision import dtype_name, is_low_precision, lowp_mm, round_to, scale_columns
 from .backends import check_backend_name, fused_products, select_backend
 from .blocking import plan_symmetric_tiling, plan_tiling
@@ -107,12 +107,8 @@ class CrossKernelOperator:
     def scaled_sqdist(self, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
         """Tile of squared scaled distances ``q`` (a fresh tensor the caller may overwrite)."""
         q = torch.addmm(self._zn[j0:j1], self._Xs[i0:i1], self._Zs[j0:j1].T, alpha=-2.0)
-        q = self._floor_(q.add_(self._xn[i0:i1, None]))
+        q = floor_sqdist_(q.add_(self._xn[i0:i1, None]), self._qsnap)
         return self._zero_diagonal(q, i0, i1, j0, j1)
-
-    def _floor_(self, q: torch.Tensor) -> torch.Tensor:
-        """In place: ``q < 0`` (round-off) to 0, and ``q <= delta`` too for kernels with a kink at 0."""
-        return torch.nn.functional.threshold_(q, self._qsnap, 0.0) if self._qsnap else q.clamp_min_(0.0)
 
     def _zero_diagonal(self, t: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
         """Set the entries of a distance tile that lie on the diagonal of ``K(X, X)`` to exactly 0.
@@ -187,7 +183,7 @@ class CrossKernelOperator:
         """Kernel rows ``K(X[idx], Z)``, shape ``(len(idx), m)`` (row access for preconditioners)."""
         idx = torch.as_tensor(idx, device=self.device).reshape(-1)
         Xs, xn = self._Xs[idx], self._xn[idx]
-        q = self._floor_(torch.addmm(self._zn, Xs, self._Zs.T, alpha=-2.0).add_(xn[:, None]))
+        q = floor_sqdist_(torch.addmm(self._zn, Xs, self._Zs.T, alpha=-2.0).add_(xn[:, None]), self._qsnap)
         if self._symmetric:
             q[torch.arange(idx.numel(), device=self.device), idx] = 0.0
         return self.kernel.profile_(q).mul_(self.outputscale)
