@@ -163,7 +163,7 @@ def run(args) -> dict:
             # minutes, so an efficiency is only trustworthy as a median of *paired* ratios.
             for rnd in range(args.rounds):
                 for p in args.ranks:
-                    probes = args.cols_per_rank * p - 1 if mode == "weak" else args.strong_probes
+                    probes = _probes(args, mode, p)
                     print(f"[bench_distributed] {strategy:8s} {mode:6s} p={p} num_probes={probes} "
                           f"round {rnd + 1}/{args.rounds} ...", flush=True)
                     rec = launch(strategy, p, probes, args)
@@ -171,7 +171,7 @@ def run(args) -> dict:
                     rounds[p].append(rec)
             for p in args.ranks:
                 rec = _combine_rounds(rounds[p])
-                probes = args.cols_per_rank * p - 1 if mode == "weak" else args.strong_probes
+                probes = _probes(args, mode, p)
                 rec.update(mode=mode, strategy=strategy, ranks=p, num_probes=probes)
                 if rec["status"] == "ok":
                     rec["bytes"] = message_bytes(rec["grid"], args.n, 1, probes + 1)
@@ -180,6 +180,11 @@ def run(args) -> dict:
     _efficiencies(results)
     return {"machine": machine_info(), "settings": {k: v for k, v in vars(args).items() if k != "worker"},
             "results": results}
+
+
+def _probes(args, mode: str, p: int) -> int:
+    """Probe count of a run: ``cols_per_rank`` CG columns per rank (weak) or ``strong_probes`` (strong)."""
+    return args.cols_per_rank * p - 1 if mode == "weak" else args.strong_probes
 
 
 def _combine_rounds(recs: list) -> dict:
@@ -205,7 +210,7 @@ def _efficiencies(results: list) -> None:
         scale = 1 if r["mode"] == "weak" else r["ranks"]
         pairs = [t1 / (scale * tp) for t1, tp in zip(b.get("seconds_rounds", [b["seconds"]]),
                                                     r.get("seconds_rounds", [r["seconds"]]))]
-        r["efficiency"] = statistics.median(pairs) if len(pairs) > 1 else b["seconds"] / (scale * r["seconds"])
+        r["efficiency"] = statistics.median(pairs)  # one round: the plain ratio
         if len(pairs) > 1:
             r["efficiency_rounds"] = pairs
 

@@ -53,13 +53,12 @@ def _data(spec):
 
     if spec["dataset"] == "synthetic":  # the GPU figure's n >= 200k (random Fourier-feature GP draw, d = 8)
         X, y = synthetic_problem(spec["max_n"], 8, seed=spec["seed"])
-        n_test = max(1, len(y) // 10)
-        return X[n_test:], y[n_test:], X[:n_test], y[:n_test]
-    with np.load(Path(spec["data_dir"]) / f"{spec['dataset']}.npz", allow_pickle=False) as f:
-        X, y = f["X"].astype(np.float64), f["y"].astype(np.float64).reshape(-1)
-    rng = np.random.default_rng(spec["seed"])
-    idx = rng.permutation(X.shape[0])[: spec["max_n"]]
-    X, y = X[idx], y[idx]
+    else:
+        with np.load(Path(spec["data_dir"]) / f"{spec['dataset']}.npz", allow_pickle=False) as f:
+            X, y = f["X"].astype(np.float64), f["y"].astype(np.float64).reshape(-1)
+        rng = np.random.default_rng(spec["seed"])
+        idx = rng.permutation(X.shape[0])[: spec["max_n"]]
+        X, y = X[idx], y[idx]
     n_test = max(1, len(y) // 10)
     return X[n_test:], y[n_test:], X[:n_test], y[:n_test]
 

@@ -74,7 +74,7 @@ class RowBlockOperator:
         tile = max(1, min(tile, -(-n // math.ceil(math.sqrt(16 * grid.rows)))))
         self.block = KernelOperator(X, kernel, noise=noise, memory_budget=memory_budget, tile=tile, backend="torch")
         self.block._tiles = share_tiles(self.block._tiles, grid.rows, grid.row_index)
-        self.noise = float(noise.detach() if isinstance(noise, torch.Tensor) else noise)
+        self.noise = self.block._noise_value  # read and checked once, by the block
         self.X, self.kernel = X, kernel
         self.num_products = 0
 
