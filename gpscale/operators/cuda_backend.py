@@ -79,7 +79,11 @@ def products(op, V: torch.Tensor, mode: str):
     """Profile products of operator ``op`` through the fused CUDA kernels (see ``backends.fused_products``)."""
     from .. import _ext  # noqa: PLC0415
 
-    variant = variant_for(op._Xs.dtype, op.kernel, mode, _max_sq_norms(op))
-    op.cuda_variant = variant  # reported by the operator (and so in the solver statistics)
+    # Kernel, inputs and r2 are fixed for an operator: decide once per mode, not in every CG product
+    # (the guard evaluates the profile on a few thousand points).
+    chosen = op.__dict__.setdefault("_cuda_variants", {})
+    if mode not in chosen:
+        chosen[mode] = variant_for(op._Xs.dtype, op.kernel, mode, _max_sq_norms(op))
+    variant = op.cuda_variant = chosen[mode]  # reported by the operator (and in the solver statistics)
     return _ext.kernel_matmul(op._Xs, op._Zs, V, op.kernel.name, mode=mode, variant=variant,
                               symmetric=op._symmetric)
