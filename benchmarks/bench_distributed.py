@@ -283,6 +283,8 @@ def main(argv=None) -> None:
     args.strategies = [v for v in args.strategies.split(",") if v]
     if 1 not in args.ranks:
         ap.error("--ranks must include 1 (the baseline of the efficiencies)")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1 (launches per rank count), got {args.rounds}")
     payload = run(args)
     write_json(args.out, payload)
     replace_markdown_section(args.markdown, "distributed_cpu", render(payload), title="# Distributed inference")

@@ -176,6 +176,11 @@ def test_matern12_expansion_error_is_the_square_root_of_the_distance_error():
     assert expansion.expansion_error(Matern(nu=0.5), "d", 10.0) > 1e3  # f' ~ 1/r: singular
 
 
+def test_expansion_error_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        expansion.expansion_error(RBF(), "fdq", 10.0)
+
+
 def test_variant_for_falls_back_to_simt_where_the_expansion_is_too_coarse(monkeypatch):
     monkeypatch.delenv("GPSCALE_CUDA_VARIANT", raising=False)
     f32, vf = torch.float32, cuda_backend.variant_for

@@ -61,3 +61,9 @@ def test_tiny_run_with_rounds_renders_a_table(tmp_path):
     assert len(weak2["seconds_rounds"]) == 2 and len(weak2["efficiency_rounds"]) == 2
     text = md.read_text()
     assert "2 alternating rounds" in text and "| columns | weak | 2 |" in text
+
+
+def test_zero_rounds_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        bd.main(["--rounds", "0"])
+    assert "--rounds must be >= 1" in capsys.readouterr().err

@@ -322,3 +322,11 @@ def test_tile_shares_are_balanced_disjoint_and_cover_the_upper_triangle():
         loads = [area(s) for s in shares]
         assert max(loads) - min(loads) <= 96 * 96  # within one tile's area
         assert all(s == [t for t in tiles if t in s] for s in shares)  # original order kept
+
+
+@pytest.mark.parametrize("parts,index", [(0, 0), (2, 2), (2, -1), (2.0, 0)])
+def test_share_tiles_rejects_bad_parts_or_index(parts, index):
+    from gpscale.distributed import share_tiles
+
+    with pytest.raises(ValueError, match="share_tiles needs parts >= 1"):
+        share_tiles([(0, 2, 0, 2)], parts, index)

@@ -33,6 +33,9 @@ def share_tiles(tiles: list, parts: int, index: int) -> list:
     Deterministic (ties go to the lowest rank), so every rank computes the same assignment; tile
     order within a share follows the original order.  Shares differ by at most one tile's area.
     """
+    if not (isinstance(parts, int) and parts >= 1 and isinstance(index, int) and 0 <= index < parts):
+        raise ValueError(f"share_tiles needs parts >= 1 and 0 <= index < parts (ints), got parts={parts!r}, "
+                         f"index={index!r}")
     load = [0] * parts
     owner = [0] * len(tiles)
     for k in sorted(range(len(tiles)), key=lambda k: -(tiles[k][1] - tiles[k][0]) * (tiles[k][3] - tiles[k][2])):

@@ -36,6 +36,8 @@ def expansion_delta(r2: float, dtype: torch.dtype = torch.float32) -> float:
 
 
 def _profile_outputs(kernel, q: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    if mode not in ("f", "f_dq", "d"):
+        raise ValueError(f"mode must be one of ('f', 'f_dq', 'd'), got {mode!r}")
     f, fp = kernel.profile_and_derivative(q)
     return {"f": [f], "f_dq": [f, fp * q], "d": [fp]}[mode]
 
