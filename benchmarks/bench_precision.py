@@ -98,7 +98,8 @@ def _fit(Xtr, ytr, Xte, yte, spec, policy):
 
     gp = gpscale.ExactGP(kernel="matern52", method="iterative", dtype=torch.float32, max_iter=spec["fit_iter"],
                          rtol=spec["rtol"], preconditioner=PivotedCholesky(rank=spec["rank"]), precision=policy,
-                         seed=spec.get("fit_seed", 0))
+                         seed=spec.get("fit_seed", 0), optimizer=spec.get("optimizer", "lbfgs"),
+                         lr=spec.get("lr", 0.1))
     t0 = time.perf_counter()
     gp.fit(Xtr, ytr)
     fit_s = time.perf_counter() - t0
@@ -145,6 +146,17 @@ def _label(r: dict) -> str:
     return r["precision"] + (f" (fit seed {r['fit_seed']})" if r.get("fit_seed") else "")
 
 
+def section_name(args) -> str:
+    """The results file's stem and the docs section: ``precision_<device>``, ``_adam`` for Adam fits."""
+    opt = getattr(args, "optimizer", "lbfgs")
+    return f"precision_{args.device}" + ("" if opt == "lbfgs" else f"_{opt}")
+
+
+def doc_args(doc: dict) -> argparse.Namespace:
+    """A saved run's arguments (runs before ``--optimizer`` existed were L-BFGS-B)."""
+    return argparse.Namespace(**{"optimizer": "lbfgs", "lr": 0.1, **doc["config"]})
+
+
 def _markdown(results: list[dict], args) -> str:
     rows = ["| data | n | product | MLL | rel. to f32 | ‖grad‖ | CG its (low) | finished in | MLL+grad s "
             "| fit MLL/pt (f32 est.) | rel. | RMSE | rel. | NLL | fit s |",
@@ -169,12 +181,15 @@ def _markdown(results: list[dict], args) -> str:
             f"{fmt(f.get('test_rmse'), '.4f')} | "
             f"{fmt(rel(f['test_rmse'], b['fit']['test_rmse']) if f and b and 'fit' in b else None, '.1e')} | "
             f"{fmt(f.get('test_nll'), '.3f')} | {fmt(f.get('fit_seconds'), '.1f')} |")
-    head = (f"## Mixed-precision CG ({args.device})\n\n`python benchmarks/bench_precision.py --max-n {args.max_n} "
-            f"--fit-iter {args.fit_iter}`: Matérn-5/2 ARD, float32 CG state, rtol {args.rtol}, pivoted-Cholesky "
+    opt = getattr(args, "optimizer", "lbfgs")
+    flags = "" if opt == "lbfgs" else f" --optimizer {opt} --lr {args.lr:g}"
+    title = "" if opt == "lbfgs" else f", {opt} fits"
+    head = (f"## Mixed-precision CG ({args.device}{title})\n\n`python benchmarks/bench_precision.py --max-n "
+            f"{args.max_n} --fit-iter {args.fit_iter}{flags}`: Matérn-5/2 ARD, float32 CG state, rtol {args.rtol}, pivoted-Cholesky "
             f"rank {args.rank}.  On CPU the 16-bit products are emulated (exact rounding, float32 GEMM), so "
             "the times show overheads, not the tensor-core speed-up.  Done-when: |fit MLL rel.| ≤ 1e-2 and "
             "|RMSE rel.| ≤ 1e-2 for the low-precision rows.\n\n")
-    return head + "\n".join(rows) + "\n" + _multistart_markdown(results)
+    return head + "\n".join(rows) + "\n" + _multistart_markdown(results) + _spread_markdown(results)
 
 
 def best_of_seeds(results: list[dict]) -> dict:
@@ -219,9 +234,54 @@ def _multistart_markdown(results: list[dict]) -> str:
             + "\n".join(rows) + "\n")
 
 
+def seed_summary(results: list[dict]) -> dict:
+    """Per (data set, precision): mean and relative range over the fit seeds of RMSE and fitted MLL.
+
+    The range of float32's own fits is the protocol's noise floor: a precision difference smaller
+    than it cannot be told from the fitting noise.  Returns ``{(dataset, precision): summary}``.
+    """
+    groups: dict = {}
+    for r in results:
+        if r.get("status") == "ok" and r.get("fit"):
+            groups.setdefault((r["dataset"], r["precision"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        summ = {"seeds": sorted(r.get("fit_seed", 0) for r in rs)}
+        for name, field in (("rmse", "test_rmse"), ("mll", "fit_mll_per_point_f32")):
+            vals = [r["fit"][field] for r in rs]
+            mean = sum(vals) / len(vals)
+            summ[name] = mean
+            summ[name + "_range"] = (max(vals) - min(vals)) / abs(mean) if mean else math.nan
+        out[key] = summ
+    return out
+
+
+def _spread_markdown(results: list[dict]) -> str:
+    summ = seed_summary(results)
+    if not any(len(s["seeds"]) > 1 for s in summ.values()):
+        return ""
+    rows = ["| data | product | fit seeds | mean fit MLL/pt (f32 est.) | range | rel. to f32 | mean RMSE | range "
+            "| rel. to f32 |", "|---|---|---|---|---|---|---|---|---|"]
+    for (ds, prec), sm in summ.items():
+        b = summ.get((ds, "float32"))
+
+        def rel(key, sm=sm, b=b):
+            return abs(sm[key] - b[key]) / abs(b[key]) if b and b[key] else None
+
+        rows.append(f"| {ds} | {prec} | {','.join(map(str, sm['seeds']))} | {fmt(sm['mll'], '.4f')} | "
+                    f"{fmt(sm['mll_range'], '.1e')} | {fmt(rel('mll'), '.1e')} | {fmt(sm['rmse'], '.4f')} | "
+                    f"{fmt(sm['rmse_range'], '.1e')} | {fmt(rel('rmse'), '.1e')} |")
+    return ("\n**Over fit seeds**: mean over the seeds and the relative range (max - min) / mean; float32's own "
+            "range is the protocol's noise floor.\n\n" + "\n".join(rows) + "\n")
+
+
 def merge(paths: list[str]) -> dict:
     """One result document from several runs' JSON (later files win for a repeated (data, precision, seed))."""
     docs = [json.loads(Path(p).read_text()) for p in paths]
+    opts = {doc_args(d).optimizer for d in docs}
+    if len(opts) > 1:
+        raise ValueError(f"--merge: the runs used different optimizers {sorted(opts)}; merge the runs of one "
+                         "optimizer at a time (each has its own results file and docs section)")
     keyed = {}
     for doc in docs:
         for r in doc["results"]:
@@ -237,7 +297,11 @@ def main(argv=None) -> int:
                     help="UCI names, or 'synthetic' (generated, d = 8, n = --max-n: the GPU figure at n >= 200k)")
     ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS))
     ap.add_argument("--max-n", type=int, default=5000, help="subsample size (train + test)")
-    ap.add_argument("--fit-iter", type=int, default=30, help="L-BFGS-B steps of ExactGP.fit (0: skip the fit)")
+    ap.add_argument("--fit-iter", type=int, default=30, help="optimiser steps of ExactGP.fit (0: skip the fit)")
+    ap.add_argument("--optimizer", choices=("lbfgs", "adam"), default="lbfgs",
+                    help="ExactGP's optimizer; adam (fresh probes every step) is the protocol whose endpoints do "
+                         "not depend on the probe seed (docs/benchmarks.md)")
+    ap.add_argument("--lr", type=float, default=0.1, help="Adam's learning rate")
     ap.add_argument("--rtol", type=float, default=1e-2)
     ap.add_argument("--rank", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
@@ -259,19 +323,19 @@ def main(argv=None) -> int:
         return worker(json.loads(args.worker))
     if args.merge:
         doc = merge(args.merge)
-        out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / "precision_cpu.json"
+        out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / f"{section_name(doc_args(doc))}.json"
         write_json(out, doc)
         args.render = str(out)
     if args.render:
         saved = json.loads(Path(args.render).read_text())
-        run_args = argparse.Namespace(**saved["config"])
-        replace_markdown_section(args.markdown, f"precision_{run_args.device}", _markdown(saved["results"], run_args))
+        run_args = doc_args(saved)
+        replace_markdown_section(args.markdown, section_name(run_args), _markdown(saved["results"], run_args))
         return 0
     results = []
     for ds in args.datasets:
         for prec in args.precisions:
             spec = {"dataset": ds, "precision": prec, "max_n": args.max_n, "fit_iter": args.fit_iter,
-                    "fit_seed": args.fit_seed,
+                    "fit_seed": args.fit_seed, "optimizer": args.optimizer, "lr": args.lr,
                     "rtol": args.rtol, "rank": args.rank, "seed": args.seed, "threads": args.threads,
                     "data_dir": args.data_dir, "device": args.device}
             t0 = time.perf_counter()
@@ -280,11 +344,11 @@ def main(argv=None) -> int:
             results.append(rec)
             print(f"{ds:10s} {prec:9s} {rec.get('status')} {time.perf_counter() - t0:7.1f}s "
                   f"mll={rec.get('mll_grad', {}).get('mll')} rmse={rec.get('fit', {}).get('test_rmse')}", flush=True)
-    out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / f"precision_{args.device}.json"
+    out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / f"{section_name(args)}.json"
     write_json(out, {"config": vars(args), "machine": machine_info(), "versions": library_versions(),
                      "results": results})
     if not args.no_markdown:
-        replace_markdown_section(args.markdown, f"precision_{args.device}", _markdown(results, args))
+        replace_markdown_section(args.markdown, section_name(args), _markdown(results, args))
     print(f"wrote {out}")
     return 0
 

@@ -62,3 +62,32 @@ def test_single_seed_runs_render_no_multistart_table():
 def test_merge_of_a_missing_file_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         bp.merge([str(tmp_path / "nope.json")])
+
+
+def test_seed_summary_gives_the_mean_and_relative_range_per_precision():
+    res = [_rec("pol", "float32", 0, -3.2, -3.2, 4.0), _rec("pol", "float32", 1, -3.1, -3.0, 4.4),
+           _rec("pol", "bfloat16", 0, -3.0, -3.1, 4.2)]
+    s = bp.seed_summary(res)
+    f32 = s[("pol", "float32")]
+    assert f32["seeds"] == [0, 1] and f32["rmse"] == pytest.approx(4.2) and f32["mll"] == pytest.approx(-3.1)
+    assert f32["rmse_range"] == pytest.approx(0.4 / 4.2) and f32["mll_range"] == pytest.approx(0.2 / 3.1)
+    assert s[("pol", "bfloat16")]["rmse_range"] == 0.0
+    text = bp._spread_markdown(res)
+    row = next(ln for ln in text.splitlines() if ln.startswith("| pol | bfloat16 |"))
+    assert "| 4.2000 | 0.0e+00 | 0.0e+00 |" in row  # bf16's one fit equals float32's mean RMSE
+
+
+def test_adam_runs_have_their_own_file_and_section_and_do_not_merge_with_lbfgs(tmp_path):
+    lb, ad = _doc([_rec("pol", "float32", 0, -3.2, -3.2, 4.3)]), _doc([_rec("pol", "float32", 1, -3.2, -3.2, 4.3)])
+    ad["config"].update(optimizer="adam", lr=0.05)
+    assert bp.section_name(bp.doc_args(lb)) == "precision_cpu"  # runs saved before --optimizer: L-BFGS-B
+    assert bp.section_name(bp.doc_args(ad)) == "precision_cpu_adam"
+    (tmp_path / "a.json").write_text(json.dumps(lb))
+    (tmp_path / "b.json").write_text(json.dumps(ad))
+    with pytest.raises(ValueError, match="different optimizers"):
+        bp.merge([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    md = tmp_path / "bench.md"
+    md.write_text("# B\n")
+    assert bp.main(["--render", str(tmp_path / "b.json"), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert "precision_cpu_adam" in text and "--optimizer adam --lr 0.05" in text
