@@ -30,8 +30,9 @@
 //   integer arithmetic (round the top 19 bits, subtract): no cvt instruction, and a_lo keeps all
 //   its bits -- the tensor core ignores the 13 low ones, an error of 2^-22 |a|.
 // * P V in bf16 (m16n8k16, twice the reduction depth of a tf32 MMA per instruction): P and V are
-//   split into bf16 hi + lo (P V ~ Ph Vh + Ph Vl + Pl Vh; ~2^-16 relative per term, hi rounded to
-//   nearest so the error is not biased).  P <= 1 and bf16 has float32's exponent range, so nothing
+//   split into bf16 hi + lo (P V ~ Ph Vh + Ph Vl + Pl Vh; hi rounded to nearest so the error is not
+//   biased, lo truncated by the packing: 2^-16 per operand, 2^-15 = 3.1e-5 per product; the CPU
+//   emulation in tests/test_tcb_arithmetic.py measures 3.0e-5 against the 1e-4 target).  P <= 1 and bf16 has float32's exponent range, so nothing
 //   overflows and V needs no rescaling.  Accumulation is fp32, two-level (a fresh fragment per Z
 //   tile, added to a register total).
 // * The symmetric case (Z is X) sets q_ii = 0 exactly, as the expansion leaves O(eps |x|^2).
