@@ -58,6 +58,11 @@ class ExactGP:
         One lengthscale per input column (ignored when ``kernel`` is an instance).
     optimizer : {"lbfgs", "adam"}, default "lbfgs"
         L-BFGS-B (SciPy) on the unconstrained parameters with autograd gradients, or torch's Adam.
+        With the iterative method L-BFGS-B's line search trusts the *value* estimate and can stop
+        where that no longer resolves the decrease, at a point that depends on the probe ``seed``
+        (``report_.grad_inf`` shows what gradient was left); Adam uses gradients only, with fresh
+        probes every step, and ends at the same point whatever the seed (measured in
+        docs/benchmarks.md, "Why L-BFGS-B's endpoints scatter").
     max_iter : int, optional
         Optimiser iterations; default 100 (L-BFGS-B) or 200 (Adam).
     lr : float, default 0.1

@@ -144,6 +144,9 @@ class OptimResult:
     last_stats: dict = field(default_factory=dict)
     cg_failures: int = 0
     resumed_from: int = 0
+    #: ``max |d loss / d theta|`` (per point, unconstrained parameters) at the returned vector, as the
+    #: optimiser last estimated it; NaN when unknown.
+    grad_inf: float = math.nan
     #: :func:`precision_check` of the fitted point (low-precision policies only)
     precision_check: dict | None = None
 
@@ -250,11 +253,12 @@ class FitSession:
         state.update(extra)
         save_checkpoint(self.path, state)
 
-    def result(self, theta, loss, converged, message) -> OptimResult:
+    def result(self, theta, loss, converged, message, grad=None) -> OptimResult:
         self.pbar.close()
+        grad_inf = float(np.abs(np.asarray(grad)).max()) if grad is not None and np.size(grad) else math.nan
         return OptimResult(torch.as_tensor(theta, dtype=_F64).clone(), float(loss), self.iteration,
                            self.evaluations, bool(converged), str(message), self.losses, self.step_seconds,
-                           self.last_stats, self.cg_failures, self.resumed_from)
+                           self.last_stats, self.cg_failures, self.resumed_from, grad_inf)
 
 
 
@@ -267,7 +271,10 @@ class FitReport:
     :math:`\\log p(y)/n` of the original targets (the standardised value minus ``log(y_scale)``).
     ``cg_stats`` are the solver statistics of the last optimisation step (from
     :attr:`gpscale.MLLResult.stats`), ``alpha_cg`` those of the predictive-mean solve; ``cg_failures``
-    counts steps whose CG did not converge.  ``step_seconds`` is the mean time of one objective
+    counts steps whose CG did not converge.  ``grad_inf`` is the largest gradient entry of the loss
+    (``-MLL / n``, unconstrained parameters) at the returned hyperparameters as the optimiser last
+    estimated it: with the iterative method L-BFGS-B can stop where the *value* estimate no longer
+    confirms a decrease although the gradient is not small (docs/benchmarks.md).  ``step_seconds`` is the mean time of one objective
     evaluation (this session's evaluations only when the fit was resumed from a checkpoint).
     """
 
@@ -295,6 +302,7 @@ class FitReport:
     init_subset: int = 0
     loss_history: list = field(default_factory=list)
     precision_check: dict | None = None
+    grad_inf: float = math.nan
 
     @classmethod
     def from_fit(cls, gp, out: OptimResult, alpha_stats: dict, *, fit_seconds: float,
@@ -313,7 +321,7 @@ class FitReport:
                    fit_seconds=fit_seconds, step_seconds=sum(steps) / len(steps) if steps else 0.0,
                    predict_setup_seconds=predict_setup_seconds, resumed_from=out.resumed_from,
                    init_subset=int(gp.init_subset) if gp.init_subset and gp.init_subset < gp.X_train_.shape[0] else 0,
-                   loss_history=list(out.losses), precision_check=out.precision_check)
+                   loss_history=list(out.losses), precision_check=out.precision_check, grad_inf=out.grad_inf)
 
     def to_dict(self) -> dict:
         """JSON-friendly dict of every field."""
@@ -334,7 +342,7 @@ class FitReport:
         return "\n".join([
             f"ExactGP fit: {self.kernel} kernel, n={self.n}, d={self.d}, method={self.method}",
             f"  optimizer    {self.optimizer}: {self.iterations} iterations, {self.evaluations} evaluations"
-            f"{resumed}, converged={self.converged} ({self.message})",
+            f"{resumed}, converged={self.converged} ({self.message}), max |grad| {self.grad_inf:.2e}",
             f"  MLL / point  {self.mll_per_point:.5f}" + _check_text(self.precision_check),
             f"  lengthscale  [{ls}]",
             f"  outputscale  {self.outputscale:.5g}   noise {self.noise:.5g}   mean {self.mean:.5g}",

@@ -99,14 +99,21 @@ def run_lbfgs(session: FitSession, theta0: torch.Tensor, *, max_iter: int, tol: 
     if stats is not None:
         session.last_stats = stats
     message = str(res.message)
-    if message.startswith("ABNORMAL"):
+    iterative = session.objective.mll_kwargs.get("method") == "iterative"
+    if iterative and message.startswith("CONVERGENCE: REL"):
+        # Measured (docs/benchmarks.md): on the stochastic objective this stop comes where the value
+        # estimate's resolution hides the decrease, not at a stationary point; the gradient says which.
+        message = ("the estimated loss stopped decreasing by more than tol; with the iterative method that "
+                   "can be the estimate's resolution rather than the optimum (see max |grad|; optimizer="
+                   "'adam' reaches the same point whatever the probe seed)")
+    elif message.startswith("ABNORMAL"):
         # The iterative objective's gradient is an unbiased estimate, not the exact derivative of the
         # estimated value, so near the optimum the line search cannot find a consistent decrease.
         message = ("line search failed (ABNORMAL): the optimum was reached to the accuracy of the objective "
                    "and gradient estimates")
     if not hist.replaying:
         session.save(res.x, finished=res.status != 1, message=message, history=hist.to_state())
-    return session.result(res.x, res.fun, res.success, message)
+    return session.result(res.x, res.fun, res.success, message, grad=res.jac)
 
 
 def run_adam(session: FitSession, theta0: torch.Tensor, *, max_iter: int, lr: float, seed: int,
@@ -127,7 +134,7 @@ def run_adam(session: FitSession, theta0: torch.Tensor, *, max_iter: int, lr: fl
         start = int(state["iteration"])
         session.iteration, session.losses = start, list(state.get("losses", []))
         session.pbar.update(start)
-    loss, message, converged = math.nan, "reached max_iter", False
+    loss, message, converged, g = math.nan, "reached max_iter", False, None
     for step in range(start, max_iter):
         theta = params.vector()
         loss, g, stats = session.evaluate(theta, seed + step)
@@ -144,4 +151,4 @@ def run_adam(session: FitSession, theta0: torch.Tensor, *, max_iter: int, lr: fl
     if math.isnan(loss) and session.losses:
         loss = session.losses[-1]
     session.save(theta, finished=converged or start >= max_iter, message=message, adam_state=opt.state_dict())
-    return session.result(theta, loss, converged, message)
+    return session.result(theta, loss, converged, message, grad=g)
