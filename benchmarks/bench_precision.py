@@ -148,8 +148,7 @@ def _label(r: dict) -> str:
 
 def section_name(args) -> str:
     """The results file's stem and the docs section: ``precision_<device>``, ``_adam`` for Adam fits."""
-    opt = getattr(args, "optimizer", "lbfgs")
-    return f"precision_{args.device}" + ("" if opt == "lbfgs" else f"_{opt}")
+    return f"precision_{args.device}" + ("" if args.optimizer == "lbfgs" else f"_{args.optimizer}")
 
 
 def doc_args(doc: dict) -> argparse.Namespace:
@@ -181,12 +180,12 @@ def _markdown(results: list[dict], args) -> str:
             f"{fmt(f.get('test_rmse'), '.4f')} | "
             f"{fmt(rel(f['test_rmse'], b['fit']['test_rmse']) if f and b and 'fit' in b else None, '.1e')} | "
             f"{fmt(f.get('test_nll'), '.3f')} | {fmt(f.get('fit_seconds'), '.1f')} |")
-    opt = getattr(args, "optimizer", "lbfgs")
+    opt = args.optimizer
     flags = "" if opt == "lbfgs" else f" --optimizer {opt} --lr {args.lr:g}"
     title = "" if opt == "lbfgs" else f", {opt} fits"
     head = (f"## Mixed-precision CG ({args.device}{title})\n\n`python benchmarks/bench_precision.py --max-n "
-            f"{args.max_n} --fit-iter {args.fit_iter}{flags}`: Matérn-5/2 ARD, float32 CG state, rtol {args.rtol}, pivoted-Cholesky "
-            f"rank {args.rank}.  On CPU the 16-bit products are emulated (exact rounding, float32 GEMM), so "
+            f"{args.max_n} --fit-iter {args.fit_iter}{flags}`: Matérn-5/2 ARD, float32 CG state, rtol {args.rtol}, "
+            f"pivoted-Cholesky rank {args.rank}.  On CPU the 16-bit products are emulated (exact rounding, float32 GEMM), so "
             "the times show overheads, not the tensor-core speed-up.  Done-when: |fit MLL rel.| ≤ 1e-2 and "
             "|RMSE rel.| ≤ 1e-2 for the low-precision rows.\n\n")
     return head + "\n".join(rows) + "\n" + _multistart_markdown(results) + _spread_markdown(results)
@@ -199,18 +198,17 @@ def best_of_seeds(results: list[dict]) -> dict:
     would, so the comparison is of the optima the policies reach, not of one chaotic trajectory
     each.  Returns ``{(dataset, precision): (chosen record, seeds tried)}``.
     """
-    best: dict = {}
+    return {key: (max(rs, key=lambda r: r["fit"]["fit_mll_per_point_own"]), [r.get("fit_seed", 0) for r in rs])
+            for key, rs in _fits_by_policy(results).items()}
+
+
+def _fits_by_policy(results: list[dict]) -> dict:
+    """The successful fits grouped by (data set, precision), in the order of ``results``."""
+    groups: dict = {}
     for r in results:
-        f = r.get("fit")
-        if r.get("status") != "ok" or not f:
-            continue
-        key = (r["dataset"], r["precision"])
-        chosen, seeds = best.get(key, (None, []))
-        seeds = seeds + [r.get("fit_seed", 0)]
-        if chosen is None or f["fit_mll_per_point_own"] > chosen["fit"]["fit_mll_per_point_own"]:
-            chosen = r
-        best[key] = (chosen, seeds)
-    return best
+        if r.get("status") == "ok" and r.get("fit"):
+            groups.setdefault((r["dataset"], r["precision"]), []).append(r)
+    return groups
 
 
 def _multistart_markdown(results: list[dict]) -> str:
@@ -240,12 +238,8 @@ def seed_summary(results: list[dict]) -> dict:
     The range of float32's own fits is the protocol's noise floor: a precision difference smaller
     than it cannot be told from the fitting noise.  Returns ``{(dataset, precision): summary}``.
     """
-    groups: dict = {}
-    for r in results:
-        if r.get("status") == "ok" and r.get("fit"):
-            groups.setdefault((r["dataset"], r["precision"]), []).append(r)
     out = {}
-    for key, rs in groups.items():
+    for key, rs in _fits_by_policy(results).items():
         summ = {"seeds": sorted(r.get("fit_seed", 0) for r in rs)}
         for name, field in (("rmse", "test_rmse"), ("mll", "fit_mll_per_point_f32")):
             vals = [r["fit"][field] for r in rs]

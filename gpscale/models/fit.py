@@ -274,8 +274,8 @@ class FitReport:
     counts steps whose CG did not converge.  ``grad_inf`` is the largest gradient entry of the loss
     (``-MLL / n``, unconstrained parameters) at the returned hyperparameters as the optimiser last
     estimated it: with the iterative method L-BFGS-B can stop where the *value* estimate no longer
-    confirms a decrease although the gradient is not small (docs/benchmarks.md).  ``step_seconds`` is the mean time of one objective
-    evaluation (this session's evaluations only when the fit was resumed from a checkpoint).
+    confirms a decrease although the gradient is not small (docs/benchmarks.md).  ``step_seconds``
+    is the mean time of one objective evaluation (this session's evaluations only when the fit was resumed from a checkpoint).
     """
 
     kernel: str
