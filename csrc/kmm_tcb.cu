@@ -189,6 +189,18 @@ __device__ __forceinline__ void tcb_pv(float (&acc)[TCB_MT][2][4], const float (
     }
 }
 
+// f(mt, vn, u) for every accumulator entry of a warp's output fragments [TCB_MT][2][4] (fully
+// unrolled, so the register arrays f indexes stay in registers).
+template <typename F>
+__device__ __forceinline__ void tcb_each_output(F f) {
+#pragma unroll
+    for (int mt = 0; mt < TCB_MT; ++mt)
+#pragma unroll
+        for (int vn = 0; vn < 2; ++vn)
+#pragma unroll
+            for (int u = 0; u < 4; ++u) f(mt, vn, u);
+}
+
 template <int KIND, int MODE>
 __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float* __restrict__ Z,
                                        const float* __restrict__ V, float* __restrict__ O0, float* __restrict__ O1,
@@ -229,28 +241,18 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
             tcb_pv(acc0, p0, bh, bl);
             if (MODE == GPS_MODE_FDQ) tcb_pv(acc1, p1, bh, bl);
         }
-#pragma unroll
-        for (int mt = 0; mt < TCB_MT; ++mt)
-#pragma unroll
-            for (int vn = 0; vn < 2; ++vn)
-#pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    tot0[mt][vn][u] += acc0[mt][vn][u];
-                    if (MODE == GPS_MODE_FDQ) tot1[mt][vn][u] += acc1[mt][vn][u];
-                }
+        tcb_each_output([&](int mt, int vn, int u) {
+            tot0[mt][vn][u] += acc0[mt][vn][u];
+            if (MODE == GPS_MODE_FDQ) tot1[mt][vn][u] += acc1[mt][vn][u];
+        });
     }
-#pragma unroll
-    for (int mt = 0; mt < TCB_MT; ++mt)
-#pragma unroll
-        for (int vn = 0; vn < 2; ++vn)
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const int ri = row0 + mt * 16 + g + (u >> 1) * 8, cc = c0 + vn * 8 + 2 * c + (u & 1);
-                if (ri < n && cc < t) {
-                    O0[(long long)ri * t + cc] = tot0[mt][vn][u];
-                    if (MODE == GPS_MODE_FDQ) O1[(long long)ri * t + cc] = tot1[mt][vn][u];
-                }
-            }
+    tcb_each_output([&](int mt, int vn, int u) {
+        const int ri = row0 + mt * 16 + g + (u >> 1) * 8, cc = c0 + vn * 8 + 2 * c + (u & 1);
+        if (ri < n && cc < t) {
+            O0[(long long)ri * t + cc] = tot0[mt][vn][u];
+            if (MODE == GPS_MODE_FDQ) O1[(long long)ri * t + cc] = tot1[mt][vn][u];
+        }
+    });
 }
 
 #define GPS_TCB_ENTRY(NAME, KIND, MODE, UNUSED)                                                                \
