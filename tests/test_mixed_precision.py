@@ -10,6 +10,7 @@ float32 fallback reaches rtol 1e-2 in the true residual, and records per column 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -280,9 +281,20 @@ def test_low_precision_fit_is_checked_against_float32_products(regression, monke
     X, y = regression
     kw = dict(kernel="rbf", method="iterative", max_iter=2, dtype=torch.float32, seed=3,
               preconditioner=PivotedCholesky(rank=30))
+    calls = []
+    original = fit_mod.Objective.value_and_grad
+    monkeypatch.setattr(fit_mod.Objective, "value_and_grad",
+                        lambda self, theta, seed: calls.append(seed) or original(self, theta, seed))
     gp = gpscale.ExactGP(precision="bfloat16", **kw).fit(X[:300], y[:300])
     chk = gp.report_.precision_check
     assert set(chk) == {"loss_own", "loss_float32", "relative", "ok"}
+    # L-BFGS-B's own final value is reused: the check costs one (float32) evaluation, not two
+    assert len(calls) == gp.report_.evaluations + 1
+    assert chk["loss_own"] == pytest.approx(-gp.report_.mll_per_point - math.log(gp.scaler_.y_scale), rel=1e-9)
+    own = gpscale.mll_estimate(gp.X_train_, gp.y_train_, gp.kernel_, gp.noise_, gp.mean_, method="iterative",
+                               seed=3, rtol=gp.rtol, num_probes=gp.num_probes, preconditioner=gp.preconditioner,
+                               precision="bfloat16", warn=False)
+    assert chk["loss_own"] == pytest.approx(-float(own.value.detach()) / 300, rel=1e-5)  # it is the value at theta
     # the reference is the float32-product MLL at the fitted hyperparameters with the fit's probe seed
     ref = gpscale.mll_estimate(gp.X_train_, gp.y_train_, gp.kernel_, gp.noise_, gp.mean_, method="iterative",
                                seed=3, rtol=gp.rtol, num_probes=gp.num_probes, preconditioner=gp.preconditioner,

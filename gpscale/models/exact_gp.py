@@ -249,7 +249,9 @@ class ExactGP:
         else:
             out = run_adam(session, theta0, max_iter=max_iter, lr=self.lr, seed=self.seed, state=state)
         out.theta = dist_fit.agree(out.theta)
-        out.precision_check = precision_check(objective, out.theta, self.seed)
+        # L-BFGS-B's final value was computed at out.theta with self.seed (Adam's was not: per-step seeds).
+        own = out.loss if self.optimizer == "lbfgs" else None
+        out.precision_check = precision_check(objective, out.theta, self.seed, own_loss=own)
         params.set_vector(out.theta)
         self._params, self.method_, self.n_features_in_ = params, method, d
         self.X_train_, self.y_train_ = Xs, ys

@@ -156,7 +156,7 @@ class OptimResult:
 PRECISION_CHECK_RTOL = 1e-2
 
 
-def precision_check(objective: Objective, theta, seed: int) -> dict | None:
+def precision_check(objective: Objective, theta, seed: int, own_loss: float | None = None) -> dict | None:
     """Re-evaluate a low-precision fit's optimum with float32 kernel products (same probes).
 
     Why: the low-precision estimator is accurate where the noise dominates the product error, but
@@ -164,7 +164,8 @@ def precision_check(objective: Objective, theta, seed: int) -> dict | None:
     protein, n = 2700: bfloat16's own MLL/point -0.7639 against -0.7794 with float32 products at
     noise 0.0145, 2%; 4e-4 at noise 0.03) -- and the optimiser follows the drift.  Two MLL
     evaluations at ``theta`` with the same probe ``seed`` (common random numbers: the difference is
-    the products' alone), about two optimisation steps, tell the user.
+    the products' alone), about two optimisation steps, tell the user -- one when the optimiser
+    already evaluated ``theta`` with ``seed`` and passes that value as ``own_loss`` (L-BFGS-B).
 
     Returns
     -------
@@ -177,7 +178,8 @@ def precision_check(objective: Objective, theta, seed: int) -> dict | None:
     policy = objective.mll_kwargs.get("precision")
     if policy is None or not policy.low_precision:
         return None
-    own_loss, _, _ = objective.value_and_grad(theta, seed)
+    if own_loss is None:
+        own_loss, _, _ = objective.value_and_grad(theta, seed)
     ref = Objective(objective.X, objective.y, objective.params, {**objective.mll_kwargs, "precision": None})
     loss_ref, _, _ = ref.value_and_grad(theta, seed)
     rel = abs(own_loss - loss_ref) / max(abs(loss_ref), 1e-12)
