@@ -78,7 +78,8 @@ def _mll_grad(Xtr, ytr, spec, policy):
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    r = gpscale.mll_estimate(X, y, k, noise, method="iterative", seed=0, rtol=spec["rtol"],
+    budget = spec.get("memory_budget")
+    r = gpscale.mll_estimate(X, y, k, noise, method="iterative", seed=0, rtol=spec["rtol"], memory_budget=budget,
                              preconditioner=PivotedCholesky(rank=spec["rank"]), precision=policy, warn=False)
     r.value.backward()
     sync()
@@ -86,7 +87,23 @@ def _mll_grad(Xtr, ytr, spec, policy):
     grads = [p.grad.reshape(-1) for p in k.parameters()] + [noise.grad.reshape(-1)]
     g = torch.cat([x.to(torch.float64) for x in grads])
     return {"mll": float(r.value.detach()), "grad": g.tolist(), "grad_norm": float(g.norm()), "seconds": wall,
-            "cg": {k2: v for k2, v in r.stats.items() if k2 != "forward_seconds"}}
+            "cg": {k2: v for k2, v in r.stats.items() if k2 != "forward_seconds"},
+            "products": _product_path(X, k, policy, budget)}
+
+
+def _product_path(X, kernel, policy, budget):
+    """Where the CG products of ``policy`` ran: a rounded 16-bit tile takes half the bytes, so at a
+    budget between the two sizes the low-precision operator keeps the whole (upper-triangle) kernel
+    cached -- each product is then one pass of 16-bit GEMMs -- while float32 recomputes every pair."""
+    from gpscale import KernelOperator
+
+    op = KernelOperator(X, kernel, noise=1.0, memory_budget=budget)
+    low = op.with_product_dtype(policy.product)
+    n, tile = X.shape[0], op.tiling.tile or X.shape[0]
+    item = 2 if policy.product in ("bfloat16", "float16") else 4
+    need = n * (n + tile) // 2 * item
+    return {"float32_backend": op.backend, "low_backend": low.backend, "cache_bytes": op.tiling.cache_bytes,
+            "low_kernel_bytes": need, "low_cached": low.backend == "torch" and need <= op.tiling.cache_bytes}
 
 
 def _fit(Xtr, ytr, Xte, yte, spec, policy):
@@ -99,6 +116,7 @@ def _fit(Xtr, ytr, Xte, yte, spec, policy):
     gp = gpscale.ExactGP(kernel="matern52", method="iterative", dtype=torch.float32, max_iter=spec["fit_iter"],
                          rtol=spec["rtol"], preconditioner=PivotedCholesky(rank=spec["rank"]), precision=policy,
                          seed=spec.get("fit_seed", 0), optimizer=spec.get("optimizer", "lbfgs"),
+                         memory_budget=spec.get("memory_budget"),
                          lr=spec.get("lr", 0.1))
     t0 = time.perf_counter()
     gp.fit(Xtr, ytr)
@@ -302,6 +320,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-seed", type=int, default=0,
                     help="probe seed of ExactGP.fit (other values give the run-to-run spread of one precision)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--memory-budget", type=float, default=None,
+                    help="bytes per kernel operator (default gpscale's 1 GiB); on a GPU, a budget that holds the "
+                         "16-bit upper-triangle kernel (n^2 bytes) but not float32's lets low precision cache it")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     ap.add_argument("--timeout", type=float, default=7200.0, help="per child, seconds")
@@ -326,21 +347,23 @@ def main(argv=None) -> int:
         replace_markdown_section(args.markdown, section_name(run_args), _markdown(saved["results"], run_args))
         return 0
     results = []
+    out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / f"{section_name(args)}.json"
+    machine, versions = machine_info(), library_versions()
     for ds in args.datasets:
         for prec in args.precisions:
             spec = {"dataset": ds, "precision": prec, "max_n": args.max_n, "fit_iter": args.fit_iter,
                     "fit_seed": args.fit_seed, "optimizer": args.optimizer, "lr": args.lr,
                     "rtol": args.rtol, "rank": args.rank, "seed": args.seed, "threads": args.threads,
-                    "data_dir": args.data_dir, "device": args.device}
+                    "data_dir": args.data_dir, "device": args.device,
+                    "memory_budget": None if args.memory_budget is None else int(args.memory_budget)}
             t0 = time.perf_counter()
             rec = run_child([sys.executable, __file__, "--worker", json.dumps(spec)], timeout=args.timeout)
             rec.update(dataset=ds, precision=prec, fit_seed=args.fit_seed)
             results.append(rec)
+            # after every child: a run cut short by a time limit keeps the figures it has
+            write_json(out, {"config": vars(args), "machine": machine, "versions": versions, "results": results})
             print(f"{ds:10s} {prec:9s} {rec.get('status')} {time.perf_counter() - t0:7.1f}s "
                   f"mll={rec.get('mll_grad', {}).get('mll')} rmse={rec.get('fit', {}).get('test_rmse')}", flush=True)
-    out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / f"{section_name(args)}.json"
-    write_json(out, {"config": vars(args), "machine": machine_info(), "versions": library_versions(),
-                     "results": results})
     if not args.no_markdown:
         replace_markdown_section(args.markdown, section_name(args), _markdown(results, args))
     print(f"wrote {out}")

@@ -32,11 +32,14 @@ step km_100k 60 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 
     --backends cuda:tcb cuda:tc3 cuda:tc cuda:simt keops --out "$OUT/kernel_matmul_h100_100k.json"
 fi
 if [ "$stage" = mll ]; then
-# 3. end-to-end MLL + gradient at 1M (backend auto)
-step mll_1m 300 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --kernels rbf \
-    --backends cuda:tc3 --repeats 1 --mll --out "$OUT/mll_1m_h100.json"
-# 4. issue 4's figure: float32 vs bf16 / fp16 MLL + gradient at n = 200k (generated data, d = 8)
+# 3. end-to-end MLL + gradient at 1M (backend auto).  Rank 2000: rank 100 would need ~650 CG iterations
+#    at 1M (measured growth ~sqrt(n) on CPU, see run_mll's docstring) -- 20+ minutes; capped at 100.
+step mll_1m 300 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --mll-only \
+    --mll-rank 2000 --mll-max-iter 100 --out "$OUT/mll_1m_h100.json"
+# 4. issue 4's figure: float32 vs bf16 / fp16 MLL + gradient at n = 200k (generated data, d = 8).  A 48 GB
+#    budget holds the 16-bit upper-triangle kernel (40 GB) but not float32's (80 GB); 1 GiB tiles on CUDA.
+#    The JSON is rewritten after every child, so a cut-off run keeps the precisions it finished.
 step precision_200k 280 python3 benchmarks/bench_precision.py --device cuda --datasets synthetic --max-n 222223 \
-    --fit-iter 0 --timeout 90 --no-markdown --out "$OUT/precision_cuda_200k.json"
+    --fit-iter 0 --timeout 120 --memory-budget 48e9 --no-markdown --out "$OUT/precision_cuda_200k.json"
 fi
 echo "=== done"; ls -la "$OUT"

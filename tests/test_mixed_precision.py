@@ -307,3 +307,42 @@ def test_low_precision_fit_is_checked_against_float32_products(regression, monke
     with pytest.warns(gpscale.PrecisionWarning, match="differs from the float32-product estimate"):
         gp = gpscale.ExactGP(precision="bfloat16", **kw).fit(X[:300], y[:300])
     assert gp.report_.precision_check["ok"] is False and "WARNING" in str(gp.report_)
+
+
+@pytest.mark.parametrize("name", LOW)
+def test_rounded_tiles_cache_the_whole_kernel_where_float32_cannot(name):
+    # The GPU speed of low precision at n >= 200k rests on this: at a budget between the 16-bit and
+    # the float32 size of the upper-triangle kernel, the low-precision operator keeps every tile (each
+    # later product is one pass of 16-bit GEMMs) while float32 must recompute (bench_precision's
+    # --memory-budget, benchmarks/gpu_session.sh).
+    n, tile = 600, 100
+    X = torch.rand(n, 3, generator=torch.Generator().manual_seed(0))
+    need32 = sum((i1 - i0) * (j1 - j0) * 4 for i0, i1, j0, j1 in
+                 gpscale.operators.blocking.plan_symmetric_tiling(n, torch.float32, X.device, tile=tile)
+                 .upper_tiles(n))
+    budget = int(0.75 * need32) + (int(0.75 * need32) // 3)  # cache part (budget - budget/4) = 0.75 need32
+    op = KernelOperator(X, RBF(lengthscale=0.5), noise=0.1, memory_budget=budget, tile=tile, backend="torch")
+    low = op.with_product_dtype(name)
+    V = torch.randn(n, 2, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        op.matmul(V), low.matmul(V)
+    assert low.cached_fraction == 1.0
+    assert 0.5 < op.cached_fraction < 1.0
+    # and the cached 16-bit product still is the 16-bit product (the cache changes no number)
+    fresh = op.with_product_dtype(name)
+    torch.testing.assert_close(low.matmul(V), fresh.matmul(V), rtol=0, atol=0)
+
+
+def test_large_cuda_budgets_get_larger_tiles_and_the_default_is_unchanged():
+    from gpscale.operators.blocking import MAX_WORKSPACE, plan_symmetric_tiling, workspace_bytes
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object only: no GPU needed
+    for budget in (1 << 30, 2 << 30, 48 * 10 ** 9):
+        assert workspace_bytes(budget, cpu) == MAX_WORKSPACE
+    assert workspace_bytes(1 << 30, cuda) == workspace_bytes(2 << 30, cuda) == MAX_WORKSPACE
+    assert workspace_bytes(48 * 10 ** 9, cuda) == 1 << 30
+    assert workspace_bytes(1 << 20, cuda) == (1 << 20) // 4
+    big = plan_symmetric_tiling(200_001, torch.float32, cuda, 48 * 10 ** 9)
+    default = plan_symmetric_tiling(200_001, torch.float32, cuda)
+    assert big.tile == 8192 and len(big.upper_tiles(200_001)) < len(default.upper_tiles(200_001)) / 10
+    assert big.cache_bytes == 48 * 10 ** 9 - (1 << 30)

@@ -16,6 +16,21 @@ import torch
 DEFAULT_MEMORY_BUDGET = 1 << 30  # 1 GiB
 #: Upper bound of the per-tile workspace (bytes), taken out of the budget before the cache.
 MAX_WORKSPACE = 64 << 20  # 64 MiB
+#: On CUDA a large budget may spend up to 1/32 of itself, at most this, on the workspace.
+MAX_WORKSPACE_CUDA = 1 << 30  # 1 GiB
+
+
+def workspace_bytes(budget: int, device: torch.device) -> int:
+    """Bytes of ``budget`` reserved for tile temporaries (the rest may cache kernel entries).
+
+    ``min(budget / 4, 64 MiB)``, except that on CUDA a budget above 2 GiB may spend up to 1/32 of
+    itself (at most 1 GiB): a fully cached product costs one launch pair per tile, and with 64 MiB
+    tiles (edge ~2400) a 200k-point kernel has ~3600 of them -- tens of milliseconds of launch and
+    Python overhead per product, more than the 16-bit GEMMs themselves.  Budgets up to 2 GiB (the
+    default among them) keep the 64 MiB workspace.
+    """
+    cap = max(MAX_WORKSPACE, min(budget // 32, MAX_WORKSPACE_CUDA)) if device.type == "cuda" else MAX_WORKSPACE
+    return min(budget // 4, cap)
 
 
 @dataclass(frozen=True)
@@ -69,7 +84,7 @@ def plan_tiling(
 ) -> Tiling:
     """Choose the cache size and tile shape under ``memory_budget`` bytes.
 
-    The workspace (``min(budget / 4, 64 MiB)``) is reserved first; the rest may cache leading kernel
+    The workspace (:func:`workspace_bytes`, ``min(budget / 4, 64 MiB)`` up to 2 GiB) is reserved first; the rest may cache leading kernel
     rows (``cache=True``).  When the whole matrix fits, it is cached whole and no tile is recomputed.
 
     Parameters
@@ -85,7 +100,7 @@ def plan_tiling(
     if budget <= 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
     el = torch.empty((), dtype=dtype).element_size()
-    workspace = min(budget // 4, MAX_WORKSPACE)
+    workspace = workspace_bytes(budget, device)
     cached = 0
     if cache:
         cached = min(n, max(0, (budget - workspace) // max(1, m * el)))
@@ -114,7 +129,7 @@ def plan_symmetric_tiling(n: int, dtype: torch.dtype, device: torch.device, memo
     if budget <= 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
     el = torch.empty((), dtype=dtype).element_size()
-    workspace = min(budget // 4, MAX_WORKSPACE)
+    workspace = workspace_bytes(budget, device)
     if tile is None:
         # A 2048^2 float32 tile is 16 MiB: it stays in a server L3 cache across the elementwise
         # pass and the two products that use it; GPUs prefer bigger tiles.
