@@ -334,7 +334,11 @@ def test_rounded_tiles_cache_the_whole_kernel_where_float32_cannot(name):
 
 
 def test_large_cuda_budgets_get_larger_tiles_and_the_default_is_unchanged():
-    from gpscale.operators.blocking import MAX_WORKSPACE, plan_symmetric_tiling, workspace_bytes
+    from gpscale.operators.blocking import (
+        MAX_WORKSPACE,
+        plan_symmetric_tiling,
+        workspace_bytes,
+    )
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object only: no GPU needed
     for budget in (1 << 30, 2 << 30, 48 * 10 ** 9):

@@ -1,0 +1,95 @@
+"""The benchmark scripts a lent GPU runs (``benchmarks/gpu_session.sh``) work end to end on CPU.
+
+A GPU session has 30 minutes and no second chance: a command that fails to parse, or a script that
+crashes after its measurement, loses the figure.  These runs use tiny sizes on CPU; they check what
+the scripts write, never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import bench_kernel_matmul as bkm  # noqa: E402
+import bench_precision as bp  # noqa: E402
+import lowp_perturbation as lp  # noqa: E402
+
+
+def _session_commands() -> list[list[str]]:
+    """The python commands of gpu_session.sh (continuation lines joined, ``$OUT`` substituted)."""
+    text = (BENCH / "gpu_session.sh").read_text().replace("\\\n", " ")
+    cmds = []
+    for line in text.splitlines():
+        m = re.match(r"\s*step \S+ \d+ python3 (benchmarks/\S+\.py) (.*)$", line)
+        if m and "pytest" not in line:
+            cmds.append([m.group(1), *shlex.split(m.group(2).replace('"$OUT', '"/tmp/out'))])
+    return cmds
+
+
+def test_gpu_session_script_is_valid_bash_and_its_commands_parse():
+    subprocess.run(["bash", "-n", str(BENCH / "gpu_session.sh")], check=True)
+    cmds = _session_commands()
+    assert {c[0] for c in cmds} == {"benchmarks/bench_kernel_matmul.py", "benchmarks/bench_precision.py"}
+    for script, *argv in cmds:
+        if script.endswith("bench_kernel_matmul.py"):
+            args = bkm.parse_args(argv)
+            assert args.device == "cuda"
+        else:
+            args = bp.parse_args(argv)
+            assert args.device == "cuda" and args.datasets == ["synthetic"]
+
+
+def test_kernel_matmul_benchmark_runs_products_and_the_mll_on_cpu(tmp_path):
+    out = tmp_path / "km.json"
+    assert bkm.main(["--device", "cpu", "--sizes", "600", "--kernels", "rbf", "--backends", "torch", "cuda:tcb",
+                     "--repeats", "1", "--ref-rows", "16", "--mll", "--mll-rank", "50", "--mll-max-iter", "40",
+                     "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    (rec,) = doc["results"]  # the CUDA variant is skipped on a CPU device
+    assert rec["backend"] == "torch" and rec["rel_err"] < 1e-5
+    mll = doc["mll"]
+    assert mll["rank"] == 50 and mll["max_iter"] == 40 and mll["stats"]["preconditioner_rank"] == 50
+    assert mll["stats"]["iterations_max"] <= 40 and mll["forward_seconds"] > 0
+
+
+def test_kernel_matmul_mll_only(tmp_path):
+    out = tmp_path / "mll.json"
+    assert bkm.main(["--device", "cpu", "--sizes", "400", "--mll-only", "--mll-rank", "20", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["results"] == [] and doc["mll"]["n"] == 400
+
+
+def test_precision_benchmark_records_where_products_ran(tmp_path):
+    # n = 300 train points: the bf16 upper-triangle kernel (~0.1 MB) fits a 0.25 MB budget's cache,
+    # float32's (~0.2 MB) does not.
+    out = tmp_path / "p.json"
+    assert bp.main(["--datasets", "synthetic", "--max-n", "334", "--fit-iter", "0", "--precisions", "float32",
+                    "bfloat16", "--memory-budget", "250000", "--noise", "0.5", "--threads", "1", "--no-markdown",
+                    "--timeout", "300", "--out", str(out)]) == 0
+    res = {r["precision"]: r for r in json.loads(out.read_text())["results"]}
+    assert all(r["status"] == "ok" for r in res.values()), res
+    assert res["bfloat16"]["mll_grad"]["products"]["low_cached"] is True
+    assert res["float32"]["mll_grad"]["products"]["low_cached"] is False
+    assert res["bfloat16"]["mll_grad"]["cg"]["finished_precision"] == {"bfloat16": 11}  # noise 0.5: no fallback
+
+
+def test_low_precision_perturbation_orders_the_roundings(tmp_path):
+    out = tmp_path / "lp.json"
+    assert lp.main(["--sizes", "150", "300", "--noises", "0.1", "1.0", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rho = {(r["n"], r["rounding"], r["noise"]): r["rho"] for r in doc["rows"]}
+    for n in (150, 300):
+        for s2 in (0.1, 1.0):
+            assert rho[n, "bfloat16", s2] > 4 * rho[n, "float16", s2] > 100 * rho[n, "bfloat16x2", s2]
+            assert rho[n, "float16", s2] == pytest.approx(rho[n, "tf32", s2], rel=0.3)  # both u = 2^-11
+        assert rho[n, "bfloat16", 0.1] > rho[n, "bfloat16", 1.0]  # more noise, smaller perturbation
+    assert rho[300, "bfloat16", 0.1] > rho[150, "bfloat16", 0.1]  # and it grows with n
+    assert doc["fits"]["bfloat16@0.1"]["exponent"] > 0.3
