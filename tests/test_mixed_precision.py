@@ -10,6 +10,7 @@ float32 fallback reaches rtol 1e-2 in the true residual, and records per column 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import math
 
 import pytest
@@ -350,3 +351,21 @@ def test_large_cuda_budgets_get_larger_tiles_and_the_default_is_unchanged():
     default = plan_symmetric_tiling(200_001, torch.float32, cuda)
     assert big.tile == 8192 and len(big.upper_tiles(200_001)) < len(default.upper_tiles(200_001)) / 10
     assert big.cache_bytes == 48 * 10 ** 9 - (1 << 30)
+
+
+def test_fit_reports_how_many_solves_stayed_in_low_precision_and_warns_when_none_did(regression):
+    X, y = regression
+    kw = dict(kernel="rbf", method="iterative", max_iter=1, dtype=torch.float32, seed=0,
+              preconditioner=PivotedCholesky(rank=20), precision="bfloat16")
+    # noise 1e-3 on a smooth kernel: the bf16-rounded kernel is indefinite, every solve falls back
+    with pytest.warns(gpscale.PrecisionWarning, match=r"only 0 of \d+ CG solves of this fit finished in bfloat16"):
+        gp = gpscale.ExactGP(noise_init=1e-3, noise_floor=1e-4, **kw).fit(X[:400], y[:400])
+    assert gp.report_.low_precision_share == 0.0
+    assert "0% of solves finished in low precision" in str(gp.report_)
+    # noise 1: the rounding is harmless, the solves stay in bf16 and nothing is said about it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gp = gpscale.ExactGP(noise_init=1.0, **kw).fit(X[:400], y[:400])
+    assert not [w for w in caught if "CG solves of this fit" in str(w.message)]
+    assert gp.report_.low_precision_share > 0.5
+    assert gpscale.ExactGP(**{**kw, "precision": None}).fit(X[:400], y[:400]).report_.low_precision_share is None

@@ -25,7 +25,7 @@ from ..precision import as_policy
 from ..precond.pivoted_cholesky import PivotedCholesky
 from ..solvers.cg import CGWarning
 from .checkpoint import check_compatible, fingerprint, load_checkpoint
-from .fit import FitReport, FitSession, GPParams, Objective, precision_check
+from .fit import FitReport, FitSession, GPParams, Objective, check_low_precision_use, precision_check
 from .optimizers import run_adam, run_lbfgs
 from .predict import (
     Standardizer,
@@ -252,6 +252,7 @@ class ExactGP:
         # L-BFGS-B's final value was computed at out.theta with self.seed (Adam's was not: per-step seeds).
         own = out.loss if self.optimizer == "lbfgs" else None
         out.precision_check = precision_check(objective, out.theta, self.seed, own_loss=own)
+        check_low_precision_use(objective, out.low_precision_columns)
         params.set_vector(out.theta)
         self._params, self.method_, self.n_features_in_ = params, method, d
         self.X_train_, self.y_train_ = Xs, ys

@@ -149,6 +149,8 @@ class OptimResult:
     grad_inf: float = math.nan
     #: :func:`precision_check` of the fitted point (low-precision policies only)
     precision_check: dict | None = None
+    #: ``(columns finished in the low precision, all columns)`` over the fit's CG solves, or None
+    low_precision_columns: tuple | None = None
 
 
 #: Relative difference between a low-precision fit's own loss and the float32-product loss at the
@@ -195,6 +197,30 @@ def precision_check(objective: Objective, theta, seed: int, own_loss: float | No
     return out
 
 
+#: share of low-precision solves below which a fit warns that the policy bought nothing
+LOW_PRECISION_SHARE_WARN = 0.1
+
+
+def check_low_precision_use(objective: Objective, columns: tuple | None) -> None:
+    """Warn when a low-precision fit redid (almost) every solve in the fallback precision.
+
+    The rounded kernel ``K + E`` stays usable only while ``rho = ||A^-1 E||`` is well below 1, and
+    ``rho`` grows with ``n`` and as the noise shrinks (``benchmarks/lowp_perturbation.py``,
+    docs/precision.md).  Past that, every column falls back, and the low-precision phase was work
+    that ``precision=None`` would not have done.
+    """
+    policy = objective.mll_kwargs.get("precision")
+    if policy is None or not policy.low_precision or not columns:
+        return
+    low, total = columns
+    if low < LOW_PRECISION_SHARE_WARN * total:
+        warnings.warn(f"only {low} of {total} CG solves of this fit finished in {policy.product}; the others were "
+                      f"redone in {policy.fallback_product}, so the policy cost time instead of saving it. At this n "
+                      f"and noise the {policy.product}-rounded kernel is too far from K + noise I (||A^-1 E|| >~ 1/2, "
+                      "growing with n and 1/noise; docs/precision.md): fit with precision=None, or with "
+                      "PrecisionPolicy('float16') (8x smaller rounding than bfloat16)", PrecisionWarning, stacklevel=3)
+
+
 class FitSession:
     """Bookkeeping shared by both optimisers: timing, CG failures, progress bar and checkpoints."""
 
@@ -207,6 +233,7 @@ class FitSession:
         self.losses: list[float] = []
         self.step_seconds: list[float] = []
         self.last_stats: dict = {}
+        self.low_columns = self.columns = 0  # CG columns finished in low precision / all (policy fits)
         self.pbar = tqdm(total=max_iter, disable=not verbose, desc=f"{desc} ({optimizer})", unit="it",
                          dynamic_ncols=True)
 
@@ -216,6 +243,8 @@ class FitSession:
         self.best_value = float(state.get("best_value", math.inf))
         self.cg_failures = int(state.get("cg_failures", 0))
         self.last_stats = dict(state.get("last_stats", {}))
+        self.low_columns = int(state.get("low_columns", 0))
+        self.columns = int(state.get("columns", 0))
 
     def evaluate(self, theta, seed: int) -> tuple[float, np.ndarray | None, dict]:
         """One real objective evaluation; ``(nan, None, stats)`` when the solver failed outright."""
@@ -231,6 +260,8 @@ class FitSession:
         if stats.get("status", "CONVERGED") != "CONVERGED":
             self.cg_failures += 1
         self.last_stats = stats
+        self.columns += int(stats.get("columns", 0))
+        self.low_columns += int(stats.get("low_precision_columns", 0))
         if math.isfinite(f):
             self.best_value = min(self.best_value, f)
         # At large n one iteration takes minutes: show every evaluation, not only finished iterations.
@@ -250,7 +281,8 @@ class FitSession:
         state = {"version": FORMAT_VERSION, "fingerprint": self.fingerprint, "optimizer": self.optimizer,
                  "theta": torch.as_tensor(theta, dtype=_F64).clone(), "iteration": self.iteration,
                  "best_value": self.best_value, "losses": list(self.losses), "cg_failures": self.cg_failures,
-                 "last_stats": self.last_stats, "hyperparameters": self.objective.params.hyperparameters(),
+                 "last_stats": self.last_stats, "low_columns": self.low_columns, "columns": self.columns,
+                 "hyperparameters": self.objective.params.hyperparameters(),
                  "finished": finished, "message": message}
         state.update(extra)
         save_checkpoint(self.path, state)
@@ -260,7 +292,8 @@ class FitSession:
         grad_inf = float(np.abs(np.asarray(grad)).max()) if grad is not None and np.size(grad) else math.nan
         return OptimResult(torch.as_tensor(theta, dtype=_F64).clone(), float(loss), self.iteration,
                            self.evaluations, bool(converged), str(message), self.losses, self.step_seconds,
-                           self.last_stats, self.cg_failures, self.resumed_from, grad_inf)
+                           self.last_stats, self.cg_failures, self.resumed_from, grad_inf,
+                           low_precision_columns=(self.low_columns, self.columns) if self.columns else None)
 
 
 
@@ -305,6 +338,8 @@ class FitReport:
     loss_history: list = field(default_factory=list)
     precision_check: dict | None = None
     grad_inf: float = math.nan
+    #: share of the fit's CG columns that finished in the policy's low precision (None: no policy)
+    low_precision_share: float | None = None
 
     @classmethod
     def from_fit(cls, gp, out: OptimResult, alpha_stats: dict, *, fit_seconds: float,
@@ -323,7 +358,9 @@ class FitReport:
                    fit_seconds=fit_seconds, step_seconds=sum(steps) / len(steps) if steps else 0.0,
                    predict_setup_seconds=predict_setup_seconds, resumed_from=out.resumed_from,
                    init_subset=int(gp.init_subset) if gp.init_subset and gp.init_subset < gp.X_train_.shape[0] else 0,
-                   loss_history=list(out.losses), precision_check=out.precision_check, grad_inf=out.grad_inf)
+                   loss_history=list(out.losses), precision_check=out.precision_check, grad_inf=out.grad_inf,
+                   low_precision_share=(out.low_precision_columns[0] / out.low_precision_columns[1]
+                                        if out.low_precision_columns else None))
 
     def to_dict(self) -> dict:
         """JSON-friendly dict of every field."""
@@ -336,6 +373,8 @@ class FitReport:
             solver = (f"CG {cg.get('status', '?')}, iterations max {cg.get('iterations_max', '?')} / mean "
                       f"{cg.get('iterations_mean', float('nan')):.1f}, preconditioner {cg.get('preconditioner')} "
                       f"rank {cg.get('preconditioner_rank')}, {self.cg_failures} step(s) not converged")
+            if self.low_precision_share is not None:
+                solver += f", {self.low_precision_share:.0%} of solves finished in low precision"
         else:
             solver = "dense Cholesky"
         resumed = f" (resumed at iteration {self.resumed_from})" if self.resumed_from else ""

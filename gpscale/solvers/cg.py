@@ -138,6 +138,7 @@ class CGResult:
             names = self.finished_precision
             out["finished_precision"] = {p: names.count(p) for p in sorted(set(names))}
             out["low_precision_columns"] = sum(is_low_precision(p) for p in names)
+            out["columns"] = len(names)
             out["low_precision_iterations_max"] = int(self.low_precision_iterations.max()) if it.numel() else 0
             out["stagnated_columns"] = int(self.stagnated.sum()) if self.stagnated is not None else 0
         return out
