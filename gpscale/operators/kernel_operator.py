@@ -257,6 +257,7 @@ class KernelOperator(CrossKernelOperator):
         check_positive_hyper("noise", noise_t)
         self.noise = noise_t.reshape(()).to(dtype=X.dtype, device=X.device)
         self._noise_value = float(noise_t)  # one host read at build time, none per product
+        self._lowrank: torch.Tensor | None = None  # with_product_dtype(..., lowrank=L): F - G G^T is rounded
         self._lowp = is_low_precision(self.product_precision) or (
             self.product_precision is not None and dtype_name(X.dtype) != self.product_precision)
         if self._lowp and backend not in ("auto", "torch"):
@@ -264,24 +265,43 @@ class KernelOperator(CrossKernelOperator):
                              f"backend={backend!r}; use backend='torch' or 'auto'")
         self.backend = "torch" if self._lowp else select_backend(self, backend)
 
-    def with_product_dtype(self, product_dtype) -> "KernelOperator":
+    def with_product_dtype(self, product_dtype, lowrank: torch.Tensor | None = None) -> "KernelOperator":
         """The same operator (shared inputs and hyperparameters) with another product precision.
+
+        Parameters
+        ----------
+        product_dtype : str, torch.dtype or None
+        lowrank : (n, k) tensor, optional
+            A factor with :math:`K \approx LL^T` (kernel units, e.g. a pivoted-Cholesky
+            preconditioner's).  A low-precision operator then rounds only :math:`K - LL^T` and adds
+            :math:`L(L^T V)` unrounded, so the rounding error scales with the residual's entries
+            (:attr:`gpscale.PrecisionPolicy.lowrank_correction`).  Ignored for exact products.
 
         Returns ``self`` when nothing changes; otherwise a shallow copy with its own, empty tile cache
         (so during a fallback both caches may live: up to twice ``memory_budget``).
         """
         name = None if product_dtype is None else dtype_name(product_dtype)
-        if name == self.product_precision or (name == dtype_name(self.dtype) and not self._lowp):
-            return self
         if name == "float64" and self.dtype != torch.float64:
             raise ValueError(f"product_dtype='float64' needs float64 inputs, but X is {self.dtype}")
+        lowp = name is not None and name != dtype_name(self.dtype)
+        factor = self._profile_factor(lowrank) if lowp and lowrank is not None and lowrank.shape[-1] else None
+        if factor is None and self._lowrank is None and (
+                name == self.product_precision or (name == dtype_name(self.dtype) and not self._lowp)):
+            return self
         other = copy.copy(self)
-        other.product_precision = name
-        other._lowp = name is not None and name != dtype_name(self.dtype)
+        other.product_precision, other._lowp, other._lowrank = name, lowp, factor
         other._tile_cache, other._cache_used, other.num_products = [], 0, 0
         if other._lowp:
             other.backend = "torch"
         return other
+
+    def _profile_factor(self, L: torch.Tensor) -> torch.Tensor:
+        """``L / sqrt(outputscale)`` in the operator's dtype: the factor in profile units (``F ~ G G^T``)."""
+        if L.dim() != 2 or L.shape[0] != self.shape[0]:
+            raise ValueError(f"lowrank must be an (n, k) = ({self.shape[0]}, k) factor, got shape {tuple(L.shape)}")
+        if L.device != self.device:
+            raise ValueError(f"lowrank is on {L.device} but the operator on {self.device}; move it with .to()")
+        return (L.to(self.dtype) * (1.0 / self._outputscale_value) ** 0.5).contiguous()
 
     @property
     def cached_fraction(self) -> float:
@@ -294,6 +314,9 @@ class KernelOperator(CrossKernelOperator):
         i0, i1, j0, j1 = self._tiles[idx]
         F = self.profile_tile(i0, i1, j0, j1)
         if self._lowp:  # round once; the cache keeps the rounded tile (half the bytes in 16 bits)
+            if self._lowrank is not None:  # round the residual F - G G^T: smaller entries, smaller error
+                G = self._lowrank
+                F = torch.addmm(F, G[i0:i1], G[j0:j1].T, alpha=-1.0)
             F = round_to(F, self.product_precision)
         if idx == len(self._tile_cache) and self._cache_used + F.numel() * F.element_size() <= self.tiling.cache_bytes:
             self._tile_cache.append(F)
@@ -336,7 +359,11 @@ class KernelOperator(CrossKernelOperator):
             outT[:, i0:i1] += lowp_mm(VT[:, j0:j1], F.T, name)
             if i0 != j0:
                 outT[:, j0:j1] += lowp_mm(VT[:, i0:i1], F, name)
-        return (outT.T.to(V.dtype) / s).contiguous()
+        out = outT.T.to(V.dtype) / s
+        if self._lowrank is not None:  # the low-rank part, unrounded: G (G^T V)
+            G = self._lowrank
+            out += (G @ (G.T @ V.to(G.dtype))).to(out.dtype)
+        return out.contiguous()
 
     @torch.no_grad()
     def matmul(self, V: torch.Tensor) -> torch.Tensor:
@@ -373,6 +400,8 @@ class KernelOperator(CrossKernelOperator):
             K[i0:i1, j0:j1] = F
             if i0 != j0:
                 K[j0:j1, i0:i1] = F.T
+        if self._lowrank is not None:
+            K.addmm_(self._lowrank, self._lowrank.T)
         K.mul_(self.outputscale).diagonal().add_(self._noise_value)
         return K
 

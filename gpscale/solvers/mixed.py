@@ -43,16 +43,17 @@ from .lanczos import Tridiagonal
 _BROKEN = (CGStatus.BREAKDOWN.value, CGStatus.NON_FINITE.value)
 
 
-def policy_products(A, policy, state: torch.dtype):
+def policy_products(A, policy, state: torch.dtype, lowrank: torch.Tensor | None = None):
     """``(low, full)`` product closures on state-dtype vectors; ``full`` is None when impossible.
 
     * an operator with ``with_product_dtype`` (``KernelOperator``): its low- and fallback-precision
-      siblings;
+      siblings (the low one rounding only ``K - LL^T`` when a ``lowrank`` factor ``L`` is given);
     * a dense tensor: rounded once to the product precision, float32 accumulation;
     * anything else (a callable, another operator): used as given for the low phase, no fallback.
     """
     if hasattr(A, "with_product_dtype"):
-        low_op = A.with_product_dtype(policy.product)
+        low_op = (A.with_product_dtype(policy.product, lowrank=lowrank) if lowrank is not None
+                  else A.with_product_dtype(policy.product))
         full_op = A.with_product_dtype(policy.fallback_product)
         return _cast(low_op.matmul, A.dtype, state), _cast(full_op.matmul, A.dtype, state)
     if isinstance(A, torch.Tensor):
@@ -84,7 +85,12 @@ def _cast(fn, op_dtype, state):
 def mixed_precision_solve(cfg, A, B: torch.Tensor, X0, preconditioner) -> CGResult:
     """Run ``cfg`` (a :class:`ConjugateGradients` with ``precision`` set) as described above."""
     policy, state = cfg.precision, cfg.precision.state_dtype
-    low, full = policy_products(A, policy, state)
+    if hasattr(preconditioner, "build"):
+        preconditioner = preconditioner.build(A)
+    # A low-rank preconditioner P = LL^T + D hands its factor to the low-precision product, which then
+    # rounds only the residual kernel K - LL^T (PrecisionPolicy.lowrank_correction).
+    lowrank = getattr(preconditioner, "L", None) if policy.lowrank_correction and policy.low_precision else None
+    low, full = policy_products(A, policy, state, lowrank)
     solve = _cast(_precond_solve(preconditioner, A), getattr(A, "dtype", state), state)
     Bs = B.to(state)
     bnorm = Bs.norm(dim=0)
