@@ -141,7 +141,7 @@ def worker(spec: dict) -> int:
 
         torch.manual_seed(spec["seed"])
         Xtr, ytr, Xte, yte = _data(spec)
-        policy = PrecisionPolicy(spec["precision"])
+        policy = PrecisionPolicy(spec["precision"], lowrank_correction=not spec.get("plain_rounding", False))
         out = {"n_train": int(len(ytr)), "n_test": int(len(yte)), "d": int(Xtr.shape[1])}
         out["mll_grad"] = _mll_grad(Xtr, ytr, spec, policy)
         if spec["fit_iter"] > 0:
@@ -323,6 +323,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fit-seed", type=int, default=0,
                     help="probe seed of ExactGP.fit (other values give the run-to-run spread of one precision)")
+    ap.add_argument("--plain-rounding", action="store_true",
+                    help="PrecisionPolicy(lowrank_correction=False): round K itself, not K - LL^T (for comparison)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--memory-budget", type=float, default=None,
                     help="bytes per kernel operator (default gpscale's 1 GiB); on a GPU, a budget that holds the "
@@ -361,7 +363,8 @@ def main(argv=None) -> int:
         for prec in args.precisions:
             spec = {"dataset": ds, "precision": prec, "max_n": args.max_n, "fit_iter": args.fit_iter,
                     "fit_seed": args.fit_seed, "optimizer": args.optimizer, "lr": args.lr,
-                    "rtol": args.rtol, "rank": args.rank, "seed": args.seed, "noise": args.noise, "threads": args.threads,
+                    "rtol": args.rtol, "rank": args.rank, "seed": args.seed, "noise": args.noise,
+                    "plain_rounding": args.plain_rounding, "threads": args.threads,
                     "data_dir": args.data_dir, "device": args.device,
                     "memory_budget": None if args.memory_budget is None else int(args.memory_budget)}
             t0 = time.perf_counter()
