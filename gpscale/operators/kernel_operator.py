@@ -272,7 +272,7 @@ class KernelOperator(CrossKernelOperator):
         ----------
         product_dtype : str, torch.dtype or None
         lowrank : (n, k) tensor, optional
-            A factor with :math:`K \approx LL^T` (kernel units, e.g. a pivoted-Cholesky
+            A factor with :math:`K \\approx LL^T` (kernel units, e.g. a pivoted-Cholesky
             preconditioner's).  A low-precision operator then rounds only :math:`K - LL^T` and adds
             :math:`L(L^T V)` unrounded, so the rounding error scales with the residual's entries
             (:attr:`gpscale.PrecisionPolicy.lowrank_correction`).  Ignored for exact products.
