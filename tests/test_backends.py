@@ -253,3 +253,42 @@ def test_sources_are_found_and_includes_inlined(tmp_path, monkeypatch):
     monkeypatch.setattr(sources.sys, "prefix", str(tmp_path / "prefix"))
     with pytest.raises(FileNotFoundError, match="GPSCALE_CSRC"):
         sources.csrc_dir()
+
+
+# ----------------------------------------------------------------------------- low precision vs fused float32
+def test_low_precision_is_skipped_only_when_it_would_recompute_what_a_fused_backend_streams():
+    from gpscale import PrecisionPolicy
+    from gpscale.solvers.mixed import low_precision_skip_reason
+
+    def fake(backend, need16, have):
+        return SimpleNamespace(backend=backend, tiling=SimpleNamespace(cache_bytes=have),
+                               kernel_bytes=lambda p: need16 * (2 if p in ("float32", "tf32") else 1))
+
+    bf16 = PrecisionPolicy("bfloat16")
+    why = low_precision_skip_reason(fake("keops", 3 << 30, 1 << 30), bf16)
+    assert "recompute every kernel tile" in why and "raise memory_budget above 3.00 GiB" in why
+    assert low_precision_skip_reason(fake("keops", 1 << 29, 1 << 30), bf16) is None  # the 16-bit kernel fits
+    assert low_precision_skip_reason(fake("torch", 3 << 30, 1 << 30), bf16) is None  # torch anyway (CPU)
+    assert low_precision_skip_reason(fake("cuda", 3 << 30, 1 << 30), PrecisionPolicy("float32")) is None
+    # tf32 keeps 4-byte tiles: where float32 does not fit, neither does it
+    assert low_precision_skip_reason(fake("cuda", 1 << 29, 1 << 29), PrecisionPolicy("tf32")) is not None
+    # the operator's own count: upper-triangle tiles, 2 bytes per 16-bit entry
+    op = KernelOperator(make_inputs(300, 2), RBF(), 0.1, tile=64)
+    assert op.kernel_bytes("bfloat16") * 4 == op.kernel_bytes() == 2 * op.kernel_bytes("float32")  # float64 X
+    assert op.kernel_bytes() >= 300 * 301 // 2 * 8
+
+
+@pytest.mark.keops
+def test_cg_keeps_float32_on_a_fused_backend_when_the_16bit_kernel_cannot_be_cached(keops_ok):
+    from gpscale import PrecisionWarning, cg
+
+    X = make_inputs(400, 2, seed=5)
+    B = torch.randn(400, T, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    small = KernelOperator(X, RBF(lengthscale=0.5), 0.1, backend="keops", memory_budget=200_000)
+    with pytest.warns(PrecisionWarning, match="recompute every kernel tile"):
+        res = cg(small, B, rtol=1e-6, precision="bfloat16")
+    ref = cg(small, B, rtol=1e-6)
+    assert res.finished_precision is None and torch.equal(res.x, ref.x)  # the plain float path, same numbers
+    big = KernelOperator(X, RBF(lengthscale=0.5), 0.1, backend="keops", memory_budget=4 << 20)
+    res = cg(big, B, rtol=1e-2, precision="bfloat16")  # the 16-bit kernel fits: the policy runs
+    assert set(res.finished_precision) <= {"bfloat16", "float32"} and res.finished_precision is not None

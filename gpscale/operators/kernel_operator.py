@@ -303,6 +303,16 @@ class KernelOperator(CrossKernelOperator):
             raise ValueError(f"lowrank is on {L.device} but the operator on {self.device}; move it with .to()")
         return (L.to(self.dtype) * (1.0 / self._outputscale_value) ** 0.5).contiguous()
 
+    def kernel_bytes(self, product_dtype=None) -> int:
+        """Bytes of the whole (upper-triangle) tile set in ``product_dtype`` (default: the inputs' dtype).
+
+        Compare with ``tiling.cache_bytes``: a product precision whose tiles fit is computed once and
+        then costs one pass of GEMMs per product; one whose tiles do not is recomputed every product.
+        """
+        name = dtype_name(self.dtype) if product_dtype is None else dtype_name(product_dtype)
+        item = 2 if name in ("bfloat16", "float16") else 8 if name == "float64" else 4
+        return sum((i1 - i0) * (j1 - j0) for i0, i1, j0, j1 in self._tiles) * item
+
     @property
     def cached_fraction(self) -> float:
         """Fraction of the upper-triangle tiles held in memory (after the first product)."""

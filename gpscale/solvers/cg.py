@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .._validation import check_positive_int, check_tolerance
-from ..precision import PrecisionPolicy, as_policy, is_low_precision
+from ..precision import PrecisionPolicy, PrecisionWarning, as_policy, is_low_precision
 from .lanczos import Tridiagonal
 from .stability import ResidualBasis, StallDetector
 
@@ -209,10 +209,19 @@ class ConjugateGradients:
         B2 = B[:, None] if vec else B
         X0 = None if x0 is None else (x0[:, None] if x0.dim() == 1 else x0)
         _check_system(A, B2, X0, check_dtype=self.precision is None)
+        skip = None
         if self.precision is not None:
-            from .mixed import mixed_precision_solve
+            from .mixed import low_precision_skip_reason, mixed_precision_solve
 
+            skip = low_precision_skip_reason(A, self.precision)
+            if skip:
+                warnings.warn(skip, PrecisionWarning, stacklevel=2)
+        if self.precision is not None and not skip:
             res = mixed_precision_solve(self, A, B2, X0, preconditioner)
+        elif skip and B2.dtype != A.dtype:  # the policy accepted any right-hand-side dtype; A's own path needs A's
+            res = self._run(matmul, _precond_solve(preconditioner, A), B2.to(A.dtype),
+                            None if X0 is None else X0.to(A.dtype))
+            res = dataclasses.replace(res, x=res.x.to(B2.dtype))
         else:
             res = self._run(matmul, _precond_solve(preconditioner, A), B2, X0)
         if vec:

@@ -43,6 +43,28 @@ from .lanczos import Tridiagonal
 _BROKEN = (CGStatus.BREAKDOWN.value, CGStatus.NON_FINITE.value)
 
 
+def low_precision_skip_reason(A, policy) -> str | None:
+    """Why ``policy``'s low-precision products would be *slower* than ``A``'s own, or ``None``.
+
+    16-bit products run on the blocked torch path; they pay off against float32 when their rounded
+    tiles are computed once and cached (each product is then a pass of 16-bit GEMMs).  When ``A``
+    itself chose a fused backend (``keops``/``cuda``: its float32 kernel does not fit the cache) and the
+    16-bit kernel does not fit either, every low-precision product would recompute all tiles in torch
+    -- about 10x slower than the fused product on an H100 (docs/backends.md) -- so the solve should
+    stay in float32 on the fused backend.
+    """
+    if not policy.low_precision or getattr(A, "backend", "torch") == "torch" or not hasattr(A, "kernel_bytes"):
+        return None
+    need, have = A.kernel_bytes(policy.product), A.tiling.cache_bytes
+    if need <= have:
+        return None
+    return (f"{policy.product} products would recompute every kernel tile on the torch backend: the "
+            f"{policy.product} kernel needs {need / 2**30:.2f} GiB of cache and memory_budget leaves "
+            f"{have / 2**30:.2f} GiB, while float32 products run fused on {A.backend!r}. Solving with "
+            f"{A.backend} float32 products instead; raise memory_budget above {need / 2**30:.2f} GiB (plus "
+            "the workspace) to cache the low-precision kernel, or pass precision=None")
+
+
 def policy_products(A, policy, state: torch.dtype, lowrank: torch.Tensor | None = None):
     """``(low, full)`` product closures on state-dtype vectors; ``full`` is None when impossible.
 
