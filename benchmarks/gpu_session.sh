@@ -26,9 +26,12 @@ if [ "$stage" = kernels ]; then
 # 1. correctness: every variant (the experimental tcb included) against the float64 reference
 #    tcb has never run: it goes in its own process, after the others, so a fault in it (a sticky CUDA
 #    error poisons the whole process) cannot cost the verified variants' results.
-step tests 150 python3 -m pytest tests/test_cuda_kernels.py tests/test_backends.py -q -p no:cacheprovider -rf \
+step tests 140 python3 -m pytest tests/test_cuda_kernels.py tests/test_backends.py -q -p no:cacheprovider -rf \
     -k "not tcb"
 step tests_tcb 50 python3 -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -rf -k tcb --maxfail 20
+#    issue 4's GPU tests (mixed-precision CG, the low-rank-corrected 16-bit operator) and CUDA preconditioners
+step tests_misc 40 python3 -m pytest tests/test_mixed_precision.py tests/test_precond_suite.py -q -p no:cacheprovider \
+    -rf -k cuda
 # 2. issue 5's figure: 1M products for the tensor-core variants and KeOps (tcb last: a fault in its first run
 #    must not take the others' figures with it; the JSON is rewritten after every figure)
 step km_1m 150 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --repeats 2 \

@@ -297,15 +297,17 @@ def test_lowrank_correction_lets_bfloat16_hold_where_plain_rounding_falls_back()
     assert abs(v16 - v32) <= 1e-3 * abs(v32)
 
 
-def test_lowrank_corrected_operator_is_the_kernel_with_a_smaller_rounding():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_lowrank_corrected_operator_is_the_kernel_with_a_smaller_rounding(device):
     n = 400
-    X = torch.rand(n, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    op = KernelOperator(X, RBF(lengthscale=0.7, outputscale=2.0).double(), noise=0.05, tile=96)
+    X = torch.rand(n, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device)
+    op = KernelOperator(X, RBF(lengthscale=0.7, outputscale=2.0).double().to(device), noise=0.05, tile=96)
     L = PivotedCholesky(rank=40).build(op).L
     dense = op.dense()
     plain, corr = op.with_product_dtype("bfloat16"), op.with_product_dtype("bfloat16", lowrank=L)
     assert corr is not plain and corr.backend == "torch"
-    V = torch.randn(n, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    V = torch.randn(n, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device)
     err = {k: float((o.matmul(V) - dense @ V).norm() / (dense @ V).norm()) for k, o in (("plain", plain),
                                                                                       ("corr", corr))}
     assert err["corr"] < err["plain"] / 3
