@@ -42,7 +42,7 @@ step km_100k 60 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 
 #     corrected runs: rho extrapolates to ~1 plain and ~0.25 corrected there (docs/precision.md)
 step precision_200k_plain 130 python3 benchmarks/bench_precision.py --device cuda --datasets synthetic \
     --max-n 222223 --precisions float16 --plain-rounding --fit-iter 0 --timeout 120 --memory-budget 48e9 \
-    --no-markdown --out "$OUT/precision_cuda_200k_plain.json"
+    --repeats 2 --no-markdown --out "$OUT/precision_cuda_200k_plain.json"
 fi
 if [ "$stage" = mll ]; then
 # 3. end-to-end MLL + gradient at 1M (backend auto).  Rank 2000: rank 100 would need ~650 CG iterations
@@ -53,6 +53,6 @@ step mll_1m 300 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 
 #    budget holds the 16-bit upper-triangle kernel (40 GB) but not float32's (80 GB); 1 GiB tiles on CUDA.
 #    The JSON is rewritten after every child, so a cut-off run keeps the precisions it finished.
 step precision_200k 280 python3 benchmarks/bench_precision.py --device cuda --datasets synthetic --max-n 222223 \
-    --fit-iter 0 --timeout 120 --memory-budget 48e9 --no-markdown --out "$OUT/precision_cuda_200k.json"
+    --fit-iter 0 --timeout 120 --memory-budget 48e9 --repeats 2 --no-markdown --out "$OUT/precision_cuda_200k.json"
 fi
 echo "=== done"; ls -la "$OUT"

@@ -73,12 +73,15 @@ def test_precision_benchmark_records_where_products_ran(tmp_path):
     out = tmp_path / "p.json"
     assert bp.main(["--datasets", "synthetic", "--max-n", "334", "--fit-iter", "0", "--precisions", "float32",
                     "bfloat16", "--memory-budget", "250000", "--noise", "0.5", "--threads", "1", "--no-markdown",
+                    "--repeats", "2",
                     "--timeout", "300", "--out", str(out)]) == 0
     res = {r["precision"]: r for r in json.loads(out.read_text())["results"]}
     assert all(r["status"] == "ok" for r in res.values()), res
     assert res["bfloat16"]["mll_grad"]["products"]["low_cached"] is True
     assert res["float32"]["mll_grad"]["products"]["low_cached"] is False
     assert res["bfloat16"]["mll_grad"]["cg"]["finished_precision"] == {"bfloat16": 11}  # noise 0.5: no fallback
+    for r in res.values():  # timed twice, the warm (last) call reported
+        assert len(r["mll_grad"]["seconds_all"]) == 2 and r["mll_grad"]["seconds"] == r["mll_grad"]["seconds_all"][-1]
 
 
 def test_low_precision_perturbation_orders_the_roundings(tmp_path):
