@@ -275,6 +275,17 @@ def test_probes_that_refinement_cannot_fix_restart_their_lanczos_run():
     assert abs(v16 - v32) <= 2e-3 * abs(v32)
 
 
+def test_lowrank_correction_auto_is_on_for_11_bit_products_only():
+    assert PrecisionPolicy("float16").resolved_lowrank_correction
+    assert PrecisionPolicy("tf32").resolved_lowrank_correction
+    assert not PrecisionPolicy("bfloat16").resolved_lowrank_correction  # its log-det bias steers fits
+    assert PrecisionPolicy("bfloat16", lowrank_correction=True).resolved_lowrank_correction
+    assert not PrecisionPolicy("float16", lowrank_correction=False).resolved_lowrank_correction
+    assert not PrecisionPolicy("float32", lowrank_correction=True).resolved_lowrank_correction
+    with pytest.raises(TypeError, match="'auto', True or False"):
+        PrecisionPolicy("float16", lowrank_correction="yes")
+
+
 def test_lowrank_correction_lets_bfloat16_hold_where_plain_rounding_falls_back():
     """Round K - LL^T (L: the pivoted-Cholesky preconditioner's factor), not K.
 
@@ -286,8 +297,10 @@ def test_lowrank_correction_lets_bfloat16_hold_where_plain_rounding_falls_back()
     X = torch.randn(1500, 6, generator=g)
     y = torch.sin(X[:, :3].sum(1)) + 0.3 * torch.randn(1500, generator=g)
     out = {}
-    for key, prec in (("f32", None), ("plain", PrecisionPolicy("bfloat16", lowrank_correction=False)),
-                      ("corrected", PrecisionPolicy("bfloat16"))):
+    for key, prec in (("f32", None), ("plain", PrecisionPolicy("bfloat16")),  # "auto": plain for bf16
+                      ("corrected", PrecisionPolicy("bfloat16", lowrank_correction=True)),
+                      ("fp16", PrecisionPolicy("float16")),  # "auto": corrected for fp16
+                      ("fp16 plain", PrecisionPolicy("float16", lowrank_correction=False))):
         r = mll_estimate(X, y, Matern(nu=2.5, lengthscale=6 ** 0.5), 0.1, method="iterative", seed=0, rtol=1e-2,
                          preconditioner=PivotedCholesky(rank=100), precision=prec, warn=False)
         out[key] = (float(r.value.detach()), r.stats)
@@ -295,6 +308,9 @@ def test_lowrank_correction_lets_bfloat16_hold_where_plain_rounding_falls_back()
     assert corr["finished_precision"] == {"bfloat16": 11} and plain["finished_precision"] == {"float32": 11}
     assert corr["num_matmuls"] < 0.6 * plain["num_matmuls"]
     assert abs(v16 - v32) <= 1e-3 * abs(v32)
+    # fp16's default is corrected: fewer products and a log-det closer to float32's than plain fp16
+    (vh, h), (vhp, hp) = out["fp16"], out["fp16 plain"]
+    assert h["num_matmuls"] < hp["num_matmuls"] and abs(vh - v32) < abs(vhp - v32) / 3
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -111,7 +111,7 @@ def mixed_precision_solve(cfg, A, B: torch.Tensor, X0, preconditioner) -> CGResu
         preconditioner = preconditioner.build(A)
     # A low-rank preconditioner P = LL^T + D hands its factor to the low-precision product, which then
     # rounds only the residual kernel K - LL^T (PrecisionPolicy.lowrank_correction).
-    lowrank = getattr(preconditioner, "L", None) if policy.lowrank_correction and policy.low_precision else None
+    lowrank = getattr(preconditioner, "L", None) if policy.resolved_lowrank_correction else None
     low, full = policy_products(A, policy, state, lowrank)
     solve = _cast(_precond_solve(preconditioner, A), getattr(A, "dtype", state), state)
     Bs = B.to(state)
