@@ -147,8 +147,10 @@ def worker(spec: dict) -> int:
 
         torch.manual_seed(spec["seed"])
         Xtr, ytr, Xte, yte = _data(spec)
-        policy = PrecisionPolicy(spec["precision"], lowrank_correction=not spec.get("plain_rounding", False))
-        out = {"n_train": int(len(ytr)), "n_test": int(len(yte)), "d": int(Xtr.shape[1])}
+        corr = {"auto": "auto", "on": True, "off": False}[spec.get("lowrank_correction", "auto")]
+        policy = PrecisionPolicy(spec["precision"], lowrank_correction=corr)
+        out = {"n_train": int(len(ytr)), "n_test": int(len(yte)), "d": int(Xtr.shape[1]),
+               "lowrank_correction": policy.resolved_lowrank_correction}
         out["mll_grad"] = _mll_grad(Xtr, ytr, spec, policy)
         if spec["fit_iter"] > 0:
             out["fit"] = _fit(Xtr, ytr, Xte, yte, spec, policy)
@@ -332,8 +334,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fit-seed", type=int, default=0,
                     help="probe seed of ExactGP.fit (other values give the run-to-run spread of one precision)")
-    ap.add_argument("--plain-rounding", action="store_true",
-                    help="PrecisionPolicy(lowrank_correction=False): round K itself, not K - LL^T (for comparison)")
+    ap.add_argument("--lowrank-correction", choices=("auto", "on", "off"), default="auto",
+                    help="PrecisionPolicy.lowrank_correction: round K - LL^T instead of K (auto: fp16/tf32 only)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--memory-budget", type=float, default=None,
                     help="bytes per kernel operator (default gpscale's 1 GiB); on a GPU, a budget that holds the "
@@ -373,7 +375,7 @@ def main(argv=None) -> int:
             spec = {"dataset": ds, "precision": prec, "max_n": args.max_n, "fit_iter": args.fit_iter,
                     "fit_seed": args.fit_seed, "optimizer": args.optimizer, "lr": args.lr,
                     "rtol": args.rtol, "rank": args.rank, "seed": args.seed, "noise": args.noise, "repeats": args.repeats,
-                    "plain_rounding": args.plain_rounding, "threads": args.threads,
+                    "lowrank_correction": args.lowrank_correction, "threads": args.threads,
                     "data_dir": args.data_dir, "device": args.device,
                     "memory_budget": None if args.memory_budget is None else int(args.memory_budget)}
             t0 = time.perf_counter()

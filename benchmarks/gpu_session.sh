@@ -41,7 +41,7 @@ step km_100k 60 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 
 # 2b. issue 4: plain fp16 rounding (no low-rank correction) at n = 200k, noise 0.1, beside step 4's
 #     corrected runs: rho extrapolates to ~1 plain and ~0.25 corrected there (docs/precision.md)
 step precision_200k_plain 130 python3 benchmarks/bench_precision.py --device cuda --datasets synthetic \
-    --max-n 222223 --precisions float16 --plain-rounding --fit-iter 0 --timeout 120 --memory-budget 48e9 \
+    --max-n 222223 --precisions float16 --lowrank-correction off --fit-iter 0 --timeout 120 --memory-budget 48e9 \
     --repeats 2 --no-markdown --out "$OUT/precision_cuda_200k_plain.json"
 fi
 if [ "$stage" = mll ]; then

@@ -80,6 +80,7 @@ def test_precision_benchmark_records_where_products_ran(tmp_path):
     assert res["bfloat16"]["mll_grad"]["products"]["low_cached"] is True
     assert res["float32"]["mll_grad"]["products"]["low_cached"] is False
     assert res["bfloat16"]["mll_grad"]["cg"]["finished_precision"] == {"bfloat16": 11}  # noise 0.5: no fallback
+    assert res["bfloat16"]["lowrank_correction"] is False  # "auto": bf16 rounds K itself
     for r in res.values():  # timed twice, the warm (last) call reported
         assert len(r["mll_grad"]["seconds_all"]) == 2 and r["mll_grad"]["seconds"] == r["mll_grad"]["seconds_all"][-1]
 
