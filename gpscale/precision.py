@@ -111,6 +111,7 @@ class PrecisionPolicy:
         ``bfloat16``: corrected bf16 solves stay in bf16, but the log-determinant bias, second order in
         :math:`E` and so ~64x fp16's, then steers fits (measured: a pol fit's noise 3.1 -> 5.8 and
         test RMSE +1.9%), whereas plain bf16 falls back to float32 and stays accurate.
+
     Examples
     --------
     >>> policy = PrecisionPolicy("bfloat16")               # all fixes on
