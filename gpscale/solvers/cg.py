@@ -209,21 +209,20 @@ class ConjugateGradients:
         B2 = B[:, None] if vec else B
         X0 = None if x0 is None else (x0[:, None] if x0.dim() == 1 else x0)
         _check_system(A, B2, X0, check_dtype=self.precision is None)
-        skip = None
+        res = None
         if self.precision is not None:
             from .mixed import low_precision_skip_reason, mixed_precision_solve
 
             skip = low_precision_skip_reason(A, self.precision)
-            if skip:
+            if skip:  # A's own fused float path; the policy accepted any right-hand-side dtype, it needs A's
                 warnings.warn(skip, PrecisionWarning, stacklevel=2)
-        if self.precision is not None and not skip:
-            res = mixed_precision_solve(self, A, B2, X0, preconditioner)
-        elif skip and B2.dtype != A.dtype:  # the policy accepted any right-hand-side dtype; A's own path needs A's
-            res = self._run(matmul, _precond_solve(preconditioner, A), B2.to(A.dtype),
-                            None if X0 is None else X0.to(A.dtype))
-            res = dataclasses.replace(res, x=res.x.to(B2.dtype))
-        else:
+                B2, X0 = B2.to(A.dtype), None if X0 is None else X0.to(A.dtype)
+            else:
+                res = mixed_precision_solve(self, A, B2, X0, preconditioner)
+        if res is None:
             res = self._run(matmul, _precond_solve(preconditioner, A), B2, X0)
+        if res.x.dtype != B.dtype:
+            res = dataclasses.replace(res, x=res.x.to(B.dtype))
         if vec:
             res = dataclasses.replace(res, x=res.x[:, 0])
         return res
@@ -353,12 +352,16 @@ def _check_system(A, B, X0, check_dtype: bool = True) -> None:
         raise ValueError(f"A is on {dev} but B is on {B.device}; move B with B.to(device)")
 
 
+def _built_preconditioner(preconditioner, A):
+    """A factory (``.build(A)``) built against ``A``; a built preconditioner or None as given."""
+    return preconditioner.build(A) if hasattr(preconditioner, "build") else preconditioner
+
+
 def _precond_solve(preconditioner, A):
     """Accept None, a built preconditioner (``.solve``) or a factory (``.build(A)``)."""
     if preconditioner is None:
         return lambda r: r.clone()
-    if hasattr(preconditioner, "build"):
-        preconditioner = preconditioner.build(A)
+    preconditioner = _built_preconditioner(preconditioner, A)
     if not hasattr(preconditioner, "solve"):
         raise TypeError(f"preconditioner must be a gpscale.precond object, got {type(preconditioner).__name__}")
     return preconditioner.solve

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from ..precision import dtype_name, lowp_mm, round_to, scale_columns
-from .cg import CGResult, CGStatus, _as_matmul, _precond_solve
+from .cg import CGResult, CGStatus, _as_matmul, _built_preconditioner, _precond_solve
 from .lanczos import Tridiagonal
 
 #: Phase-1 outcomes after which a column's Lanczos coefficients are unusable.
@@ -107,8 +107,7 @@ def _cast(fn, op_dtype, state):
 def mixed_precision_solve(cfg, A, B: torch.Tensor, X0, preconditioner) -> CGResult:
     """Run ``cfg`` (a :class:`ConjugateGradients` with ``precision`` set) as described above."""
     policy, state = cfg.precision, cfg.precision.state_dtype
-    if hasattr(preconditioner, "build"):
-        preconditioner = preconditioner.build(A)
+    preconditioner = _built_preconditioner(preconditioner, A)
     # A low-rank preconditioner P = LL^T + D hands its factor to the low-precision product, which then
     # rounds only the residual kernel K - LL^T (PrecisionPolicy.lowrank_correction).
     lowrank = getattr(preconditioner, "L", None) if policy.resolved_lowrank_correction else None
