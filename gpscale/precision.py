@@ -183,9 +183,9 @@ class PrecisionPolicy:
 
     @property
     def resolved_lowrank_correction(self) -> bool:
-        """``lowrank_correction`` with ``auto`` resolved: on for float16/tf32 products, off otherwise."""
-        if self.lowrank_correction == "auto":
-            return self.product in ("float16", "tf32")
+        """``lowrank_correction`` with ``auto`` resolved: on for float16/tf32 (unit roundoff 2^-11), off otherwise."""
+        if self.lowrank_correction == "auto":  # the 11-bit formats; bf16's bias steers fits (see above)
+            return self.low_precision and UNIT_ROUNDOFF[self.product] <= 2.0 ** -11
         return bool(self.lowrank_correction) and self.low_precision
 
     @property
