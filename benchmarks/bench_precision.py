@@ -105,9 +105,7 @@ def _product_path(X, kernel, policy, budget):
 
     op = KernelOperator(X, kernel, noise=1.0, memory_budget=budget)
     low = op.with_product_dtype(policy.product)
-    n, tile = X.shape[0], op.tiling.tile or X.shape[0]
-    item = 2 if policy.product in ("bfloat16", "float16") else 4
-    need = n * (n + tile) // 2 * item
+    need = op.kernel_bytes(policy.product)
     return {"float32_backend": op.backend, "low_backend": low.backend, "cache_bytes": op.tiling.cache_bytes,
             "low_kernel_bytes": need, "low_cached": low.backend == "torch" and need <= op.tiling.cache_bytes}
 

@@ -65,7 +65,9 @@ def kernel_matrix(n: int, d: int, seed: int, ranks=()) -> tuple[torch.Tensor, di
     X = torch.as_tensor((X - X.mean(0)) / X.std(0))
     k = Matern(nu=2.5, lengthscale=torch.full((d,), math.sqrt(d), dtype=torch.float64)).double()
     op = KernelOperator(X, k, noise=1.0)
-    return op.kernel_matmul(torch.eye(n, dtype=torch.float64)), {r: PivotedCholesky(rank=r).build(op).L for r in ranks}
+    K = op.dense()  # K + 1 I, one kernel evaluation per pair; the unit noise comes off exactly
+    K.diagonal().sub_(1.0)
+    return K, {r: PivotedCholesky(rank=r).build(op).L for r in ranks}
 
 
 def perturbations(K: torch.Tensor, noises, roundings, factors: dict | None = None) -> list[dict]:
