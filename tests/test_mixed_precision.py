@@ -334,6 +334,12 @@ def test_lowrank_corrected_operator_is_the_kernel_with_a_smaller_rounding(device
     assert op.with_product_dtype("float64", lowrank=L) is op
     with pytest.raises(ValueError, match=r"\(n, k\) = \(400, k\)"):
         op.with_product_dtype("bfloat16", lowrank=L[:10])
+    bad = L.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="lowrank contains 1 NaN/Inf"):
+        op.with_product_dtype("bfloat16", lowrank=bad)
+    with pytest.raises(TypeError, match="floating-point factor"):
+        op.with_product_dtype("bfloat16", lowrank=torch.ones(n, 2, dtype=torch.int64, device=device))
 
 
 # ----------------------------------------------------------------------------- post-fit precision check

@@ -301,6 +301,12 @@ class KernelOperator(CrossKernelOperator):
             raise ValueError(f"lowrank must be an (n, k) = ({self.shape[0]}, k) factor, got shape {tuple(L.shape)}")
         if L.device != self.device:
             raise ValueError(f"lowrank is on {L.device} but the operator on {self.device}; move it with .to()")
+        if not L.is_floating_point():
+            raise TypeError(f"lowrank must be a floating-point factor, got dtype {L.dtype}")
+        bad = int((~torch.isfinite(L)).sum())  # one host check per low-precision operator, not per product
+        if bad:
+            raise ValueError(f"lowrank contains {bad} NaN/Inf value(s): it must approximate the kernel (K ~ L L^T); "
+                             "rebuild the preconditioner from finite inputs, or pass lowrank=None")
         return (L.to(self.dtype) * (1.0 / self._outputscale_value) ** 0.5).contiguous()
 
     def kernel_bytes(self, product_dtype=None) -> int:
