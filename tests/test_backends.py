@@ -9,6 +9,7 @@ The CUDA kernels themselves are tested in ``test_cuda_kernels.py`` (GPU only) an
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -96,6 +97,19 @@ def test_auto_on_cuda_keeps_torch_when_the_kernel_is_cached_or_tiny(monkeypatch)
     assert backends.select_backend(_fake_op(1000), "auto") == "torch"  # tiny
     assert backends.select_backend(_fake_op(20_000, budget=4 << 30), "auto") == "torch"  # cached whole
     assert backends.select_backend(_fake_op(20_000, budget=64 << 20), "auto") == "keops"
+
+
+@pytest.mark.parametrize("n,budget", [(1, None), (999, None), (1001, 1 << 20), (4097, 1 << 20), (20_000, 64 << 20)])
+def test_upper_entries_counts_the_upper_tiles_and_auto_uses_the_exact_size(monkeypatch, n, budget):
+    t = plan_symmetric_tiling(n, torch.float32, torch.device("cpu"), budget)
+    assert t.upper_entries(n) == sum((i1 - i0) * (j1 - j0) for i0, i1, j0, j1 in t.upper_tiles(n))
+    # auto's "whole kernel cached" rule and the cache's admission agree at the exact byte count
+    monkeypatch.setattr(backends, "backend_available", lambda *a, **k: (True, ""))
+    op = _fake_op(4000)
+    op.tiling = replace(op.tiling, cache_bytes=op.tiling.upper_entries(4000) * 4)
+    assert backends.select_backend(op, "auto") == "torch"
+    op.tiling = replace(op.tiling, cache_bytes=op.tiling.cache_bytes - 1)
+    assert backends.select_backend(op, "auto") == "keops"
 
 
 def test_mll_stats_report_the_backend():

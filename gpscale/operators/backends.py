@@ -78,8 +78,8 @@ def _fits_cache(op) -> bool:
     t = op.tiling
     el = torch.empty((), dtype=op.dtype).element_size()
     n, m = op.shape
-    if t.tile:  # symmetric: upper-triangle tiles
-        return n * (n + t.tile) // 2 * el <= t.cache_bytes
+    if t.tile:  # symmetric: the upper-triangle tiles (KernelOperator.kernel_bytes counts the same)
+        return t.upper_entries(n) * el <= t.cache_bytes
     return t.cached_rows >= n
 
 

@@ -71,6 +71,16 @@ class Tiling:
         return [(edges[a], edges[a + 1], edges[b], edges[b + 1])
                 for a in range(len(edges) - 1) for b in range(a, len(edges) - 1)]
 
+    def upper_entries(self, n: int) -> int:
+        """Kernel entries in :meth:`upper_tiles` (``(n^2 + sum of squared tile edges) / 2``), in O(n / tile).
+
+        Times the element size, this is what caching the whole symmetric kernel takes: the tile cache
+        admits tiles in order while they fit ``cache_bytes``, so it holds all of them exactly when
+        ``upper_entries(n) * itemsize <= cache_bytes``.
+        """
+        full, rest = divmod(n, self.tile)
+        return (n * n + full * self.tile ** 2 + rest * rest) // 2
+
 
 def plan_tiling(
     n: int,

@@ -317,7 +317,7 @@ class KernelOperator(CrossKernelOperator):
         """
         name = dtype_name(self.dtype) if product_dtype is None else dtype_name(product_dtype)
         item = 2 if name in ("bfloat16", "float16") else 8 if name == "float64" else 4
-        return sum((i1 - i0) * (j1 - j0) for i0, i1, j0, j1 in self._tiles) * item
+        return self.tiling.upper_entries(self.shape[0]) * item
 
     @property
     def cached_fraction(self) -> float:
