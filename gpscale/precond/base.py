@@ -82,14 +82,12 @@ class Identity(BuiltPreconditioner):
 class LowRankPlusDiagonal(BuiltPreconditioner):
     """:math:`P = L L^T + D` with :math:`D = \\sigma^2 I` or :math:`\\sigma^2 I + \\operatorname{diag}(r)`.
 
-    With :math:`D = \\sigma^2 I`, through the Woodbury identity
+    Through the Woodbury identity, with the ``k x k`` capacitance :math:`C = I_k + L^T D^{-1} L`,
 
     .. math::
-        P^{-1} R = \\sigma^{-2}\\big(R - L (\\sigma^2 I_k + L^T L)^{-1} L^T R\\big), \\qquad
-        \\log|P| = (n-k)\\log\\sigma^2 + \\log|\\sigma^2 I_k + L^T L| ;
+        P^{-1} = D^{-1} - D^{-1} L C^{-1} L^T D^{-1}, \\qquad \\log|P| = \\sum_i \\log D_{ii} + \\log|C| ;
 
-    with a diagonal :math:`D`, :math:`P^{-1} = D^{-1} - D^{-1}L C^{-1} L^T D^{-1}`,
-    :math:`C = I_k + L^T D^{-1} L`, :math:`\\log|P| = \\sum_i \\log D_{ii} + \\log|C|`.
+    :math:`D = \\sigma^2 I` is the constant case of the same formulas (one code path for both).
 
     ``r = diag(K - LLᵀ)`` (``residual_diagonal=True`` on the factories) gives ``P`` the diagonal of
     :math:`\\hat K` -- the FITC-style correction of Cutajar, Osborne, Cunningham & Filippone (ICML 2016).
@@ -118,38 +116,30 @@ class LowRankPlusDiagonal(BuiltPreconditioner):
             raise ValueError(f"the preconditioner's noise must be > 0, got {self.noise}")
         n, k = L.shape
         self.rank = k
-        self._L64 = L if L.dtype == torch.float64 else L.to(torch.float64)  # O(nk): see solve()
-        self._D = self._dinv = None
+        # Everything below runs in float64 (O(nk) extra memory): R - L C^{-1} L^T R cancels almost
+        # completely along the large eigendirections, and in float32 the leftover rounding (amplified
+        # by 1/noise) made preconditioned CG diverge at small noise (20k points, noise 0.1: residual
+        # 752 vs 26 its).
+        self._L64 = L if L.dtype == torch.float64 else L.to(torch.float64)
+        self._D = torch.full((n,), self.noise, dtype=torch.float64, device=L.device)
         if diagonal is not None:
             if diagonal.shape != (n,) or not bool(torch.isfinite(diagonal).all()) or bool((diagonal < 0).any()):
                 raise ValueError(f"diagonal must be a finite, non-negative ({n},) tensor")
-            self._D = self.noise + diagonal.to(torch.float64)
-            self._dinv = 1.0 / self._D
-            cap = (self._L64 * self._dinv[:, None]).T @ self._L64
-            cap.diagonal().add_(1.0)
-            self._chol = torch.linalg.cholesky(cap)
-            self._logdet = self._D.log().sum() + 2 * self._chol.diagonal().log().sum()
-        else:
-            cap = self._L64.T @ self._L64
-            cap.diagonal().add_(self.noise)
-            self._chol = torch.linalg.cholesky(cap)
-            self._logdet = (n - k) * math.log(self.noise) + 2 * self._chol.diagonal().log().sum()
+            self._D += diagonal.to(torch.float64)
+        self._dinv = 1.0 / self._D
+        # One form for both diagonals (sigma^2 I is the constant case): C = I_k + L^T D^{-1} L.
+        cap = (self._L64 * self._dinv[:, None]).T @ self._L64
+        cap.diagonal().add_(1.0)
+        self._chol = torch.linalg.cholesky(cap)
+        self._logdet = self._D.log().sum() + 2 * self._chol.diagonal().log().sum()
         self.stats = dict(stats or {}, rank=k, diagonal="residual" if diagonal is not None else "noise")
 
     def solve(self, R):
         R2 = (R[:, None] if R.dim() == 1 else R).to(torch.float64)
-        if self._dinv is not None:
-            DR = R2 * self._dinv[:, None]
-            corr = torch.cholesky_solve(self._L64.T @ DR, self._chol) if self.rank else None
-            out = (DR if corr is None else DR - self._dinv[:, None] * (self._L64 @ corr)).to(R.dtype)
-            return out[:, 0] if R.dim() == 1 else out
-        if self.rank == 0:
-            return R / self.noise
-        # The whole correction runs in float64: R - L C^{-1} L^T R cancels almost completely along
-        # the large eigendirections, and in float32 the leftover rounding (amplified by 1/noise) made
-        # preconditioned CG diverge at small noise (20k points, noise 0.1: residual 752 vs 26 its).
-        corr = torch.cholesky_solve(self._L64.T @ R2, self._chol)
-        out = ((R2 - self._L64 @ corr) / self.noise).to(R.dtype)
+        DR = R2 * self._dinv[:, None]
+        if self.rank:
+            DR -= self._dinv[:, None] * (self._L64 @ torch.cholesky_solve(self._L64.T @ DR, self._chol))
+        out = DR.to(R.dtype)
         return out[:, 0] if R.dim() == 1 else out
 
     def logdet(self):
@@ -158,32 +148,21 @@ class LowRankPlusDiagonal(BuiltPreconditioner):
     def sample(self, num, generator=None):
         n, k = self.L.shape
         kw = dict(dtype=self.L.dtype, device=self.L.device, generator=generator)
-        z = torch.randn(n, num, **kw)
-        scale = self._D.sqrt().to(z.dtype)[:, None] if self._D is not None else math.sqrt(self.noise)
-        z = scale * z
+        z = self._D.sqrt().to(self.L.dtype)[:, None] * torch.randn(n, num, **kw)
         if k:
             z += self.L @ torch.randn(k, num, **kw)
         return z
 
     def inverse_parts(self):
-        n = self.L.shape[0]
-        if self._dinv is not None:
-            # P^{-1} = D⁻¹ - (D⁻¹ L C⁻¹)(D⁻¹ L)ᵀ with C = I_k + Lᵀ D⁻¹ L.
-            DL = self._L64 * self._dinv[:, None]
-            U = torch.cholesky_solve(DL.T, self._chol).T
-            return self._dinv.to(self.L.dtype), U.to(self.L.dtype), DL.to(self.L.dtype)
-        # P^{-1} = σ⁻² I - σ⁻² L C⁻¹ Lᵀ with C = σ² I_k + LᵀL (C⁻¹ in float64, as in solve()).
-        d = torch.full((n,), 1.0 / self.noise, dtype=self.L.dtype, device=self.L.device)
-        U = (torch.cholesky_solve(self._L64.T, self._chol).T / self.noise).to(self.L.dtype)
-        return d, U, self.L
+        # P^{-1} = D⁻¹ - (D⁻¹ L C⁻¹)(D⁻¹ L)ᵀ with C = I_k + Lᵀ D⁻¹ L (C⁻¹ in float64, as in solve()).
+        DL = self._L64 * self._dinv[:, None]
+        U = torch.cholesky_solve(DL.T, self._chol).T
+        return self._dinv.to(self.L.dtype), U.to(self.L.dtype), DL.to(self.L.dtype)
 
     def to_dense(self) -> torch.Tensor:
         """Dense :math:`P` (tests only)."""
         P = self.L @ self.L.T
-        if self._D is not None:
-            P.diagonal().add_(self._D.to(P.dtype))
-        else:
-            P.diagonal().add_(self.noise)
+        P.diagonal().add_(self._D.to(P.dtype))
         return P
 
 
