@@ -37,8 +37,8 @@ from ..kernels import make_kernel
 from ..likelihood.cholesky import cholesky_factor
 from ..logdet.slq import build_preconditioner, probe_solve
 from ..logdet.trace import trace_pairs
+from ..operators import CrossKernelOperator, KernelOperator
 from ..operators.derivatives import bilinear_derivative
-from ..operators.kernel_operator import CrossKernelOperator, KernelOperator
 from ..solvers.cg import CGWarning, ConjugateGradients
 
 

@@ -17,7 +17,6 @@ Siblings (RPCholesky, Nyström, Jacobi) implement :class:`Preconditioner` and us
 from __future__ import annotations
 
 import abc
-import math
 
 import torch
 
