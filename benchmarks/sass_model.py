@@ -1,0 +1,268 @@
+"""Static throughput model of the csrc/ kernels from their SASS (no GPU needed).
+
+Each variant's template is instantiated for one problem shape (``d``, ``t`` compile-time constants,
+non-symmetric, as a kernel specialised on ``d`` would be), compiled with nvcc for ``sm_90`` and
+disassembled with nvdisasm.  In the loop over Z tiles (the outermost loop holding ``MUFU.EX2``) every
+instruction is counted once per tile, and the instructions of each nested loop times its trip count
+per tile (given per variant below, in units of a marker instruction so an unrolled loop is counted
+right).  Dividing by the pairs a warp handles per tile gives *warp instructions per 32 pairs* for each
+execution pipe, and so SM cycles per 32 pairs:
+
+=========  ===============================================  =====================================
+resource   instructions                                      SM cycles per warp instruction
+=========  ===============================================  =====================================
+issue      all                                               1/4 (one per scheduler per clock)
+fma        FADD FMUL FFMA HFMA2 ...                          1/4 (128 lanes per clock)
+imad       IMAD*                                             1/2 (64 lanes per clock)
+alu        IADD3 LOP3 SHF LEA ISETP FSETP FMNMX SEL PRMT ..  1/2 (64 lanes per clock)
+mufu       MUFU.* and conversions F2F / F2FP / I2F / F2I     2   (16 lanes per clock)
+tensor     HMMA                                              1 / mma_efficiency (one m16n8k8 tf32
+                                                             or m16n8k16 bf16 per clock at peak)
+shared     LDS / STS                                         1   (one wavefront: a lower bound, exact
+                                                             for conflict-free 32-bit and broadcast
+                                                             accesses)
+=========  ===============================================  =====================================
+
+(Per-SM rates of compute capability 9.0, CUDA C++ Programming Guide, "Arithmetic Instructions";
+the tensor rate from H100 SXM's dense peak, 494.7 TFLOP/s tf32 at 1.83 GHz on 132 SMs = 2048
+flop/clock/SM.)  The slowest resource bounds the pairs per SM clock; latency, occupancy, memory
+and the tile loop's tail are not modelled, so a measured kernel reaches some fraction of the bound:
+``--measured`` puts the measured rate beside it (the first lent H100, 100k).  The exp bound of the
+issue (16 exps per SM clock) is ``mufu`` alone.
+
+Usage::
+
+    python benchmarks/sass_model.py --out benchmarks/results/sass_model_sm90.json \\
+        --measured benchmarks/results/kernel_matmul_h100_100k.json
+
+nvdisasm is not part of nvcc's install: ``pip download nvidia-cuda-nvdisasm`` and unzip it, then
+pass ``--nvdisasm`` (or put it on PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+KINDS = {"rbf": "GPS_RBF", "matern12": "GPS_M12", "matern32": "GPS_M32", "matern52": "GPS_M52"}
+
+#: Per variant: source file, the call of the template (``{K}``: kind, ``{d}``, ``{t}``), threads per
+#: block, pairs one warp handles per Z tile (per 16 output columns), and for each nested loop of the
+#: tile loop, in order, ``(marker, count per tile)``: its trip count is ``count / (markers per trip)``.
+VARIANTS = {
+    "simt": dict(file="kmm_simt.cu", call="kmm_simt<{K}, GPS_MODE_F, float>(X, Z, V, O0, O1, n, m, {d}, {t})",
+                 threads=128, pairs=32 * 64,  # 32 rows x 64 Z rows per tile
+                 nested=[("STS", 64 * 32 // 128), ("STS", 64 * 16 // 128), ("MUFU.EX2", 64)]),
+    "tc": dict(file="kmm_tc.cu", call="kmm_tc<{K}, GPS_MODE_F, false>(X, Z, V, O0, O1, n, m, {d}, {t}, 0)",
+               threads=128, pairs=16 * 64, nested=[("STS", "tc_z"), ("STS", 64 * 16 // 128)]),
+    "tc3": dict(file="kmm_tc.cu", call="kmm_tc<{K}, GPS_MODE_F, true>(X, Z, V, O0, O1, n, m, {d}, {t}, 0)",
+                threads=128, pairs=16 * 64, nested=[("STS", "tc_z"), ("STS", 64 * 16 // 128)]),
+    "tcb": dict(file="kmm_tcb.cu", call="kmm_tcb<{K}, GPS_MODE_F>(X, Z, V, O0, O1, n, m, {d}, {t}, 0)",
+                threads=128, pairs=32 * 64, nested=[("STS", "tcb_z"), ("STS", 2 * 32 * 16 // 128)]),
+}
+
+PIPES = {
+    "fma": ("FADD", "FMUL", "FFMA", "HFMA2", "HADD2", "HMUL2", "FSWZADD"),
+    "imad": ("IMAD",),
+    "alu": ("IADD3", "LOP3", "SHF", "LEA", "ISETP", "FSETP", "FMNMX", "SEL", "FSEL", "PRMT", "MOV", "VIADD",
+            "IABS", "IMNMX", "P2R", "R2P", "PLOP3", "FCHK", "I2FP", "VIMNMX", "CS2R"),
+    "mufu": ("MUFU", "F2F", "F2FP", "I2F", "F2I", "FRND"),
+    "tensor": ("HMMA",),
+}
+CYCLES = {"issue": 0.25, "fma": 0.25, "imad": 0.5, "alu": 0.5, "mufu": 2.0, "shared": 1.0}
+
+
+def _marker_total(spec, d: int):
+    """Per-variant trip-count totals that depend on d (the padded dimension kp = 8 ceil(d / 8))."""
+    kp = 8 * -(-d // 8)
+    return {"tc_z": 64 * kp // 128, "tcb_z": 2 * 64 * kp // 128}.get(spec, spec)
+
+
+def probe_source(variant: str, kind: str, d: int, t: int) -> str:
+    v = VARIANTS[variant]
+    call = v["call"].format(K=KINDS[kind], d=d, t=t)
+    return (f'#include "{v["file"]}"\n'
+            f'extern "C" __global__ void __launch_bounds__({v["threads"]}) probe(const float* X, const float* Z, '
+            f'const float* V, float* O0, float* O1, int n, int m) {{ {call}; }}\n')
+
+
+def disassemble(src: str, nvcc: str, nvdisasm: str, arch: int) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        cu, cubin = Path(tmp) / "probe.cu", Path(tmp) / "probe.cubin"
+        cu.write_text(src)
+        subprocess.run([nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", f"-I{CSRC}", str(cu), "-o", str(cubin)],
+                       check=True, capture_output=True, text=True)
+        return subprocess.run([nvdisasm, "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
+
+
+def parse(sass: str, function: str = "probe"):
+    """``(instructions, labels)``: instructions as ``(opcode, text)``, labels as name -> index."""
+    lines = sass.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.strip() == f".text.{function}:")
+    ins, labels = [], {}
+    for ln in lines[start + 1:]:
+        if ln.startswith(".text."):
+            break
+        m = re.match(r"^\s*(\.L_\w+):", ln)
+        if m:
+            labels[m.group(1)] = len(ins)
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", ln)
+        if m:
+            body = re.sub(r"^@!?U?P\w+\s+", "", m.group(1).strip())
+            ins.append((body.split()[0], body))
+    return ins, labels
+
+
+def loops(ins, labels) -> list[tuple[int, int]]:
+    """``(first, last)`` index ranges of the loops: a branch back to a label at or before it."""
+    out = []
+    for i, (op, body) in enumerate(ins):
+        m = re.search(r"`\((\.L_\w+)\)", body) if op.startswith("BRA") else None
+        if m and labels.get(m.group(1), len(ins)) <= i:
+            out.append((labels[m.group(1)], i))
+    return out
+
+
+def pipe_of(op: str) -> str | None:
+    base = op.split(".")[0]
+    for pipe, names in PIPES.items():
+        if base in names:
+            return pipe
+    return None
+
+
+def shared_wavefronts(op: str) -> int:
+    """Shared-memory wavefronts of one warp instruction, counted as 1 (see the module docstring)."""
+    return 1 if op.startswith(("LDS", "STS")) else 0
+
+
+def count_loop(ins, labels, variant: str, d: int) -> dict:
+    """Dynamic instruction counts per Z tile (per warp) of the tile loop, by opcode."""
+    spec = VARIANTS[variant]
+    allloops = loops(ins, labels)
+    ex2 = [i for i, (op, _) in enumerate(ins) if op.startswith("MUFU.EX2")]
+    main = max((lp for lp in allloops if any(lp[0] <= i <= lp[1] for i in ex2)), key=lambda lp: lp[1] - lp[0])
+    inner = sorted(lp for lp in allloops if main[0] <= lp[0] and lp[1] < main[1] and lp != main)
+    inner = [lp for lp in inner if not any(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in inner)]
+    if len(inner) != len(spec["nested"]):
+        raise RuntimeError(f"{variant}: expected {len(spec['nested'])} nested loops in the tile loop, found "
+                           f"{len(inner)}; update VARIANTS")
+    weight = [1.0] * len(ins)
+    for (first, last), (marker, total) in zip(inner, spec["nested"]):
+        per_trip = sum(1 for op, _ in ins[first:last + 1] if op.startswith(marker))
+        total = _marker_total(total, d)
+        if per_trip == 0 or total % per_trip:
+            raise RuntimeError(f"{variant}: nested loop {first}-{last} has {per_trip} {marker} per trip, "
+                               f"which does not divide {total}")
+        for i in range(first, last + 1):
+            weight[i] = total / per_trip
+    counts = collections.Counter()
+    for i in range(main[0], main[1] + 1):
+        counts[ins[i][0]] += weight[i]
+    return dict(counts)
+
+
+def model(counts: dict, pairs: int, mma_efficiency: float) -> dict:
+    """SM cycles per 32 pairs for each resource, the bound, and pairs per SM clock."""
+    per32 = 32.0 / pairs  # warp instructions of one tile -> per 32 pairs
+    use = collections.Counter()
+    for op, c in counts.items():
+        use["issue"] += c
+        pipe = pipe_of(op)
+        if pipe:
+            use[pipe] += c
+        use["shared"] += c * shared_wavefronts(op)
+    cycles = {r: use[r] * per32 * CYCLES[r] for r in CYCLES}
+    cycles["tensor"] = use["tensor"] * per32 / mma_efficiency
+    bound = max(cycles, key=cycles.get)
+    return {"warp_instructions_per_32_pairs": {r: round(use[r] * per32, 3) for r in ("issue", *PIPES, "shared")},
+            "sm_cycles_per_32_pairs": {r: round(c, 3) for r, c in cycles.items()},
+            "bound_by": bound, "pairs_per_sm_clock": round(32.0 / cycles[bound], 3)}
+
+
+def measured_rates(path: str | None, d: int, t: int) -> dict:
+    """``(kernel, variant) -> pairs per SM clock`` from a bench_kernel_matmul JSON (same d, t)."""
+    if not path:
+        return {}
+    data = json.loads(Path(path).read_text())
+    clock = data["meta"].get("clock_ghz", 1.98) * 1e9
+    sms = data["meta"].get("sms", 132)
+    out = {}
+    for r in data["results"]:
+        if r.get("d") == d and r.get("t") == t and r.get("seconds"):
+            variant = r["backend"].split(":")[-1]
+            out[(r["kernel"], variant)] = r["n"] * r["n"] * -(-t // 16) / r["seconds"] / (sms * clock)
+    return out
+
+
+def tools(args):
+    nvcc = args.nvcc or shutil.which("nvcc")
+    nvdisasm = args.nvdisasm or shutil.which("nvdisasm")
+    if not nvcc or not nvdisasm:
+        sys.exit("sass_model needs nvcc and nvdisasm (pip download nvidia-cuda-nvdisasm; unzip; --nvdisasm PATH)")
+    return nvcc, nvdisasm
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--kernels", nargs="+", default=["rbf", "matern52"], choices=list(KINDS))
+    p.add_argument("--d", type=int, default=8)
+    p.add_argument("--t", type=int, default=16)
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--sms", type=int, default=132, help="SMs of the modelled GPU (H100 SXM: 132)")
+    p.add_argument("--clock-ghz", type=float, default=1.98, help="SM clock of the modelled GPU (H100 SXM boost)")
+    p.add_argument("--mma-efficiency", type=float, default=0.6,
+                   help="share of the dense tensor peak mma.sync reaches (Hopper: wgmma reaches the peak)")
+    p.add_argument("--measured", help="bench_kernel_matmul JSON to compare with")
+    p.add_argument("--nvcc")
+    p.add_argument("--nvdisasm")
+    p.add_argument("--out")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    nvcc, nvdisasm = tools(args)
+    meas = measured_rates(args.measured, args.d, args.t)
+    rows = []
+    for kernel in args.kernels:
+        for variant in args.variants:
+            ins, labels = parse(disassemble(probe_source(variant, kernel, args.d, args.t), nvcc, nvdisasm, args.arch))
+            rec = {"kernel": kernel, "variant": variant, "d": args.d, "t": args.t,
+                   **model(count_loop(ins, labels, variant, args.d), VARIANTS[variant]["pairs"], args.mma_efficiency)}
+            rate = rec["pairs_per_sm_clock"] * args.sms * args.clock_ghz * 1e9
+            rec["model_seconds"] = {str(n): round(n * n * -(-args.t // 16) / rate, 4) for n in (100_000, 1_000_000)}
+            if (kernel, variant) in meas:
+                rec["measured_pairs_per_sm_clock"] = round(meas[(kernel, variant)], 3)
+                rec["measured_over_model"] = round(meas[(kernel, variant)] / rec["pairs_per_sm_clock"], 3)
+            rows.append(rec)
+            print(render_row(rec), flush=True)
+    if args.out:
+        meta = {k: getattr(args, k) for k in ("arch", "sms", "clock_ghz", "mma_efficiency", "measured")}
+        meta["nvcc"] = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
+
+
+def render_row(rec: dict) -> str:
+    w = rec["warp_instructions_per_32_pairs"]
+    meas = rec.get("measured_pairs_per_sm_clock")
+    return (f"{rec['kernel']:9s} {rec['variant']:5s} instr/32 pairs: issue {w['issue']:6.2f} alu {w['alu']:5.2f} "
+            f"fma {w['fma']:5.2f} mufu {w['mufu']:4.2f} hmma {w['tensor']:4.2f} shared {w['shared']:4.2f} | bound "
+            f"{rec['bound_by']:6s} {rec['pairs_per_sm_clock']:5.2f} pairs/SM clk, 1M: {rec['model_seconds']['1000000']:.3f} s"
+            + (f" | measured {meas:.2f} ({rec['measured_over_model']:.0%})" if meas else ""))
+
+
+if __name__ == "__main__":
+    main()

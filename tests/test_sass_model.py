@@ -1,0 +1,97 @@
+"""benchmarks/sass_model.py: the static throughput model of the csrc/ kernels.
+
+The counting and the model run on a small hand-written SASS listing (no CUDA tools needed); every
+variant's probe instantiation compiles with nvcc where it is installed (CI has it), so the model's
+template calls cannot drift from csrc/; the whole pipeline runs where nvdisasm is found too.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import sass_model  # noqa: E402
+
+LISTING = """
+.text.other:
+        /*0000*/                   EXIT ;
+.text.probe:
+        /*0000*/                   MOV R1, RZ ;
+.L_x_1:
+        /*0010*/                   FMUL R2, R2, R3 ;
+.L_x_2:
+        /*0020*/                   STS [R1], R2 ;
+        /*0030*/              @P0 BRA `(.L_x_2) ;
+        /*0040*/                   MUFU.EX2 R4, R2 ;
+        /*0050*/                   HMMA.1688.F32.TF32 R4, R2, R3, R4 ;
+        /*0060*/              @!P1 BRA `(.L_x_1) ;
+        /*0070*/                   EXIT ;
+"""
+
+
+@pytest.fixture
+def toy_variant(monkeypatch):
+    # One warp handles 32 pairs per tile; the nested loop stores 4 times per tile, once per trip.
+    monkeypatch.setitem(sass_model.VARIANTS, "toy", dict(file="-", call="-", threads=32, pairs=32,
+                                                         nested=[("STS", 4)]))
+    return "toy"
+
+
+def test_parse_finds_the_function_its_loops_and_strips_predicates():
+    ins, labels = sass_model.parse(LISTING)
+    assert [op for op, _ in ins] == ["MOV", "FMUL", "STS", "BRA", "MUFU.EX2", "HMMA.1688.F32.TF32", "BRA", "EXIT"]
+    assert sorted(sass_model.loops(ins, labels)) == [(1, 6), (2, 3)]
+
+
+def test_nested_loops_are_weighted_by_their_trip_count(toy_variant):
+    ins, labels = sass_model.parse(LISTING)
+    counts = sass_model.count_loop(ins, labels, toy_variant, d=8)
+    assert counts == {"FMUL": 1, "STS": 4, "BRA": 5, "MUFU.EX2": 1, "HMMA.1688.F32.TF32": 1}
+
+
+def test_model_takes_the_slowest_resource(toy_variant):
+    ins, labels = sass_model.parse(LISTING)
+    rec = sass_model.model(sass_model.count_loop(ins, labels, toy_variant, d=8), pairs=32, mma_efficiency=0.5)
+    cyc = rec["sm_cycles_per_32_pairs"]
+    assert cyc["issue"] == 12 * 0.25 and cyc["mufu"] == 2.0 and cyc["tensor"] == 2.0 and cyc["shared"] == 4.0
+    assert rec["bound_by"] == "shared" and rec["pairs_per_sm_clock"] == 8.0
+    assert rec["warp_instructions_per_32_pairs"]["alu"] == 0  # MOV is before the loop
+    # With one store per tile and a full-rate tensor core, the exp unit is the bound: the issue's MUFU bound.
+    fewer = sass_model.model({"FMUL": 1, "STS": 1, "BRA": 2, "MUFU.EX2": 1, "HMMA.1688.F32.TF32": 1}, 32, 1.0)
+    assert fewer["bound_by"] == "mufu" and fewer["pairs_per_sm_clock"] == 16.0
+
+
+def test_a_nested_loop_that_does_not_divide_its_count_is_refused(monkeypatch, toy_variant):
+    monkeypatch.setitem(sass_model.VARIANTS["toy"], "nested", [("STS", 3)])
+    ins, labels = sass_model.parse(LISTING.replace("STS [R1], R2 ;", "STS [R1], R2 ;\n        /*0028*/   STS [R1], R3 ;"))
+    with pytest.raises(RuntimeError, match="does not divide 3"):
+        sass_model.count_loop(ins, labels, "toy", d=8)
+
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
+@pytest.mark.parametrize("variant", list(sass_model.VARIANTS))
+def test_every_probe_instantiation_compiles(tmp_path, variant):
+    cu = tmp_path / "probe.cu"
+    cu.write_text(sass_model.probe_source(variant, "matern52", 8, 16))
+    res = subprocess.run([NVCC, "-cubin", "-arch=sm_90", "-O3", f"-I{sass_model.CSRC}", str(cu), "-o",
+                          str(tmp_path / "probe.cubin")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+@pytest.mark.skipif(NVCC is None or shutil.which("nvdisasm") is None, reason="needs nvcc and nvdisasm on PATH")
+def test_model_of_the_real_kernels_counts_one_exp_per_pair(tmp_path):
+    out = tmp_path / "m.json"
+    sass_model.main(["--variants", "tc3", "tcb", "--kernels", "rbf", "--out", str(out)])
+    import json
+
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == ["tc3", "tcb"]
+    assert all(r["warp_instructions_per_32_pairs"]["mufu"] == 1.0 for r in rows)
