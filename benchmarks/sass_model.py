@@ -68,7 +68,7 @@ VARIANTS = {
     "tc3": dict(file="kmm_tc.cu", call="kmm_tc<{K}, GPS_MODE_F, true>(X, Z, V, O0, O1, n, m, {d}, {t}, 0)",
                 threads=128, pairs=16 * 64, nested=[("STS", "tc_z"), ("STS", 64 * 16 // 128)]),
     "tcb": dict(file="kmm_tcb.cu", call="kmm_tcb<{K}, GPS_MODE_F>(X, Z, V, O0, O1, n, m, {d}, {t}, 0)",
-                threads=128, pairs=32 * 64, nested=[("STS", "tcb_z"), ("STS", 2 * 32 * 16 // 128)]),
+                threads=128, pairs=32 * 64, nested=[]),  # fixed per-thread loads, unrolled
 }
 
 PIPES = {
@@ -82,10 +82,10 @@ PIPES = {
 CYCLES = {"issue": 0.25, "fma": 0.25, "imad": 0.5, "alu": 0.5, "mufu": 2.0, "shared": 1.0}
 
 
-def _marker_total(spec, d: int):
-    """Per-variant trip-count totals that depend on d (the padded dimension kp = 8 ceil(d / 8))."""
+def _marker_total(spec, d: int, threads: int):
+    """Stores per thread per tile of the loads whose size depends on d (kp = 8 ceil(d / 8)) or the block."""
     kp = 8 * -(-d // 8)
-    return {"tc_z": 64 * kp // 128, "tcb_z": 2 * 64 * kp // 128}.get(spec, spec)
+    return {"tc_z": 64 * kp // threads, "tcb_v": 2 * 32 * 16 // threads}.get(spec, spec)
 
 
 def probe_source(variant: str, kind: str, d: int, t: int) -> str:
@@ -161,7 +161,7 @@ def count_loop(ins, labels, variant: str, d: int) -> dict:
     weight = [1.0] * len(ins)
     for (first, last), (marker, total) in zip(inner, spec["nested"]):
         per_trip = sum(1 for op, _ in ins[first:last + 1] if op.startswith(marker))
-        total = _marker_total(total, d)
+        total = _marker_total(total, d, spec["threads"])
         if per_trip == 0 or total % per_trip:
             raise RuntimeError(f"{variant}: nested loop {first}-{last} has {per_trip} {marker} per trip, "
                                f"which does not divide {total}")

@@ -30,9 +30,10 @@
 //   integer arithmetic (round the top 19 bits, subtract): no cvt instruction, and a_lo keeps all
 //   its bits -- the tensor core ignores the 13 low ones, an error of 2^-22 |a|.
 // * P V in bf16 (m16n8k16, twice the reduction depth of a tf32 MMA per instruction): P and V are
-//   split into bf16 hi + lo (P V ~ Ph Vh + Ph Vl + Pl Vh; hi rounded to nearest so the error is not
-//   biased, lo truncated by the packing: 2^-16 per operand, 2^-15 = 3.1e-5 per product; the CPU
-//   emulation in tests/test_tcb_arithmetic.py measures 3.0e-5 against the 1e-4 target).  P <= 1 and bf16 has float32's exponent range, so nothing
+//   split into bf16 hi + lo (P V ~ Ph Vh + Ph Vl + Pl Vh).  V's hi is rounded to nearest, P's is
+//   truncated (one instruction fewer per pair; see split_bf16x2_trunc), both lo are truncated by the
+//   packing; the CPU emulation in tests/test_tcb_arithmetic.py measures 4.8e-5 of sum |P||V| against
+//   the 1e-4 target.  P <= 1 and bf16 has float32's exponent range, so nothing
 //   overflows and V needs no rescaling.  Accumulation is fp32, two-level (a fresh fragment per Z
 //   tile, added to a register total).
 // * The symmetric case (Z is X) sets q_ii = 0 exactly, as the expansion leaves O(eps |x|^2).
@@ -44,6 +45,15 @@
 //
 // Cost per warp and 64-row Z tile (32 X rows, 2 m-tiles): 2 x 8 x 3 x ceil(d/8) tf32 MMAs,
 // 2 x 4 x 2 x 3 bf16 MMAs, 2048 exps; shared-memory fragments are shared by both m-tiles.
+//
+// Second pass, still without a GPU, from the SASS (benchmarks/sass_model.py, d = 8, t = 16, sm_90):
+// every csrc variant is bound by instruction issue, not by the exp unit, so the pass removed
+// instructions per pair: exp and sqrt as ex2 / sqrt.approx.ftz (gps_expneg, gps_sqrt with FAST = 2),
+// RBF without the q >= 0 clamp, P's split truncated, tile loads with a fixed share per thread.  RBF:
+// 22.5 -> 14.1 warp instructions per 32 pairs (tc3: 45.8), a bound of 0.42 s per product at
+// n = m = 1M, ~0.66-0.77 s at the 55-64% of their bound the measured variants reach; Matern-5/2:
+// 39.6 -> 19.2.  TCB_WARPS = 8 would share each tile load between twice the rows (11.8), but at
+// ~160 registers per thread only one such block fits an SM: for a GPU to decide.
 //
 // Entry points: gpscale_kmm_tcb_{rbf,matern12,matern32,matern52}_{f,f_dq,d}
 //   (X[n,d], Z[m,d], V[m,t], O0[n,t], O1[n,t], n, m, d, t, sym), float32, row-major;
@@ -57,6 +67,7 @@
 #define TCB_BN 64                           // Z rows per tile
 #define TCB_DMAX 32                         // largest d (4 k-steps of 8)
 #define TCB_TCH 16                          // output columns per block (two MMA n-tiles)
+#define TCB_KC (TCB_DMAX / 8)               // 8-wide k-chunks (k-steps) of the largest d
 #define TCB_ZS (TCB_DMAX + 4)               // padded strides: conflict-free fragment loads
 #define TCB_VS (TCB_TCH + 8)                
 
@@ -75,6 +86,19 @@ __device__ __forceinline__ void split_bf16x2(float x, float y, unsigned& hi, uns
     lo = pack_hi(__float_as_uint(x - __uint_as_float(hx)), __float_as_uint(y - __uint_as_float(hy)));
 }
 
+// The same with hi truncated: one PRMT packs both his, and only a mask and a subtract per element
+// remain (3 instructions per element instead of 4; this split runs once per kernel pair).  lo >= 0
+// carries the whole truncation, so the error is lo's own truncation: < 2^-14 relative (2^-15 at most
+// and 7e-6 on average over random values), one-sided.  Used for P (>= 0, per pair): the emulated
+// P V error grows from 3.0e-5 to 4.8e-5 of sum |P||V| (tests/test_tcb_arithmetic.py), inside 1e-4.
+// V keeps the rounded split (once per tile load).
+__device__ __forceinline__ void split_bf16x2_trunc(float x, float y, unsigned& hi, unsigned& lo) {
+    hi = pack_hi(__float_as_uint(x), __float_as_uint(y));
+    const float lx = x - __uint_as_float(__float_as_uint(x) & 0xffff0000u);
+    const float ly = y - __uint_as_float(__float_as_uint(y) & 0xffff0000u);
+    lo = pack_hi(__float_as_uint(lx), __float_as_uint(ly));
+}
+
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -83,34 +107,43 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Load one Z tile split into tf32 hi/lo, its squared norms, and the V tile as packed bf16 hi/lo
-// pairs along k.  Zero padding: padded Z rows meet V rows of 0, padded dimensions add 0.
-__device__ __forceinline__ void tcb_load_tiles(float (*zh)[TCB_ZS], float (*zl)[TCB_ZS], float* zn,
+// Load one Z tile split into tf32 hi/lo with its squared norms, and the V tile as packed bf16 hi/lo
+// pairs along k.  Zero padding: padded Z rows meet V rows of 0, padded dimensions add 0.  Every
+// thread's share is fixed at compile time (no runtime division or loop bound: the per-element index
+// arithmetic of a strided loop cost ~3 instructions per kernel pair, benchmarks/sass_model.py):
+// a thread splits dimensions 8 kc .. 8 kc + 7 of a row r and keeps their partial norm in zn[kc][r]
+// (whole warps skip the chunks beyond d); the readers add the ksteps partials.
+__device__ __forceinline__ void tcb_load_tiles(float (*zh)[TCB_ZS], float (*zl)[TCB_ZS], float (*zn)[TCB_BN],
                                               unsigned (*vh)[TCB_VS], unsigned (*vl)[TCB_VS],
                                               const float* __restrict__ Z, const float* __restrict__ V, int j0,
-                                              int m, int d, int kp, int t, int c0) {
-    for (int e = threadIdx.x; e < TCB_BN * kp; e += 32 * TCB_WARPS) {
-        const int r = e / kp, k = e - r * kp, j = j0 + r;
-        const float z = (j < m && k < d) ? Z[(long long)j * d + k] : 0.f;
-        const float h = round_tf32(z);
-        zh[r][k] = h;
-        zl[r][k] = z - h;
-    }
-    for (int e = threadIdx.x; e < (TCB_BN / 2) * TCB_TCH; e += 32 * TCB_WARPS) {
-        const int kq = e / TCB_TCH, c = e % TCB_TCH, j = j0 + 2 * kq;
-        const bool col = c0 + c < t;
-        const float v0 = (col && j < m) ? V[(long long)j * t + c0 + c] : 0.f;
-        const float v1 = (col && j + 1 < m) ? V[(long long)(j + 1) * t + c0 + c] : 0.f;
-        split_bf16x2(v0, v1, vh[kq][c], vl[kq][c]);
-    }
-    __syncthreads();
-    if (threadIdx.x < TCB_BN) {
-        float s = 0.f;
-        for (int k = 0; k < kp; ++k) {
-            const float z = zh[threadIdx.x][k] + zl[threadIdx.x][k];  // exact: lo = z - hi
-            s = fmaf(z, z, s);
+                                              int m, int d, int ksteps, int t, int c0) {
+    static_assert(TCB_BN * TCB_KC % (32 * TCB_WARPS) == 0 && TCB_BN % 32 == 0, "whole, warp-uniform chunks");
+#pragma unroll
+    for (int it = 0; it < TCB_BN * TCB_KC / (32 * TCB_WARPS); ++it) {
+        const int e = threadIdx.x + it * 32 * TCB_WARPS, kc = e / TCB_BN, r = e % TCB_BN, j = j0 + r;
+        if (kc < ksteps) {  // the same for a whole warp
+            float s = 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const int k = kc * 8 + i;
+                const float z = (j < m && k < d) ? Z[(long long)j * d + k] : 0.f;
+                const float h = round_tf32(z);
+                zh[r][k] = h;
+                zl[r][k] = z - h;
+                s = fmaf(z, z, s);
+            }
+            zn[kc][r] = s;
         }
-        zn[threadIdx.x] = s;
+    }
+    static_assert((TCB_BN / 2) * TCB_TCH % (32 * TCB_WARPS) == 0, "whole V-tile trips per thread");
+#pragma unroll
+    for (int it = 0; it < (TCB_BN / 2) * TCB_TCH / (32 * TCB_WARPS); ++it) {
+        const int e = threadIdx.x + it * 32 * TCB_WARPS;
+        const int kq = e / TCB_TCH, c = e % TCB_TCH, j2 = j0 + 2 * kq;
+        const bool col = c0 + c < t;
+        const float v0 = (col && j2 < m) ? V[(long long)j2 * t + c0 + c] : 0.f;
+        const float v1 = (col && j2 + 1 < m) ? V[(long long)(j2 + 1) * t + c0 + c] : 0.f;
+        split_bf16x2(v0, v1, vh[kq][c], vl[kq][c]);
     }
 }
 
@@ -130,12 +163,18 @@ __device__ __forceinline__ void tcb_load_rows(const float* __restrict__ X, int r
 template <int KIND, int MODE>
 __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (&p1)[TCB_MT][4],
                                                 const float (*zh)[TCB_ZS], const float (*zl)[TCB_ZS],
-                                                const float* zn, int nt, int ksteps,
+                                                const float (*zn)[TCB_BN], int nt, int ksteps,
                                                 const unsigned (&ah)[TCB_MT][4][4], const unsigned (&al)[TCB_MT][4][4],
                                                 const float (&na)[TCB_MT], const float (&nb)[TCB_MT], int row0, int jt,
                                                 int sym) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    const float z0 = zn[nt * 8 + 2 * c], z1 = zn[nt * 8 + 2 * c + 1];
+    float z0 = zn[0][nt * 8 + 2 * c], z1 = zn[0][nt * 8 + 2 * c + 1];
+#pragma unroll
+    for (int kc = 1; kc < TCB_KC; ++kc)
+        if (kc < ksteps) {
+            z0 += zn[kc][nt * 8 + 2 * c];
+            z1 += zn[kc][nt * 8 + 2 * c + 1];
+        }
     float s[TCB_MT][4];
 #pragma unroll
     for (int mt = 0; mt < TCB_MT; ++mt) {
@@ -163,9 +202,10 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
     for (int mt = 0; mt < TCB_MT; ++mt)
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-            float q = fmaxf(s[mt][u], 0.f);
+            // The clamp only guards the Matern sqrt: RBF takes a rounding-small negative q as it is.
+            float q = KIND == GPS_RBF ? s[mt][u] : fmaxf(s[mt][u], 0.f);
             if (sym && row0 + mt * 16 + g + (u >> 1) * 8 == jt + nt * 8 + 2 * c + (u & 1)) q = 0.f;
-            gps_profile<KIND, MODE, true>(q, p0[mt][u], p1[mt][u]);
+            gps_profile<KIND, MODE, 2>(q, p0[mt][u], p1[mt][u]);
         }
 }
 
@@ -177,8 +217,8 @@ __device__ __forceinline__ void tcb_pv(float (&acc)[TCB_MT][2][4], const float (
         unsigned ph[4], pl[4];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            split_bf16x2(p[h][mt][0], p[h][mt][1], ph[2 * h], pl[2 * h]);
-            split_bf16x2(p[h][mt][2], p[h][mt][3], ph[2 * h + 1], pl[2 * h + 1]);
+            split_bf16x2_trunc(p[h][mt][0], p[h][mt][1], ph[2 * h], pl[2 * h]);
+            split_bf16x2_trunc(p[h][mt][2], p[h][mt][3], ph[2 * h + 1], pl[2 * h + 1]);
         }
 #pragma unroll
         for (int vn = 0; vn < 2; ++vn) {
@@ -207,11 +247,11 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
                                        int n, int m, int d, int t, int sym) {
     __shared__ float zh[TCB_BN][TCB_ZS], zl[TCB_BN][TCB_ZS];
     __shared__ unsigned vh[TCB_BN / 2][TCB_VS], vl[TCB_BN / 2][TCB_VS];
-    __shared__ float zn[TCB_BN];
+    __shared__ float zn[TCB_KC][TCB_BN];  // partial squared norms per k-chunk
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int row0 = blockIdx.x * TCB_ROWS + (threadIdx.x >> 5) * (16 * TCB_MT);
     const int c0 = blockIdx.y * TCB_TCH;
-    const int ksteps = (d + 7) >> 3, kp = ksteps * 8;
+    const int ksteps = (d + 7) >> 3;
     unsigned ah[TCB_MT][4][4], al[TCB_MT][4][4];
     float na[TCB_MT], nb[TCB_MT];
 #pragma unroll
@@ -220,7 +260,7 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
 
     for (int j0 = 0; j0 < m; j0 += TCB_BN) {
         __syncthreads();  // the previous tile is consumed
-        tcb_load_tiles(zh, zl, zn, vh, vl, Z, V, j0, m, d, kp, t, c0);
+        tcb_load_tiles(zh, zl, zn, vh, vl, Z, V, j0, m, d, ksteps, t, c0);
         __syncthreads();
         float acc0[TCB_MT][2][4] = {}, acc1[TCB_MT][2][4] = {};
 #pragma unroll

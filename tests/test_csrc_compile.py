@@ -72,3 +72,25 @@ def test_cu_file_compiles_with_nvrtc(name):
     assert cubin[:4] == b"\x7fELF"
     for entry in {e for v, spec in VARIANTS.items() if spec[0] == name for e in entry_names(v)}:
         assert entry.encode() in cubin, f"{name}: entry point {entry} missing from the NVRTC cubin"
+
+
+def _defines(text: str) -> dict:
+    """``#define NAME value`` of a source, values evaluated as integer expressions of earlier ones."""
+    out = {}
+    for name, expr in re.findall(r"^#define (\w+) +\(?([0-9A-Z_ *+/()-]+?)\)?\s*(?://.*)?$", text, re.M):
+        try:
+            out[name] = int(eval(re.sub(r"[A-Z_]\w*", lambda m: str(out[m.group(0)]), expr), {}))
+        except (KeyError, SyntaxError):
+            continue
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_launch_geometry_matches_the_kernel_source(variant):
+    # The launcher's rows and threads per block must be what the kernel assumes: a mismatch would
+    # leave rows uncomputed or read past the block's shared tiles, and only a GPU would show it.
+    src, rows, tch, threads = VARIANTS[variant]
+    prefix = {"kmm_simt.cu": "SIMT", "kmm_tc.cu": "TC", "kmm_tcb.cu": "TCB"}[src]
+    defs = _defines(read_source(src))
+    want_threads = defs[f"{prefix}_ROWS"] if prefix == "SIMT" else 32 * defs[f"{prefix}_WARPS"]
+    assert (rows, tch, threads) == (defs[f"{prefix}_ROWS"], defs[f"{prefix}_TCH"], want_threads)
