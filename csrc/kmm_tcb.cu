@@ -48,7 +48,7 @@
 //
 // Second pass, still without a GPU, from the SASS (benchmarks/sass_model.py, d = 8, t = 16, sm_90):
 // every csrc variant is bound by instruction issue, not by the exp unit, so the pass removed
-// instructions per pair: exp and sqrt as ex2 / sqrt.approx.ftz (gps_expneg, gps_sqrt with FAST = 2),
+// instructions per pair: exp and sqrt as ex2 / sqrt.approx.ftz (profiles.cuh, FAST = 2),
 // RBF without the q >= 0 clamp, P's split truncated, tile loads with a fixed share per thread.  RBF:
 // 22.5 -> 14.1 warp instructions per 32 pairs (tc3: 45.8), a bound of 0.42 s per product at
 // n = m = 1M, ~0.66-0.77 s at the 55-64% of their bound the measured variants reach; Matern-5/2:

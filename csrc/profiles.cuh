@@ -26,45 +26,42 @@ __device__ __forceinline__ float gps_exp(float x) { return FAST ? __expf(x) : ex
 template <int FAST>
 __device__ __forceinline__ double gps_exp(double x) { return exp(x); }
 
-// exp(-a) for a = c * x with a compile-time constant c.  FAST = 0, 1: gps_exp(-a), as before.
-// FAST = 2: ex2.approx.ftz(x * (-c log2 e)), one FMUL and one MUFU.EX2 from x itself.  __expf spends
-// four FMULs and a compare around its MUFU.EX2 to keep results below 2^-126 out of the flush to zero;
-// a kernel value that small cannot matter at the 1e-4 target, and in a kernel bound by instruction
-// issue those five instructions were a fifth of all per pair (benchmarks/sass_model.py).
-template <int FAST>
-__device__ __forceinline__ float gps_expneg(float a, float c, float x) {
-    if (FAST != 2) return gps_exp<FAST>(-a);
+__device__ __forceinline__ float gps_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double gps_sqrt(double x) { return sqrt(x); }
+
+// FAST = 2 (the tcb kernels): exp(c x) for a compile-time constant c as ex2.approx.ftz(x (c log2 e)),
+// one FMUL and one MUFU.EX2.  __expf spends four FMULs and a compare around its MUFU.EX2 to keep
+// results below 2^-126 out of the flush to zero; a kernel value that small cannot matter at the 1e-4
+// target, and in a kernel bound by instruction issue those five instructions were a fifth of all per
+// pair (benchmarks/sass_model.py).  sqrt as sqrt.approx.ftz (one MUFU, ~2^-22 relative) instead of
+// sqrtf's correctly rounded sequence with its branches and slow-path call (~12 instructions per pair).
+// FAST = 0, 1 keep the expressions they always had, so those kernels compile exactly as before.
+__device__ __forceinline__ float gps_ex2_scaled(float x, float c) {
     float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * (-c * 1.4426950408889634f)));
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * (c * 1.4426950408889634f)));
     return y;
 }
-template <int FAST>
-__device__ __forceinline__ double gps_expneg(double a, double c, double x) { return exp(-a); }
-// FAST = 2: sqrt.approx.ftz (one MUFU), not sqrtf's correctly rounded sequence with its branches
-// and slow-path call (~12 instructions per pair in the Matern kernels); ~2^-22 relative error.
-template <int FAST>
-__device__ __forceinline__ float gps_sqrt(float x) {
-    if (FAST != 2) return sqrtf(x);
+__device__ __forceinline__ double gps_ex2_scaled(double x, double c) { return exp(c * x); }
+__device__ __forceinline__ float gps_sqrt_approx(float x) {
     float y;
     asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
-template <int FAST>
-__device__ __forceinline__ double gps_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ double gps_sqrt_approx(double x) { return sqrt(x); }
 
 // p0, p1 per MODE: F -> (f, -), FDQ -> (f, f' q), D -> (f', -).  q >= 0 on entry (RBF also
-// accepts a rounding-small negative q: f stays within rounding of 1 there).  FAST: see gps_expneg.
+// accepts a rounding-small negative q: f stays within rounding of 1 there).  FAST: see gps_ex2_scaled.
 template <int KIND, int MODE, int FAST, typename T>
 __device__ __forceinline__ void gps_profile(T q, T& p0, T& p1) {
     if (KIND == GPS_RBF) {
-        const T e = gps_expneg<FAST>(T(0.5) * q, T(0.5), q);  // -(0.5 q) == -0.5 q: FAST < 2 unchanged
+        const T e = FAST == 2 ? gps_ex2_scaled(q, T(-0.5)) : gps_exp<FAST>(T(-0.5) * q);
         p0 = (MODE == GPS_MODE_D) ? T(-0.5) * e : e;
         p1 = T(-0.5) * e * q;
         return;
     }
-    const T r = gps_sqrt<FAST>(q);
+    const T r = FAST == 2 ? gps_sqrt_approx(q) : gps_sqrt(q);
     if (KIND == GPS_M12) {
-        const T e = gps_expneg<FAST>(r, T(1), r);
+        const T e = FAST == 2 ? gps_ex2_scaled(r, T(-1)) : gps_exp<FAST>(-r);
         // f' = -e / (2 r) diverges at r = 0 but every use multiplies it by a squared difference
         // <= q, whose product tends to 0: gpscale defines it as 0 there (gpscale.kernels.Matern).
         p0 = (MODE == GPS_MODE_D) ? (r > T(0) ? T(-0.5) * e / r : T(0)) : e;
@@ -73,13 +70,13 @@ __device__ __forceinline__ void gps_profile(T q, T& p0, T& p1) {
     }
     if (KIND == GPS_M32) {
         const T a = T(1.7320508075688772) * r;
-        const T e = gps_expneg<FAST>(a, T(1.7320508075688772), r);
+        const T e = FAST == 2 ? gps_ex2_scaled(r, T(-1.7320508075688772)) : gps_exp<FAST>(-a);
         p0 = (MODE == GPS_MODE_D) ? T(-1.5) * e : (T(1) + a) * e;
         p1 = T(-1.5) * e * q;
         return;
     }
     const T a = T(2.23606797749979) * r;  // Matern 5/2
-    const T e = gps_expneg<FAST>(a, T(2.23606797749979), r);
+    const T e = FAST == 2 ? gps_ex2_scaled(r, T(-2.23606797749979)) : gps_exp<FAST>(-a);
     const T fp = T(-5.0 / 6.0) * (T(1) + a) * e;
     p0 = (MODE == GPS_MODE_D) ? fp : (T(1) + a + T(5.0 / 3.0) * q) * e;
     p1 = fp * q;
