@@ -25,10 +25,11 @@ stage=${1:-kernels}
 if [ "$stage" = kernels ]; then
 # 1. correctness: every variant (the experimental tcb included) against the float64 reference
 #    tcb has never run: it goes in its own process, after the others, so a fault in it (a sticky CUDA
-#    error poisons the whole process) cannot cost the verified variants' results.
-step tests 140 python3 -m pytest tests/test_cuda_kernels.py tests/test_backends.py -q -p no:cacheprovider -rf \
+#    error poisons the whole process) cannot cost the verified variants' results.  Its first call
+#    compiles 48 entry points (one per k-step count, 20 s for sm_90 on the 2-core CI machine).
+step tests 120 python3 -m pytest tests/test_cuda_kernels.py tests/test_backends.py -q -p no:cacheprovider -rf \
     -k "not tcb"
-step tests_tcb 50 python3 -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -rf -k tcb --maxfail 20
+step tests_tcb 70 python3 -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -rf -k tcb --maxfail 20
 #    issue 4's GPU tests (mixed-precision CG, the low-rank-corrected 16-bit operator) and CUDA preconditioners
 step tests_misc 40 python3 -m pytest tests/test_mixed_precision.py tests/test_precond_suite.py -q -p no:cacheprovider \
     -rf -k cuda

@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 KINDS = {"rbf": "GPS_RBF", "matern12": "GPS_M12", "matern32": "GPS_M32", "matern52": "GPS_M52"}
 
-#: Per variant: source file, the call of the template (``{K}``: kind, ``{d}``, ``{t}``), threads per
+#: Per variant: source file, the call of the template (``{K}``: kind, ``{d}``, ``{t}``, ``{ks}`` = ceil(d / 8)), threads per
 #: block, pairs one warp handles per Z tile (per 16 output columns), and for each nested loop of the
 #: tile loop, in order, ``(marker, count per tile)``: its trip count is ``count / (markers per trip)``.
 VARIANTS = {
@@ -67,8 +67,8 @@ VARIANTS = {
                threads=128, pairs=16 * 64, nested=[("STS", "tc_z"), ("STS", 64 * 16 // 128)]),
     "tc3": dict(file="kmm_tc.cu", call="kmm_tc<{K}, GPS_MODE_F, true>(X, Z, V, O0, O1, n, m, {d}, {t}, 0)",
                 threads=128, pairs=16 * 64, nested=[("STS", "tc_z"), ("STS", 64 * 16 // 128)]),
-    "tcb": dict(file="kmm_tcb.cu", call="kmm_tcb<{K}, GPS_MODE_F>(X, Z, V, O0, O1, n, m, {d}, {t}, 0)",
-                threads=128, pairs=32 * 64, nested=[]),  # fixed per-thread loads, unrolled
+    "tcb": dict(file="kmm_tcb.cu", call="kmm_tcb<{K}, GPS_MODE_F, {ks}>(X, Z, V, O0, O1, n, m, {d}, {t}, 0)",
+                threads=256, pairs=32 * 64, nested=[]),  # fixed per-thread loads, unrolled
 }
 
 PIPES = {
@@ -90,7 +90,7 @@ def _marker_total(spec, d: int, threads: int):
 
 def probe_source(variant: str, kind: str, d: int, t: int) -> str:
     v = VARIANTS[variant]
-    call = v["call"].format(K=KINDS[kind], d=d, t=t)
+    call = v["call"].format(K=KINDS[kind], d=d, t=t, ks=-(-d // 8))
     return (f'#include "{v["file"]}"\n'
             f'extern "C" __global__ void __launch_bounds__({v["threads"]}) probe(const float* X, const float* Z, '
             f'const float* V, float* O0, float* O1, int n, int m) {{ {call}; }}\n')

@@ -48,20 +48,20 @@
 //
 // Second pass, still without a GPU, from the SASS (benchmarks/sass_model.py, d = 8, t = 16, sm_90):
 // every csrc variant is bound by instruction issue, not by the exp unit, so the pass removed
-// instructions per pair: exp and sqrt as ex2 / sqrt.approx.ftz (profiles.cuh, FAST = 2),
-// RBF without the q >= 0 clamp, P's split truncated, tile loads with a fixed share per thread.  RBF:
-// 22.5 -> 14.1 warp instructions per 32 pairs (tc3: 45.8), a bound of 0.42 s per product at
-// n = m = 1M, ~0.66-0.77 s at the 55-64% of their bound the measured variants reach; Matern-5/2:
-// 39.6 -> 19.2.  TCB_WARPS = 8 would share each tile load between twice the rows (11.8), but at
-// ~160 registers per thread only one such block fits an SM: for a GPU to decide.
+// instructions per pair: exp and sqrt as ex2 / sqrt.approx.ftz (profiles.cuh, FAST = 2), RBF without
+// the q >= 0 clamp, P's split truncated, tile loads with a fixed share per thread shared by 8 warps,
+// one kernel per k-step count (no registers for unused k-steps: 104 per thread for RBF at d <= 8).
+// RBF: 22.5 -> 12.2 warp instructions per 32 pairs (tc3: 45.8), a bound of 0.37 s per product at
+// n = m = 1M, ~0.57-0.66 s at the 55-64% of their bound the measured variants reach; Matern-5/2:
+// 39.6 -> 17.2.
 //
-// Entry points: gpscale_kmm_tcb_{rbf,matern12,matern32,matern52}_{f,f_dq,d}
+// Entry points: gpscale_kmm_tcb_k{1,2,3,4}_{rbf,matern12,matern32,matern52}_{f,f_dq,d}, k = ceil(d / 8)
 //   (X[n,d], Z[m,d], V[m,t], O0[n,t], O1[n,t], n, m, d, t, sym), float32, row-major;
 //   grid (ceil(n / TCB_ROWS), ceil(t / TCB_TCH)), block 32 * TCB_WARPS.  Needs sm_80+, d <= TCB_DMAX.
 #include "mma.cuh"
 #include "profiles.cuh"
 
-#define TCB_WARPS 4
+#define TCB_WARPS 8
 #define TCB_MT 2                            // 16-row m-tiles per warp
 #define TCB_ROWS (16 * TCB_MT * TCB_WARPS)  // X rows per block
 #define TCB_BN 64                           // Z rows per tile
@@ -112,16 +112,17 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], 
 // thread's share is fixed at compile time (no runtime division or loop bound: the per-element index
 // arithmetic of a strided loop cost ~3 instructions per kernel pair, benchmarks/sass_model.py):
 // a thread splits dimensions 8 kc .. 8 kc + 7 of a row r and keeps their partial norm in zn[kc][r]
-// (whole warps skip the chunks beyond d); the readers add the ksteps partials.
+// (whole warps skip the chunks beyond d); the readers add the KS partials.
+template <int KS>
 __device__ __forceinline__ void tcb_load_tiles(float (*zh)[TCB_ZS], float (*zl)[TCB_ZS], float (*zn)[TCB_BN],
                                               unsigned (*vh)[TCB_VS], unsigned (*vl)[TCB_VS],
                                               const float* __restrict__ Z, const float* __restrict__ V, int j0,
-                                              int m, int d, int ksteps, int t, int c0) {
-    static_assert(TCB_BN * TCB_KC % (32 * TCB_WARPS) == 0 && TCB_BN % 32 == 0, "whole, warp-uniform chunks");
+                                              int m, int d, int t, int c0) {
+    static_assert(TCB_BN % 32 == 0, "a k-chunk is whole warps");
 #pragma unroll
-    for (int it = 0; it < TCB_BN * TCB_KC / (32 * TCB_WARPS); ++it) {
+    for (int it = 0; it < (TCB_BN * KS + 32 * TCB_WARPS - 1) / (32 * TCB_WARPS); ++it) {
         const int e = threadIdx.x + it * 32 * TCB_WARPS, kc = e / TCB_BN, r = e % TCB_BN, j = j0 + r;
-        if (kc < ksteps) {  // the same for a whole warp
+        if (kc < KS) {  // the same for a whole warp
             float s = 0.f;
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
@@ -148,9 +149,10 @@ __device__ __forceinline__ void tcb_load_tiles(float (*zh)[TCB_ZS], float (*zl)[
 }
 
 // This warp's rows (m-tile mt) as split A fragments of -2 X for every k-step, and their squared norms.
-__device__ __forceinline__ void tcb_load_rows(const float* __restrict__ X, int row0, int n, int d, int ksteps,
-                                              unsigned (&ah)[4][4], unsigned (&al)[4][4], float& na, float& nb) {
-    load_rows_split(X, row0, n, d, ksteps, ah, al, na, nb, [](float v, unsigned& hi, unsigned& lo) {
+template <int KS>
+__device__ __forceinline__ void tcb_load_rows(const float* __restrict__ X, int row0, int n, int d,
+                                              unsigned (&ah)[KS][4], unsigned (&al)[KS][4], float& na, float& nb) {
+    load_rows_split(X, row0, n, d, KS, ah, al, na, nb, [](float v, unsigned& hi, unsigned& lo) {
         const float a = -2.f * v;  // exact: the MMA then adds -2 x.z to the norms
         const float h = round_tf32(a);
         hi = __float_as_uint(h);
@@ -160,21 +162,20 @@ __device__ __forceinline__ void tcb_load_rows(const float* __restrict__ X, int r
 
 // f (and f' q) of one 8-wide n-tile for both m-tiles: q from one 3xTF32 MMA chain per k-step,
 // started from |x|^2 + |z|^2.  The B fragments are read once for both m-tiles.
-template <int KIND, int MODE>
+template <int KIND, int MODE, int KS>
 __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (&p1)[TCB_MT][4],
                                                 const float (*zh)[TCB_ZS], const float (*zl)[TCB_ZS],
-                                                const float (*zn)[TCB_BN], int nt, int ksteps,
-                                                const unsigned (&ah)[TCB_MT][4][4], const unsigned (&al)[TCB_MT][4][4],
+                                                const float (*zn)[TCB_BN], int nt,
+                                                const unsigned (&ah)[TCB_MT][KS][4], const unsigned (&al)[TCB_MT][KS][4],
                                                 const float (&na)[TCB_MT], const float (&nb)[TCB_MT], int row0, int jt,
                                                 int sym) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     float z0 = zn[0][nt * 8 + 2 * c], z1 = zn[0][nt * 8 + 2 * c + 1];
 #pragma unroll
-    for (int kc = 1; kc < TCB_KC; ++kc)
-        if (kc < ksteps) {
-            z0 += zn[kc][nt * 8 + 2 * c];
-            z1 += zn[kc][nt * 8 + 2 * c + 1];
-        }
+    for (int kc = 1; kc < KS; ++kc) {
+        z0 += zn[kc][nt * 8 + 2 * c];
+        z1 += zn[kc][nt * 8 + 2 * c + 1];
+    }
     float s[TCB_MT][4];
 #pragma unroll
     for (int mt = 0; mt < TCB_MT; ++mt) {
@@ -184,18 +185,16 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
         s[mt][3] = nb[mt] + z1;
     }
 #pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-        if (ks < ksteps) {
-            const float* hr = zh[nt * 8 + g] + ks * 8 + c;
-            const float* lr = zl[nt * 8 + g] + ks * 8 + c;
-            const unsigned bh0 = __float_as_uint(hr[0]), bh1 = __float_as_uint(hr[4]);
-            const unsigned bl0 = __float_as_uint(lr[0]), bl1 = __float_as_uint(lr[4]);
+    for (int ks = 0; ks < KS; ++ks) {
+        const float* hr = zh[nt * 8 + g] + ks * 8 + c;
+        const float* lr = zl[nt * 8 + g] + ks * 8 + c;
+        const unsigned bh0 = __float_as_uint(hr[0]), bh1 = __float_as_uint(hr[4]);
+        const unsigned bl0 = __float_as_uint(lr[0]), bl1 = __float_as_uint(lr[4]);
 #pragma unroll
-            for (int mt = 0; mt < TCB_MT; ++mt) {  // small terms first
-                mma_tf32(s[mt], al[mt][ks][0], al[mt][ks][1], al[mt][ks][2], al[mt][ks][3], bh0, bh1);
-                mma_tf32(s[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], bl0, bl1);
-                mma_tf32(s[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], bh0, bh1);
-            }
+        for (int mt = 0; mt < TCB_MT; ++mt) {  // small terms first
+            mma_tf32(s[mt], al[mt][ks][0], al[mt][ks][1], al[mt][ks][2], al[mt][ks][3], bh0, bh1);
+            mma_tf32(s[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], bl0, bl1);
+            mma_tf32(s[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], bh0, bh1);
         }
     }
 #pragma unroll
@@ -241,7 +240,7 @@ __device__ __forceinline__ void tcb_each_output(F f) {
             for (int u = 0; u < 4; ++u) f(mt, vn, u);
 }
 
-template <int KIND, int MODE>
+template <int KIND, int MODE, int KS>
 __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float* __restrict__ Z,
                                        const float* __restrict__ V, float* __restrict__ O0, float* __restrict__ O1,
                                        int n, int m, int d, int t, int sym) {
@@ -251,16 +250,15 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int row0 = blockIdx.x * TCB_ROWS + (threadIdx.x >> 5) * (16 * TCB_MT);
     const int c0 = blockIdx.y * TCB_TCH;
-    const int ksteps = (d + 7) >> 3;
-    unsigned ah[TCB_MT][4][4], al[TCB_MT][4][4];
+    unsigned ah[TCB_MT][KS][4], al[TCB_MT][KS][4];
     float na[TCB_MT], nb[TCB_MT];
 #pragma unroll
-    for (int mt = 0; mt < TCB_MT; ++mt) tcb_load_rows(X, row0 + 16 * mt, n, d, ksteps, ah[mt], al[mt], na[mt], nb[mt]);
+    for (int mt = 0; mt < TCB_MT; ++mt) tcb_load_rows<KS>(X, row0 + 16 * mt, n, d, ah[mt], al[mt], na[mt], nb[mt]);
     float tot0[TCB_MT][2][4] = {}, tot1[TCB_MT][2][4] = {};
 
     for (int j0 = 0; j0 < m; j0 += TCB_BN) {
         __syncthreads();  // the previous tile is consumed
-        tcb_load_tiles(zh, zl, zn, vh, vl, Z, V, j0, m, d, ksteps, t, c0);
+        tcb_load_tiles<KS>(zh, zl, zn, vh, vl, Z, V, j0, m, d, t, c0);
         __syncthreads();
         float acc0[TCB_MT][2][4] = {}, acc1[TCB_MT][2][4] = {};
 #pragma unroll
@@ -268,7 +266,7 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
             float p0[2][TCB_MT][4], p1[2][TCB_MT][4];
 #pragma unroll
             for (int h = 0; h < 2; ++h)
-                tcb_profile_tile<KIND, MODE>(p0[h], p1[h], zh, zl, zn, 2 * kk + h, ksteps, ah, al, na, nb, row0, j0,
+                tcb_profile_tile<KIND, MODE, KS>(p0[h], p1[h], zh, zl, zn, 2 * kk + h, ah, al, na, nb, row0, j0,
                                             sym);
             unsigned bh[2][2], bl[2][2];
 #pragma unroll
@@ -295,11 +293,16 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     });
 }
 
-#define GPS_TCB_ENTRY(NAME, KIND, MODE, UNUSED)                                                                \
+#define GPS_TCB_ENTRY(NAME, KIND, MODE, KS)                                                                \
     extern "C" __global__ void __launch_bounds__(32 * TCB_WARPS)                                               \
         NAME(const float* X, const float* Z, const float* V, float* O0, float* O1, int n, int m, int d, int t, \
              int sym) {                                                                                        \
-        kmm_tcb<KIND, MODE>(X, Z, V, O0, O1, n, m, d, t, sym);                                                \
+        kmm_tcb<KIND, MODE, KS>(X, Z, V, O0, O1, n, m, d, t, sym);                                                \
     }
 
-GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb, 0)
+// One entry per k-step count KS = ceil(d / 8) (the launcher picks it from d): fragment registers
+// for unused k-steps cost occupancy (160 -> ~100 registers per thread at KS = 1).
+GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb_k1, 1)
+GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb_k2, 2)
+GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb_k3, 3)
+GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb_k4, 4)

@@ -34,13 +34,15 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // A warp's 16 rows of X as hi/lo A fragments for every k-step (split(v, hi, lo) decides how, e.g.
 // 3xTF32), and the squared norms na, nb of rows g and g + 8 (of the unsplit values).
-template <typename Split>
+// KS: the fragment arrays' k-steps (4 = any d <= 32 with ksteps live; a kernel specialised on
+// ceil(d / 8) passes exactly its k-steps and so holds no registers for unused ones).
+template <int KS, typename Split>
 __device__ __forceinline__ void load_rows_split(const float* __restrict__ X, int row0, int n, int d, int ksteps,
-                                                unsigned (&ah)[4][4], unsigned (&al)[4][4], float& na, float& nb,
+                                                unsigned (&ah)[KS][4], unsigned (&al)[KS][4], float& na, float& nb,
                                                 Split split) {
     na = nb = 0.f;
 #pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
+    for (int ks = 0; ks < KS; ++ks) {
         float v[4];
         a_frag_m16k8(X, row0, n, d, ks, ks < ksteps, v);
 #pragma unroll

@@ -94,3 +94,22 @@ def test_launch_geometry_matches_the_kernel_source(variant):
     defs = _defines(read_source(src))
     want_threads = defs[f"{prefix}_ROWS"] if prefix == "SIMT" else 32 * defs[f"{prefix}_WARPS"]
     assert (rows, tch, threads) == (defs[f"{prefix}_ROWS"], defs[f"{prefix}_TCH"], want_threads)
+
+
+def test_entry_name_picks_dtype_for_simt_and_ksteps_for_tcb():
+    import torch
+
+    from gpscale._ext.launch import entry_name
+
+    assert entry_name("simt", "rbf", "f", torch.float64, 8) == "gpscale_kmm_simt_f64_rbf_f"
+    assert entry_name("tc3", "matern52", "d", torch.float32, 20) == "gpscale_kmm_tc3_matern52_d"
+    # tcb is compiled once per k-step count: d = 1..8 -> k1, 9..16 -> k2, ..., 25..32 -> k4
+    got = {d: entry_name("tcb", "rbf", "f_dq", torch.float32, d) for d in (1, 8, 9, 16, 17, 25, 32)}
+    assert got == {1: "gpscale_kmm_tcb_k1_rbf_f_dq", 8: "gpscale_kmm_tcb_k1_rbf_f_dq", 9: "gpscale_kmm_tcb_k2_rbf_f_dq",
+                   16: "gpscale_kmm_tcb_k2_rbf_f_dq", 17: "gpscale_kmm_tcb_k3_rbf_f_dq",
+                   25: "gpscale_kmm_tcb_k4_rbf_f_dq", 32: "gpscale_kmm_tcb_k4_rbf_f_dq"}
+    for variant in VARIANTS:  # every name a launch can ask for is one the module loads
+        names = set(entry_names(variant))
+        for d in range(1, 33):
+            for dtype in (torch.float32, torch.float64) if variant == "simt" else (torch.float32,):
+                assert entry_name(variant, "matern12", "f", dtype, d) in names

@@ -21,7 +21,7 @@ from .compiler import load_module
 
 #: variant -> (source file, X rows per block, output columns per block, threads per block)
 VARIANTS = {"simt": ("kmm_simt.cu", 128, 16, 128), "tc": ("kmm_tc.cu", 64, 16, 128),
-            "tc3": ("kmm_tc.cu", 64, 16, 128), "tcb": ("kmm_tcb.cu", 128, 16, 128)}
+            "tc3": ("kmm_tc.cu", 64, 16, 128), "tcb": ("kmm_tcb.cu", 256, 16, 256)}
 #: Variants that ``available(compile=True)`` does not compile (and so cannot make unavailable):
 #: written without a GPU, opt-in until their GPU tests have passed on a lent machine.
 EXPERIMENTAL = frozenset({"tcb"})
@@ -29,6 +29,8 @@ KINDS = ("rbf", "matern12", "matern32", "matern52")
 MODES = ("f", "f_dq", "d")
 #: Largest input dimension the kernels hold in registers.
 DMAX = 32
+#: Variants compiled once per k-step count ``ceil(d / 8)`` (entry suffix ``_k1`` .. ``_k4``).
+SPECIALISED_ON_KSTEPS = frozenset({"tcb"})
 
 _MODULES: dict = {}
 _LOCK = threading.Lock()
@@ -36,8 +38,26 @@ _LOCK = threading.Lock()
 
 def entry_names(variant: str) -> list[str]:
     """All ``extern "C"`` entry points of a variant, in the naming scheme of the ``.cu`` files."""
-    prefixes = ["gpscale_kmm_simt_f32", "gpscale_kmm_simt_f64"] if variant == "simt" else [f"gpscale_kmm_{variant}"]
-    return [f"{p}_{k}_{m}" for p in prefixes for k in KINDS for m in MODES]
+    return [f"{p}_{k}_{m}" for p in _prefixes(variant) for k in KINDS for m in MODES]
+
+
+def _prefixes(variant: str) -> list[str]:
+    if variant == "simt":
+        return ["gpscale_kmm_simt_f32", "gpscale_kmm_simt_f64"]
+    if variant in SPECIALISED_ON_KSTEPS:
+        return [f"gpscale_kmm_{variant}_k{ks}" for ks in range(1, DMAX // 8 + 1)]
+    return [f"gpscale_kmm_{variant}"]
+
+
+def entry_name(variant: str, kernel: str, mode: str, dtype: torch.dtype, d: int) -> str:
+    """The entry point a product runs: by dtype for ``simt``, by ``ceil(d / 8)`` for ``tcb``."""
+    if variant == "simt":
+        prefix = f"gpscale_kmm_simt_{'f64' if dtype == torch.float64 else 'f32'}"
+    elif variant in SPECIALISED_ON_KSTEPS:
+        prefix = f"gpscale_kmm_{variant}_k{max(1, -(-d // 8))}"
+    else:
+        prefix = f"gpscale_kmm_{variant}"
+    return f"{prefix}_{kernel}_{mode}"
 
 
 def _module(variant: str, device: torch.device) -> dict:
@@ -109,9 +129,7 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
         return (O0, O1) if mode == "f_dq" else O0
     if m > 0:
         _, rows, tch, threads = VARIANTS[variant]
-        prefix = f"gpscale_kmm_simt_{'f64' if X.dtype == torch.float64 else 'f32'}" if variant == "simt" \
-            else f"gpscale_kmm_{variant}"
-        fn = _module(variant, X.device)[f"{prefix}_{kernel}_{mode}"]
+        fn = _module(variant, X.device)[entry_name(variant, kernel, mode, X.dtype, d)]
         grid = ((n + rows - 1) // rows, (t + tch - 1) // tch, 1)
         with torch.cuda.device(X.device):
             fn(grid, (threads, 1, 1), [X, Z, V, O0, O1, n, m, d, t, int(bool(symmetric))])
