@@ -32,7 +32,7 @@
 // * P V in bf16 (m16n8k16, twice the reduction depth of a tf32 MMA per instruction): P and V are
 //   split into bf16 hi + lo (P V ~ Ph Vh + Ph Vl + Pl Vh).  V's hi is rounded to nearest, P's is
 //   truncated (one instruction fewer per pair; see split_bf16x2_trunc), both lo are truncated by the
-//   packing; the CPU emulation in tests/test_tcb_arithmetic.py measures 4.8e-5 of sum |P||V| against
+//   packing; the CPU emulation in tests/test_tcb_arithmetic.py measures 5.1e-5 of sum |P||V| against
 //   the 1e-4 target.  P <= 1 and bf16 has float32's exponent range, so nothing
 //   overflows and V needs no rescaling.  Accumulation is fp32, two-level (a fresh fragment per Z
 //   tile, added to a register total).
@@ -50,9 +50,10 @@
 // every csrc variant is bound by instruction issue, not by the exp unit, so the pass removed
 // instructions per pair: exp and sqrt as ex2 / sqrt.approx.ftz (profiles.cuh, FAST = 2), RBF without
 // the q >= 0 clamp, P's split truncated, tile loads with a fixed share per thread shared by 8 warps,
-// one kernel per k-step count (no registers for unused k-steps: 104 per thread for RBF at d <= 8).
-// RBF: 22.5 -> 12.2 warp instructions per 32 pairs (tc3: 45.8), a bound of 0.37 s per product at
-// n = m = 1M, ~0.57-0.66 s at the 55-64% of their bound the measured variants reach; Matern-5/2:
+// one kernel per k-step count (no registers for unused k-steps: 104 per thread for RBF at d <= 8),
+// and for RBF values |x|^2 added inside the exp's FFMA instead of the accumulator's initialisation.
+// RBF: 22.5 -> 11.7 warp instructions per 32 pairs (tc3: 45.8), a bound of 0.35 s per product at
+// n = m = 1M, ~0.54-0.63 s at the 55-64% of their bound the measured variants reach; Matern-5/2:
 // 39.6 -> 17.2.
 //
 // Entry points: gpscale_kmm_tcb_k{1,2,3,4}_{rbf,matern12,matern32,matern52}_{f,f_dq,d}, k = ceil(d / 8)
@@ -176,13 +177,16 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
         z0 += zn[kc][nt * 8 + 2 * c];
         z1 += zn[kc][nt * 8 + 2 * c + 1];
     }
+    // RBF (F, D): the chain starts from |z|^2 alone and |x|^2 joins in the FFMA that forms the exp's
+    // argument (no FADD per pair: 0.6 fewer instructions per 32 pairs); the others start from both.
+    constexpr bool fold = KIND == GPS_RBF && MODE != GPS_MODE_FDQ;
     float s[TCB_MT][4];
 #pragma unroll
     for (int mt = 0; mt < TCB_MT; ++mt) {
-        s[mt][0] = na[mt] + z0;
-        s[mt][1] = na[mt] + z1;
-        s[mt][2] = nb[mt] + z0;
-        s[mt][3] = nb[mt] + z1;
+        s[mt][0] = fold ? z0 : na[mt] + z0;
+        s[mt][1] = fold ? z1 : na[mt] + z1;
+        s[mt][2] = fold ? z0 : nb[mt] + z0;
+        s[mt][3] = fold ? z1 : nb[mt] + z1;
     }
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
@@ -201,9 +205,16 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
     for (int mt = 0; mt < TCB_MT; ++mt)
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
+            const bool diag = sym && row0 + mt * 16 + g + (u >> 1) * 8 == jt + nt * 8 + 2 * c + (u & 1);
+            if (fold) {  // exp(-q / 2) = 2^(C q), q = s + |x|^2
+                constexpr float C = -0.5f * 1.4426950408889634f;
+                const float e = gps_ex2(diag ? 0.f : fmaf(s[mt][u], C, (u < 2 ? na[mt] : nb[mt]) * C));
+                p0[mt][u] = MODE == GPS_MODE_D ? -0.5f * e : e;
+                continue;
+            }
             // The clamp only guards the Matern sqrt: RBF takes a rounding-small negative q as it is.
             float q = KIND == GPS_RBF ? s[mt][u] : fmaxf(s[mt][u], 0.f);
-            if (sym && row0 + mt * 16 + g + (u >> 1) * 8 == jt + nt * 8 + 2 * c + (u & 1)) q = 0.f;
+            if (diag) q = 0.f;
             gps_profile<KIND, MODE, 2>(q, p0[mt][u], p1[mt][u]);
         }
 }

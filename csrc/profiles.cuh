@@ -36,6 +36,11 @@ __device__ __forceinline__ double gps_sqrt(double x) { return sqrt(x); }
 // pair (benchmarks/sass_model.py).  sqrt as sqrt.approx.ftz (one MUFU, ~2^-22 relative) instead of
 // sqrtf's correctly rounded sequence with its branches and slow-path call (~12 instructions per pair).
 // FAST = 0, 1 keep the expressions they always had, so those kernels compile exactly as before.
+__device__ __forceinline__ float gps_ex2(float x) {  // 2^x, results below 2^-126 flushed to 0
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 __device__ __forceinline__ float gps_ex2_scaled(float x, float c) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * (c * 1.4426950408889634f)));
