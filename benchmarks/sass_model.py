@@ -52,6 +52,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+from gpscale._ext import launch
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 KINDS = {"rbf": "GPS_RBF", "matern12": "GPS_M12", "matern32": "GPS_M32", "matern52": "GPS_M52"}
@@ -96,13 +100,39 @@ def probe_source(variant: str, kind: str, d: int, t: int) -> str:
             f'const float* V, float* O0, float* O1, int n, int m) {{ {call}; }}\n')
 
 
-def disassemble(src: str, nvcc: str, nvdisasm: str, arch: int) -> str:
+def disassemble(src: str, nvcc: str, nvdisasm: str, arch: int) -> tuple[str, str]:
+    """``(sass, ptxas log)`` of the probe source; the log covers the real entry points it includes."""
     with tempfile.TemporaryDirectory() as tmp:
         cu, cubin = Path(tmp) / "probe.cu", Path(tmp) / "probe.cubin"
         cu.write_text(src)
-        subprocess.run([nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", f"-I{CSRC}", str(cu), "-o", str(cubin)],
-                       check=True, capture_output=True, text=True)
-        return subprocess.run([nvdisasm, "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
+        res = subprocess.run([nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", "-Xptxas=-v", f"-I{CSRC}", str(cu), "-o",
+                              str(cubin)], check=True, capture_output=True, text=True)
+        sass = subprocess.run([nvdisasm, "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
+        return sass, res.stderr
+
+
+def entry_resources(log: str) -> dict:
+    """``{entry: (registers, shared bytes)}`` from a ptxas ``-v`` log."""
+    out, name = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            name = m.group(1)
+            continue
+        m = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
+        if m and name:
+            out[name] = (int(m.group(1)), int(m.group(2)))
+            name = None
+    return out
+
+
+def warps_per_sm(registers: int, smem: int, threads: int) -> int:
+    """Resident warps per SM of compute capability 9.0 (64 K registers allocated 256 per warp,
+    228 KB shared memory with 1 KB reserved per block, 64 warps, 32 blocks)."""
+    warps = -(-threads // 32)
+    per_warp = -(-registers * 32 // 256) * 256
+    blocks = min(65536 // (per_warp * warps), 228 * 1024 // (smem + 1024), 64 // warps, 32)
+    return blocks * warps
 
 
 def parse(sass: str, function: str = "probe"):
@@ -239,9 +269,15 @@ def main(argv=None):
     rows = []
     for kernel in args.kernels:
         for variant in args.variants:
-            ins, labels = parse(disassemble(probe_source(variant, kernel, args.d, args.t), nvcc, nvdisasm, args.arch))
+            sass, log = disassemble(probe_source(variant, kernel, args.d, args.t), nvcc, nvdisasm, args.arch)
+            ins, labels = parse(sass)
             rec = {"kernel": kernel, "variant": variant, "d": args.d, "t": args.t,
                    **model(count_loop(ins, labels, variant, args.d), VARIANTS[variant]["pairs"], args.mma_efficiency)}
+            # Occupancy of the entry point a product really launches (runtime d), for reading the
+            # measured / model ratio: latency hiding is what the model leaves out.
+            entry = launch.entry_name(variant, kernel, "f", torch.float32, args.d)
+            regs, smem = entry_resources(log)[entry]
+            rec.update(entry=entry, registers=regs, warps_per_sm=warps_per_sm(regs, smem, launch.VARIANTS[variant][3]))
             rate = rec["pairs_per_sm_clock"] * args.sms * args.clock_ghz * 1e9
             rec["model_seconds"] = {str(n): round(n * n * -(-args.t // 16) / rate, 4) for n in (100_000, 1_000_000)}
             if (kernel, variant) in meas:
@@ -261,6 +297,7 @@ def render_row(rec: dict) -> str:
     return (f"{rec['kernel']:9s} {rec['variant']:5s} instr/32 pairs: issue {w['issue']:6.2f} alu {w['alu']:5.2f} "
             f"fma {w['fma']:5.2f} mufu {w['mufu']:4.2f} hmma {w['tensor']:4.2f} shared {w['shared']:4.2f} | bound "
             f"{rec['bound_by']:6s} {rec['pairs_per_sm_clock']:5.2f} pairs/SM clk, 1M: {rec['model_seconds']['1000000']:.3f} s"
+            f" | {rec['registers']} regs, {rec['warps_per_sm']} warps/SM"
             + (f" | measured {meas:.2f} ({rec['measured_over_model']:.0%})" if meas else ""))
 
 

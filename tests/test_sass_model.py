@@ -95,3 +95,20 @@ def test_model_of_the_real_kernels_counts_one_exp_per_pair(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["variant"] for r in rows] == ["tc3", "tcb"]
     assert all(r["warp_instructions_per_32_pairs"]["mufu"] == 1.0 for r in rows)
+
+
+def test_ptxas_log_gives_each_entry_its_registers_and_the_occupancy_follows():
+    log = """ptxas info    : Compiling entry function 'a_kernel' for 'sm_90'
+ptxas info    : Function properties for a_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 104 registers, used 1 barriers, 25600 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function 'b_kernel' for 'sm_90'
+ptxas info    : Used 79 registers, 17664 bytes smem, 400 bytes cmem[0]
+"""
+    assert sass_model.entry_resources(log) == {"a_kernel": (104, 25600), "b_kernel": (79, 17664)}
+    # 104 registers x 256 threads: two blocks of 8 warps fit 64 K registers
+    assert sass_model.warps_per_sm(104, 25600, 256) == 16
+    # 79 -> 80 registers per thread (256 per warp): six 4-warp blocks
+    assert sass_model.warps_per_sm(79, 17664, 128) == 24
+    # shared memory can bind too: 100 KB per block leaves room for two
+    assert sass_model.warps_per_sm(32, 100 * 1024, 128) == 8
