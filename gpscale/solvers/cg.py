@@ -10,138 +10,18 @@ iterations whether any column is still running -- no host synchronisation per st
 from __future__ import annotations
 
 import dataclasses
-import enum
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 from .._validation import check_positive_int, check_tolerance
-from ..precision import PrecisionPolicy, PrecisionWarning, as_policy, is_low_precision
+from ..precision import PrecisionPolicy, PrecisionWarning, as_policy
 from .lanczos import Tridiagonal
+from .result import CGResult, CGStatus, CGWarning
 from .stability import ResidualBasis, StallDetector
 
-
-class CGStatus(enum.IntEnum):
-    """Outcome of a CG column (the result's overall status is the worst column's)."""
-
-    CONVERGED = 0
-    MAX_ITERATIONS = 1
-    BREAKDOWN = 2
-    NON_FINITE = 3
-    #: the residual made no progress for ``stall_window`` iterations (stagnation detection of a
-    #: :class:`gpscale.PrecisionPolicy`) and no fallback could take over
-    STAGNATED = 4
-
-    @property
-    def message(self) -> str:
-        return _MESSAGES[self]
-
-
-_MESSAGES = {
-    CGStatus.CONVERGED: "all columns reached ||r|| <= max(rtol*||b||, atol)",
-    CGStatus.MAX_ITERATIONS: (
-        "some columns did not converge within max_iter; raise max_iter, loosen rtol, or use a stronger "
-        "preconditioner (e.g. gpscale.precond.PivotedCholesky(rank=100)); a larger noise also helps"
-    ),
-    CGStatus.BREAKDOWN: (
-        "CG met non-positive curvature p^T A p <= 0: the operator (or preconditioner) is not positive "
-        "definite in this precision; increase the noise / jitter or use float64"
-    ),
-    CGStatus.NON_FINITE: (
-        "CG produced NaN/Inf; check the operator and right-hand side for NaN/Inf and the "
-        "hyperparameters for overflow (e.g. tiny lengthscales), or use float64"
-    ),
-    CGStatus.STAGNATED: (
-        "some columns stagnated in low precision and no fallback ran; use PrecisionPolicy(fallback=True) "
-        "with an operator that has with_product_dtype (KernelOperator) or a tensor, re-orthogonalise "
-        "(reorth='full'), or use a higher product precision"
-    ),
-}
-
-
-class CGWarning(UserWarning):
-    """Emitted when a CG solve ends without converging every column."""
-
-
-@dataclass(frozen=True)
-class CGResult:
-    """Solution of a batched CG solve.
-
-    Attributes
-    ----------
-    x : tensor, shape of ``B``
-        Approximate solution.  Check :attr:`status` before trusting it.
-    status : CGStatus
-        Worst column status; ``status.message`` says what to do.
-    column_status : (t,) long tensor
-        :class:`CGStatus` code per column.
-    iterations : (t,) long tensor
-        Iterations each column ran.
-    residual_norm, rhs_norm, tolerance : (t,) tensors
-        Final (recurrence) residual norm, ``||b||`` and the stopping threshold per column.
-    tridiag : Tridiagonal or None
-        Lanczos coefficients of the first ``num_tridiag`` columns.
-    num_matmuls : int
-        Operator products spent (the cost measure of BBMM).
-    residual_history : (iterations + 1, t) tensor or None
-        Recurrence residual norms :math:`\\|r_j\\|` of every column before the first and after each
-        iteration up to ``iterations.max()`` (a converged column keeps its last value), when run with
-        ``record_history=True``; divide by :attr:`rhs_norm` for relative residuals.  Under a precision
-        policy with a fallback it covers the low-precision phase.
-    finished_precision : tuple of str or None
-        Under a :class:`gpscale.PrecisionPolicy`: the product precision each column finished in (the
-        policy's ``product``, or its ``fallback_product`` for the columns that fell back).
-    low_precision_iterations : (t,) long tensor or None
-        Iterations each column ran in the low-precision phase (``iterations`` counts both phases).
-    stagnated : (t,) bool tensor or None
-        Columns whose stagnation detector fired in the low-precision phase.
-
-    Notes
-    -----
-    Under a precision policy, :attr:`residual_norm` of a column that finished in low precision is
-    its *true* residual :math:`\\|b - A x\\|` measured with one product in the fallback precision,
-    not the recurrence residual (the two drift apart when the products are rounded).
-    """
-
-    x: torch.Tensor
-    status: CGStatus
-    column_status: torch.Tensor
-    iterations: torch.Tensor
-    residual_norm: torch.Tensor
-    rhs_norm: torch.Tensor
-    tolerance: torch.Tensor
-    tridiag: Tridiagonal | None
-    num_matmuls: int
-    residual_history: torch.Tensor | None = None
-    finished_precision: tuple | None = None
-    low_precision_iterations: torch.Tensor | None = None
-    stagnated: torch.Tensor | None = None
-
-    @property
-    def converged(self) -> bool:
-        return self.status == CGStatus.CONVERGED
-
-    @property
-    def message(self) -> str:
-        return self.status.message
-
-    def summary(self) -> dict:
-        """Plain-python statistics for reports and logs."""
-        it = self.iterations.float()
-        rel = self.residual_norm / self.rhs_norm.clamp_min(torch.finfo(self.rhs_norm.dtype).tiny)
-        out = {"status": self.status.name, "num_matmuls": self.num_matmuls,
-               "iterations_max": int(self.iterations.max()) if it.numel() else 0,
-               "iterations_mean": float(it.mean()) if it.numel() else 0.0,
-               "relative_residual_max": float(rel.max()) if rel.numel() else 0.0}
-        if self.finished_precision is not None:
-            names = self.finished_precision
-            out["finished_precision"] = {p: names.count(p) for p in sorted(set(names))}
-            out["low_precision_columns"] = sum(is_low_precision(p) for p in names)
-            out["columns"] = len(names)
-            out["low_precision_iterations_max"] = int(self.low_precision_iterations.max()) if it.numel() else 0
-            out["stagnated_columns"] = int(self.stagnated.sum()) if self.stagnated is not None else 0
-        return out
+__all__ = ["CGResult", "CGStatus", "CGWarning", "ConjugateGradients", "cg"]
 
 
 def _as_matmul(A):
@@ -233,79 +113,107 @@ class ConjugateGradients:
         ``reorth`` keeps that many residuals for re-orthogonalisation and ``stall = (window,
         decrease)`` switches on stagnation detection (:mod:`gpscale.solvers.stability`)."""
         t, dev = B.shape[1], B.device
-        x = torch.zeros_like(B) if X0 is None else X0.clone()
-        r = B.clone() if X0 is None else B - matmul(X0)
-        nmm = 0 if X0 is None else 1
-        z = solve(r)
-        p = z.clone()
-        rz = (r * z).sum(0)
-        bnorm = B.norm(dim=0)
-        if tol is None:
-            tol = torch.clamp(self.rtol * bnorm, min=self.atol)
-        rnorm = r.norm(dim=0)
-        # "not <=" rather than ">": a NaN residual must not count as converged.
-        active = ~(rnorm <= tol)
-        status = torch.where(torch.isfinite(rnorm), CGStatus.CONVERGED.value, CGStatus.NON_FINITE.value)
-        active = active & torch.isfinite(rnorm)
-        iters = torch.zeros(t, dtype=torch.long, device=dev)
+        st = _start(matmul, solve, B, X0)
+        tol = torch.clamp(self.rtol * st.bnorm, min=self.atol) if tol is None else tol
+        st.classify(tol)
         nt = min(self.num_tridiag if num_tridiag is None else num_tridiag, t)
         basis = ResidualBasis(reorth, B.shape[0], t, B.dtype, dev) if reorth else None
         if basis is not None:
-            basis.store(r, z, rz, active)
-        stalls = StallDetector(stall[0], stall[1], rnorm) if stall and stall[0] else None
-        rz0 = rz[:nt].clone()
+            basis.store(st.r, st.z, st.rz, st.active)
+        stalls = StallDetector(stall[0], stall[1], st.rnorm) if stall and stall[0] else None
+        rz0 = st.rz[:nt].clone()
         alphas, betas = [], []
-        history = [rnorm] if self.record_history else None
-        k = 0
+        history = [st.rnorm] if self.record_history else None
         cols = None  # columns multiplied by A; None = all
         for k in range(self.max_iter):
             if k % self.check_every == 0:
-                cols = _running_columns(active)
+                cols = _running_columns(st.active)
                 if cols is not None and cols.numel() == 0:
                     break
-            Ap = _masked_matmul(matmul, p, cols)
-            nmm += 1
-            pAp = (p * Ap).sum(0)
-            bad = active & ~torch.isfinite(pAp)
-            brk = active & (pAp <= 0) & ~bad
-            status = torch.where(bad, CGStatus.NON_FINITE.value, torch.where(brk, CGStatus.BREAKDOWN.value, status))
-            active = active & ~bad & ~brk
-            alpha = torch.where(active, rz / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rz))
-            x.addcmul_(alpha, p)
-            r.addcmul_(alpha, Ap, value=-1.0)
-            if basis is not None:  # departs from textbook CG: see gpscale.solvers.stability
-                basis.orthogonalize_(r, active)
-            z = solve(r)
-            rz_new = (r * z).sum(0)
-            if basis is not None:
-                basis.store(r, z, rz_new, active)
-            beta = torch.where(active, rz_new / torch.where(active, rz, torch.ones_like(rz)), torch.zeros_like(rz))
+            Ap = _masked_matmul(matmul, st.p, cols)
+            st.products += 1
+            alpha, beta = st.step(Ap, solve, tol, basis, stalls)
             if nt:
                 alphas.append(alpha[:nt])
                 betas.append(beta[:nt])
-            p = z + beta * p
-            rz = torch.where(active, rz_new, rz)
-            iters += active.long()
-            rnorm = torch.where(active, r.norm(dim=0), rnorm)
-            bad = active & ~torch.isfinite(rnorm)
-            status = torch.where(bad, CGStatus.NON_FINITE.value, status)
-            active = active & ~bad & (rnorm > tol)
-            if stalls is not None:
-                stalled = stalls.update(rnorm, active)
-                status = torch.where(stalled, CGStatus.STAGNATED.value, status)
-                active = active & ~stalled
             if history is not None:
-                history.append(rnorm)
-        status = torch.where(active, CGStatus.MAX_ITERATIONS.value, status)
+                history.append(st.rnorm)
+        status = torch.where(st.active, CGStatus.MAX_ITERATIONS.value, st.status)
         tri = None
         if nt:
             stack = (lambda xs: torch.stack(xs) if xs else torch.zeros(0, nt, dtype=B.dtype, device=dev))
-            tri = Tridiagonal(stack(alphas), stack(betas), iters[:nt].clone(), rz0)
+            tri = Tridiagonal(stack(alphas), stack(betas), st.iters[:nt].clone(), rz0)
         worst = CGStatus(int(status.max())) if t else CGStatus.CONVERGED
         hist = None
         if history is not None:  # the loop sees convergence every check_every steps: trim the tail
-            hist = torch.stack(history)[: (int(iters.max()) if t else 0) + 1]
-        return CGResult(x, worst, status, iters, rnorm, bnorm, tol, tri, nmm, hist)
+            hist = torch.stack(history)[: (int(st.iters.max()) if t else 0) + 1]
+        return CGResult(st.x, worst, status, st.iters, st.rnorm, st.bnorm, tol, tri, st.products, hist)
+
+
+@dataclass
+class _Iterate:
+    """The per-column state of the CG recurrences (mutable; private to :meth:`ConjugateGradients._run`)."""
+
+    x: torch.Tensor
+    r: torch.Tensor
+    z: torch.Tensor
+    p: torch.Tensor
+    rz: torch.Tensor
+    rnorm: torch.Tensor
+    bnorm: torch.Tensor
+    products: int
+    active: torch.Tensor | None = None
+    status: torch.Tensor | None = None
+    iters: torch.Tensor | None = None
+
+    def classify(self, tol: torch.Tensor) -> None:
+        """Columns already converged (or non-finite) at the start do not run."""
+        # "not <=" rather than ">": a NaN residual must not count as converged.
+        finite = torch.isfinite(self.rnorm)
+        self.active = ~(self.rnorm <= tol) & finite
+        self.status = torch.where(finite, CGStatus.CONVERGED.value, CGStatus.NON_FINITE.value)
+        self.iters = torch.zeros(self.r.shape[1], dtype=torch.long, device=self.r.device)
+
+    def step(self, Ap, solve, tol, basis, stalls) -> tuple[torch.Tensor, torch.Tensor]:
+        """One masked CG step given ``Ap``; returns the step's ``(alpha, beta)`` (zero where stopped)."""
+        active, rz, p = self.active, self.rz, self.p
+        pAp = (p * Ap).sum(0)
+        bad = active & ~torch.isfinite(pAp)
+        brk = active & (pAp <= 0) & ~bad
+        status = torch.where(bad, CGStatus.NON_FINITE.value, torch.where(brk, CGStatus.BREAKDOWN.value, self.status))
+        active = active & ~bad & ~brk
+        alpha = torch.where(active, rz / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rz))
+        self.x.addcmul_(alpha, p)
+        self.r.addcmul_(alpha, Ap, value=-1.0)
+        if basis is not None:  # departs from textbook CG: see gpscale.solvers.stability
+            basis.orthogonalize_(self.r, active)
+        self.z = solve(self.r)
+        rz_new = (self.r * self.z).sum(0)
+        if basis is not None:
+            basis.store(self.r, self.z, rz_new, active)
+        beta = torch.where(active, rz_new / torch.where(active, rz, torch.ones_like(rz)), torch.zeros_like(rz))
+        self.p = self.z + beta * p
+        self.rz = torch.where(active, rz_new, rz)
+        self.iters += active.long()
+        self.rnorm = rnorm = torch.where(active, self.r.norm(dim=0), self.rnorm)
+        bad = active & ~torch.isfinite(rnorm)
+        status = torch.where(bad, CGStatus.NON_FINITE.value, status)
+        active = active & ~bad & (rnorm > tol)
+        if stalls is not None:
+            stalled = stalls.update(rnorm, active)
+            status = torch.where(stalled, CGStatus.STAGNATED.value, status)
+            active = active & ~stalled
+        self.active, self.status = active, status
+        return alpha, beta
+
+
+def _start(matmul, solve, B, X0) -> _Iterate:
+    """Initial residual, preconditioned residual and search direction (one product if ``X0`` is given)."""
+    x = torch.zeros_like(B) if X0 is None else X0.clone()
+    r = B.clone() if X0 is None else B - matmul(X0)
+    z = solve(r)
+    return _Iterate(x=x, r=r, z=z, p=z.clone(), rz=(r * z).sum(0), rnorm=r.norm(dim=0), bnorm=B.norm(dim=0),
+                    products=0 if X0 is None else 1)
 
 
 def _running_columns(active: torch.Tensor) -> torch.Tensor | None:
