@@ -50,8 +50,10 @@ KERNELS = {"rbf": RBF(), "matern12": Matern(nu=0.5), "matern32": Matern(nu=1.5),
 VARIANTS = [("simt", torch.float64, 1e-12), ("simt", torch.float32, 2e-5), ("tc3", torch.float32, 1e-4),
             ("tc", torch.float32, 3e-3), ("tcb", torch.float32, 1e-4)]
 EXPANSION_VARIANTS = ("tc", "tc3", "tcb")
-#: (n, m, d, t): none divides 64 / 128 rows or 16 columns
+#: (n, m, d, t): none divides 64 / 128 / 256 rows or 16 columns
 SIZES = [(1000, 777, 1, 1), (333, 1025, 8, 16), (129, 65, 32, 64), (517, 2049, 5, 17)]
+#: tcb is compiled once per k-step count ceil(d / 8): SIZES reach 1 and 4, these 2 and 3
+SIZES_TCB_KSTEPS = [(300, 257, 13, 16), (257, 300, 20, 3)]
 LENGTHSCALES = [0.05, 1.0, 10.0]
 
 
@@ -104,7 +106,9 @@ def _assert_close(got, ref, rtol, what):
                                     f"+ expansion envelope {env.flatten()[worst]:.3e}); max error {err.max():.3e}")
 
 
-CASES = list(itertools.product(VARIANTS, KERNELS, ("f", "f_dq", "d"), SIZES, LENGTHSCALES))
+CASES = list(itertools.product(VARIANTS, KERNELS, ("f", "f_dq", "d"), SIZES, LENGTHSCALES)) + list(
+    itertools.product([v for v in VARIANTS if v[0] == "tcb"], KERNELS, ("f", "f_dq", "d"), SIZES_TCB_KSTEPS,
+                      LENGTHSCALES))
 
 
 @pytest.mark.parametrize("variant,name,mode,size,ls", CASES,
