@@ -32,6 +32,10 @@ from .expansion import expansion_error, norm_bound
 #: Largest change of one kernel entry (relative to ``f(0) = 1``) the expansion may cause before
 #: the float32 path falls back from ``"tc3"`` to ``"simt"``.
 EXPANSION_TOL = 1e-4
+#: The float32 tensor-core variant: ``"tc3"``, the fastest one verified on a GPU so far.  ``"tcb"``
+#: (fewer instructions per pair by its SASS, never run) takes its place once its GPU tests pass and
+#: it beats ``"tc3"`` at 1M (docs/backends.md); it obeys the same expansion guard.
+FLOAT32_VARIANT = "tc3"
 
 
 def available(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
@@ -63,7 +67,7 @@ def variant_for(dtype: torch.dtype, kernel=None, mode: str = "f", r2: float = 0.
         return "simt"
     if kernel is not None and expansion_error(kernel, mode, r2, torch.float32) > EXPANSION_TOL:
         return "simt"
-    return "tc3"
+    return FLOAT32_VARIANT
 
 
 def _max_sq_norms(op) -> float:
