@@ -55,6 +55,11 @@ def dtype_name(dtype) -> str:
     return name
 
 
+def storage_dtype(precision) -> torch.dtype:
+    """The dtype a tile rounded to ``precision`` is held in (:func:`round_to`; tf32 keeps float32 storage)."""
+    return _TORCH_DTYPES.get(dtype_name(precision), torch.float32)
+
+
 def is_low_precision(name: str | None) -> bool:
     """True for products that round their operands below float32 (``tf32``, ``bfloat16``, ``float16``)."""
     return name in ("tf32", "bfloat16", "float16")

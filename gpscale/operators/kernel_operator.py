@@ -18,7 +18,14 @@ import torch
 
 from .._validation import check_inputs, check_positive_hyper
 from ..kernels.base import StationaryKernel
-from ..precision import dtype_name, is_low_precision, lowp_mm, round_to, scale_columns
+from ..precision import (
+    dtype_name,
+    is_low_precision,
+    lowp_mm,
+    round_to,
+    scale_columns,
+    storage_dtype,
+)
 from .backends import check_backend_name, fused_products, select_backend
 from .blocking import plan_symmetric_tiling
 from .cross_kernel import CrossKernelOperator
@@ -143,9 +150,8 @@ class KernelOperator(CrossKernelOperator):
         Compare with ``tiling.cache_bytes``: a product precision whose tiles fit is computed once and
         then costs one pass of GEMMs per product; one whose tiles do not is recomputed every product.
         """
-        name = dtype_name(self.dtype) if product_dtype is None else dtype_name(product_dtype)
-        item = 2 if name in ("bfloat16", "float16") else 8 if name == "float64" else 4
-        return self.tiling.upper_entries(self.shape[0]) * item
+        item = torch.empty((), dtype=storage_dtype(self.dtype if product_dtype is None else product_dtype))
+        return self.tiling.upper_entries(self.shape[0]) * item.element_size()
 
     @property
     def cached_fraction(self) -> float:

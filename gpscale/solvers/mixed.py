@@ -74,8 +74,7 @@ def policy_products(A, policy, state: torch.dtype, lowrank: torch.Tensor | None 
     * anything else (a callable, another operator): used as given for the low phase, no fallback.
     """
     if hasattr(A, "with_product_dtype"):
-        low_op = (A.with_product_dtype(policy.product, lowrank=lowrank) if lowrank is not None
-                  else A.with_product_dtype(policy.product))
+        low_op = A.with_product_dtype(policy.product, lowrank=lowrank)
         full_op = A.with_product_dtype(policy.fallback_product)
         return _cast(low_op.matmul, A.dtype, state), _cast(full_op.matmul, A.dtype, state)
     if isinstance(A, torch.Tensor):
