@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -60,19 +59,20 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 KINDS = {"rbf": "GPS_RBF", "matern12": "GPS_M12", "matern32": "GPS_M32", "matern52": "GPS_M52"}
 
-#: Per variant: source file, the call of the template (``{K}``: kind, ``{d}``, ``{t}``, ``{ks}`` = ceil(d / 8)), threads per
-#: block, pairs one warp handles per Z tile (per 16 output columns), and for each nested loop of the
-#: tile loop, in order, ``(marker, count per tile)``: its trip count is ``count / (markers per trip)``.
+#: Per variant: source file, the call of the template (``{K}``: kind, ``{d}``, ``{t}``, ``{ks}`` = ceil(d / 8)),
+#: pairs one warp handles per Z tile (per 16 output columns), and for each nested loop of the tile
+#: loop, in order, ``(marker, count per tile)``: its trip count is ``count / (markers per trip)``.
+#: Threads per block are the launcher's (``gpscale._ext.launch.VARIANTS``).
 VARIANTS = {
     "simt": dict(file="kmm_simt.cu", call="kmm_simt<{K}, GPS_MODE_F, float>(X, Z, V, O0, O1, n, m, {d}, {t})",
-                 threads=128, pairs=32 * 64,  # 32 rows x 64 Z rows per tile
+                 pairs=32 * 64,  # 32 rows x 64 Z rows per tile
                  nested=[("STS", 64 * 32 // 128), ("STS", 64 * 16 // 128), ("MUFU.EX2", 64)]),
     "tc": dict(file="kmm_tc.cu", call="kmm_tc<{K}, GPS_MODE_F, false>(X, Z, V, O0, O1, n, m, {d}, {t}, 0)",
-               threads=128, pairs=16 * 64, nested=[("STS", "tc_z"), ("STS", 64 * 16 // 128)]),
+               pairs=16 * 64, nested=[("STS", "tc_z"), ("STS", 64 * 16 // 128)]),
     "tc3": dict(file="kmm_tc.cu", call="kmm_tc<{K}, GPS_MODE_F, true>(X, Z, V, O0, O1, n, m, {d}, {t}, 0)",
-                threads=128, pairs=16 * 64, nested=[("STS", "tc_z"), ("STS", 64 * 16 // 128)]),
+                pairs=16 * 64, nested=[("STS", "tc_z"), ("STS", 64 * 16 // 128)]),
     "tcb": dict(file="kmm_tcb.cu", call="kmm_tcb<{K}, GPS_MODE_F, {ks}>(X, Z, V, O0, O1, n, m, {d}, {t}, 0)",
-                threads=256, pairs=32 * 64, nested=[]),  # fixed per-thread loads, unrolled
+                pairs=32 * 64, nested=[]),  # fixed per-thread loads, unrolled
 }
 
 PIPES = {
@@ -86,17 +86,18 @@ PIPES = {
 CYCLES = {"issue": 0.25, "fma": 0.25, "imad": 0.5, "alu": 0.5, "mufu": 2.0, "shared": 1.0}
 
 
-def _marker_total(spec, d: int, threads: int):
-    """Stores per thread per tile of the loads whose size depends on d (kp = 8 ceil(d / 8)) or the block."""
-    kp = 8 * -(-d // 8)
-    return {"tc_z": 64 * kp // threads, "tcb_v": 2 * 32 * 16 // threads}.get(spec, spec)
+def _marker_total(spec, d: int, variant: str):
+    """Stores per thread per tile of a load whose size depends on d (``"tc_z"``: kp = 8 ceil(d / 8))."""
+    if spec == "tc_z":
+        return 64 * 8 * -(-d // 8) // launch.VARIANTS[variant][3]
+    return spec
 
 
 def probe_source(variant: str, kind: str, d: int, t: int) -> str:
     v = VARIANTS[variant]
     call = v["call"].format(K=KINDS[kind], d=d, t=t, ks=-(-d // 8))
     return (f'#include "{v["file"]}"\n'
-            f'extern "C" __global__ void __launch_bounds__({v["threads"]}) probe(const float* X, const float* Z, '
+            f'extern "C" __global__ void __launch_bounds__({launch.VARIANTS[variant][3]}) probe(const float* X, const float* Z, '
             f'const float* V, float* O0, float* O1, int n, int m) {{ {call}; }}\n')
 
 
@@ -191,7 +192,7 @@ def count_loop(ins, labels, variant: str, d: int) -> dict:
     weight = [1.0] * len(ins)
     for (first, last), (marker, total) in zip(inner, spec["nested"]):
         per_trip = sum(1 for op, _ in ins[first:last + 1] if op.startswith(marker))
-        total = _marker_total(total, d, spec["threads"])
+        total = _marker_total(total, d, variant)
         if per_trip == 0 or total % per_trip:
             raise RuntimeError(f"{variant}: nested loop {first}-{last} has {per_trip} {marker} per trip, "
                                f"which does not divide {total}")

@@ -37,8 +37,7 @@ LISTING = """
 @pytest.fixture
 def toy_variant(monkeypatch):
     # One warp handles 32 pairs per tile; the nested loop stores 4 times per tile, once per trip.
-    monkeypatch.setitem(sass_model.VARIANTS, "toy", dict(file="-", call="-", threads=32, pairs=32,
-                                                         nested=[("STS", 4)]))
+    monkeypatch.setitem(sass_model.VARIANTS, "toy", dict(file="-", call="-", pairs=32, nested=[("STS", 4)]))
     return "toy"
 
 
