@@ -289,6 +289,7 @@ def test_low_precision_is_skipped_only_when_it_would_recompute_what_a_fused_back
     # the operator's own count: upper-triangle tiles, 2 bytes per 16-bit entry
     op = KernelOperator(make_inputs(300, 2), RBF(), 0.1, tile=64)
     assert op.kernel_bytes("bfloat16") * 4 == op.kernel_bytes() == 2 * op.kernel_bytes("float32")  # float64 X
+    assert op.kernel_bytes("tf32") == op.kernel_bytes("float32") == 2 * op.kernel_bytes("float16")  # tf32: float32 storage
     assert op.kernel_bytes() >= 300 * 301 // 2 * 8
 
 
