@@ -40,7 +40,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import write_json  # noqa: E402
 from gpscale.kernels import RBF, Matern  # noqa: E402
 from gpscale.operators import CrossKernelOperator  # noqa: E402
 
@@ -200,10 +202,9 @@ def main(argv=None) -> int:
             "mufu_rate_per_s": mufu_rate(dev, args.clock_ghz), "clock_ghz": args.clock_ghz}
     results = []
     doc = {"meta": meta, "results": results}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    def save():  # after every figure: a run cut short by a time limit keeps what it measured
-        out_path.write_text(json.dumps(doc, indent=1))
+    def save():  # after every figure, atomically: a run cut short by a time limit keeps what it measured
+        write_json(out_path, doc)
 
     for n in [] if args.mll_only else args.sizes:
         g = torch.Generator(device="cpu").manual_seed(n)
