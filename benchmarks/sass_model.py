@@ -18,9 +18,11 @@ alu        IADD3 LOP3 SHF LEA ISETP FSETP FMNMX SEL PRMT ..  1/2 (64 lanes per c
 mufu       MUFU.* and conversions F2F / F2FP / I2F / F2I     2   (16 lanes per clock)
 tensor     HMMA                                              1 / mma_efficiency (one m16n8k8 tf32
                                                              or m16n8k16 bf16 per clock at peak)
-shared     LDS / STS                                         1   (one wavefront: a lower bound, exact
-                                                             for conflict-free 32-bit and broadcast
-                                                             accesses)
+shared     LDS / STS / LDGSTS (cp.async)                     1 per wavefront: 1 per instruction
+                                                             (exact for conflict-free 32-bit and
+                                                             broadcast accesses: simt, tc, tc3);
+                                                             for tcb, whose wide reads are 32
+                                                             distinct words, bytes / 128 (.128: 4)
 =========  ===============================================  =====================================
 
 (Per-SM rates of compute capability 9.0, CUDA C++ Programming Guide, "Arithmetic Instructions";
@@ -71,8 +73,9 @@ VARIANTS = {
                pairs=16 * 64, nested=[("STS", "tc_z"), ("STS", 64 * 16 // 128)]),
     "tc3": dict(file="kmm_tc.cu", call="kmm_tc<{K}, GPS_MODE_F, true>(X, Z, V, O0, O1, n, m, {d}, {t}, 0)",
                 pairs=16 * 64, nested=[("STS", "tc_z"), ("STS", 64 * 16 // 128)]),
-    "tcb": dict(file="kmm_tcb.cu", call="kmm_tcb<{K}, GPS_MODE_F, {ks}>(X, Z, V, O0, O1, n, m, {d}, {t}, 0)",
-                pairs=32 * 64, nested=[]),  # fixed per-thread loads, unrolled
+    "tcb": dict(file="kmm_tcb.cu", call="kmm_tcb<{K}, GPS_MODE_F, {ks}>(X, (const float4*)Z, Z, (const uint4*)V, O0, O1, n, m, {d}, "
+                     "{t}, 0)",
+                pairs=32 * 64, nested=[], distinct_wide=True),  # fixed per-thread copies, unrolled
 }
 
 PIPES = {
@@ -173,9 +176,14 @@ def pipe_of(op: str) -> str | None:
     return None
 
 
-def shared_wavefronts(op: str) -> int:
-    """Shared-memory wavefronts of one warp instruction, counted as 1 (see the module docstring)."""
-    return 1 if op.startswith(("LDS", "STS")) else 0
+def shared_wavefronts(op: str, distinct_wide: bool = False) -> int:
+    """Shared-memory wavefronts of one warp instruction: 1, or with ``distinct_wide`` (every lane its
+    own word) its 32 lanes' bytes / 128."""
+    if not op.startswith(("LDS", "STS", "LDGSTS")):
+        return 0
+    if not distinct_wide:
+        return 1
+    return 4 if ".128" in op else 2 if ".64" in op else 1
 
 
 def count_loop(ins, labels, variant: str, d: int) -> dict:
@@ -204,7 +212,7 @@ def count_loop(ins, labels, variant: str, d: int) -> dict:
     return dict(counts)
 
 
-def model(counts: dict, pairs: int, mma_efficiency: float) -> dict:
+def model(counts: dict, pairs: int, mma_efficiency: float, distinct_wide: bool = False) -> dict:
     """SM cycles per 32 pairs for each resource, the bound, and pairs per SM clock."""
     per32 = 32.0 / pairs  # warp instructions of one tile -> per 32 pairs
     use = collections.Counter()
@@ -213,7 +221,7 @@ def model(counts: dict, pairs: int, mma_efficiency: float) -> dict:
         pipe = pipe_of(op)
         if pipe:
             use[pipe] += c
-        use["shared"] += c * shared_wavefronts(op)
+        use["shared"] += c * shared_wavefronts(op, distinct_wide)
     cycles = {r: use[r] * per32 * CYCLES[r] for r in CYCLES}
     cycles["tensor"] = use["tensor"] * per32 / mma_efficiency
     bound = max(cycles, key=cycles.get)
@@ -273,7 +281,8 @@ def main(argv=None):
             sass, log = disassemble(probe_source(variant, kernel, args.d, args.t), nvcc, nvdisasm, args.arch)
             ins, labels = parse(sass)
             rec = {"kernel": kernel, "variant": variant, "d": args.d, "t": args.t,
-                   **model(count_loop(ins, labels, variant, args.d), VARIANTS[variant]["pairs"], args.mma_efficiency)}
+                   **model(count_loop(ins, labels, variant, args.d), VARIANTS[variant]["pairs"], args.mma_efficiency,
+                           VARIANTS[variant].get("distinct_wide", False))}
             # Occupancy of the entry point a product really launches (runtime d), for reading the
             # measured / model ratio: latency hiding is what the model leaves out.
             entry = launch.entry_name(variant, kernel, "f", torch.float32, args.d)

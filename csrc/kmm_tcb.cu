@@ -41,7 +41,11 @@
 // Layouts (PTX ISA, "Matrix fragments for mma.m16n8k8 / m16n8k16"; lane = 4 g + c).  The distance
 // MMA (m16n8k8) returns rows g, g+8 x columns 2c, 2c+1 of an 8-wide Z tile; two such n-tiles are
 // exactly the bf16 A fragment of m16n8k16 (k pairs 2c, 2c+1 and 2c+8, 2c+9), so P goes from one
-// MMA to the next without shuffles.  V is stored in shared memory as packed bf16 pairs along k.
+// MMA to the next without shuffles.  Z and V arrive split and in *fragment order*
+// (gpscale/_ext/tcb_pack.py): lane l's four B-fragment registers of an MMA step are one 16-byte
+// word, Zf[8-row group][k-step][l] = {hi(z[g][c]), hi(z[g][c+4]), lo(z[g][c]), lo(z[g][c+4])} (k
+// offsets in the step) and Vf[column chunk][tile][k-step kk][n-tile vn][l] = {hi b0, hi b1, lo b0,
+// lo b1} (b0 = V rows 2c, 2c+1, b1 = rows 2c+8, 2c+9 of the 16-deep step, column g, as bf16 pairs).
 //
 // Cost per warp and 64-row Z tile (32 X rows, 2 m-tiles): 2 x 8 x 3 x ceil(d/8) tf32 MMAs,
 // 2 x 4 x 2 x 3 bf16 MMAs, 2048 exps; shared-memory fragments are shared by both m-tiles.
@@ -56,9 +60,20 @@
 // n = m = 1M, ~0.54-0.63 s at the 55-64% of their bound the measured variants reach; Matern-5/2:
 // 39.6 -> 17.2.
 //
+// Third pass (the model again): the tile loads cost ~2.6 of the 11.7 instructions per 32 pairs
+// (global and shared address arithmetic, bounds checks, the splits of every Z and V element: done
+// again by every block) and the fragment reads one LDS per register (1.1).  Z and V are now split
+// once per product on the host side, zero-padded to whole tiles and laid out in fragment order, so a
+// tile load is KS + 1 (+ 1) cp.async copies of 16 bytes per thread into a double buffer (the next
+// tile lands while this one is used) and every B fragment is one LDS.128.  RBF: 11.7 -> 8.7
+// instructions per 32 pairs (2.2 SM clocks of issue), below the tensor pipe's 2.5 clocks at the
+// model's 60% mma.sync efficiency and near the exp unit's 2.0: a bound of 0.30 s per 1M product.
+// Matern-5/2: 17.2 -> 14.2, now bound by its own exp + sqrt (0.48 s).
+//
 // Entry points: gpscale_kmm_tcb_k{1,2,3,4}_{rbf,matern12,matern32,matern52}_{f,f_dq,d}, k = ceil(d / 8)
-//   (X[n,d], Z[m,d], V[m,t], O0[n,t], O1[n,t], n, m, d, t, sym), float32, row-major;
-//   grid (ceil(n / TCB_ROWS), ceil(t / TCB_TCH)), block 32 * TCB_WARPS.  Needs sm_80+, d <= TCB_DMAX.
+//   (X[n,d], Zf, Zn, Vf, O0[n,t], O1[n,t], n, m, d, t, sym), float32, row-major X and O, Zf / Zn /
+//   Vf from gpscale/_ext/tcb_pack.py (pack_tcb); grid (ceil(n / TCB_ROWS), ceil(t / TCB_TCH)),
+//   block 32 * TCB_WARPS.  Needs sm_80+, d <= TCB_DMAX.
 #include "mma.cuh"
 #include "profiles.cuh"
 
@@ -68,31 +83,20 @@
 #define TCB_BN 64                           // Z rows per tile
 #define TCB_DMAX 32                         // largest d (4 k-steps of 8)
 #define TCB_TCH 16                          // output columns per block (two MMA n-tiles)
-#define TCB_KC (TCB_DMAX / 8)               // 8-wide k-chunks (k-steps) of the largest d
-#define TCB_ZS (TCB_DMAX + 4)               // padded strides: conflict-free fragment loads
-#define TCB_VS (TCB_TCH + 8)                
 
-// float -> hi with its top 19 (tf32) or 16 (bf16) bits rounded to nearest (ties away), low bits 0.
+// float -> hi with its top 19 (tf32) bits rounded to nearest (ties away), low bits 0.
 __device__ __forceinline__ float round_tf32(float x) {
     return __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
 }
-__device__ __forceinline__ unsigned round_bf16_bits(float x) { return (__float_as_uint(x) + 0x8000u) & 0xffff0000u; }
 // Two floats' upper halves as one bf16x2 register (x in the low half: the lower k index).
 __device__ __forceinline__ unsigned pack_hi(unsigned x, unsigned y) { return __byte_perm(x, y, 0x7632); }
 
-// (x, y) -> bf16x2 hi (rounded) and lo = remainder (truncated to bf16 by the packing).
-__device__ __forceinline__ void split_bf16x2(float x, float y, unsigned& hi, unsigned& lo) {
-    const unsigned hx = round_bf16_bits(x), hy = round_bf16_bits(y);
-    hi = pack_hi(hx, hy);
-    lo = pack_hi(__float_as_uint(x - __uint_as_float(hx)), __float_as_uint(y - __uint_as_float(hy)));
-}
-
-// The same with hi truncated: one PRMT packs both his, and only a mask and a subtract per element
-// remain (3 instructions per element instead of 4; this split runs once per kernel pair).  lo >= 0
-// carries the whole truncation, so the error is lo's own truncation: < 2^-14 relative (2^-15 at most
-// and 7e-6 on average over random values), one-sided.  Used for P (>= 0, per pair): the emulated
-// P V error grows from 3.0e-5 to 4.8e-5 of sum |P||V| (tests/test_tcb_arithmetic.py), inside 1e-4.
-// V keeps the rounded split (once per tile load).
+// (x, y) -> bf16x2 hi, truncated: one PRMT packs both his, and only a mask and a subtract per
+// element remain (3 instructions per element instead of 4 for a rounded hi; this split runs once
+// per kernel pair).  lo >= 0 carries the whole truncation, so the error is lo's own truncation by
+// the packing: < 2^-14 relative (2^-15 at most and 7e-6 on average over random values), one-sided.
+// Used for P (>= 0, per pair): the emulated P V error grows from 3.0e-5 to 5.1e-5 of sum |P||V|
+// (tests/test_tcb_arithmetic.py), inside 1e-4.  V keeps a rounded hi (split on the host).
 __device__ __forceinline__ void split_bf16x2_trunc(float x, float y, unsigned& hi, unsigned& lo) {
     hi = pack_hi(__float_as_uint(x), __float_as_uint(y));
     const float lx = x - __uint_as_float(__float_as_uint(x) & 0xffff0000u);
@@ -108,45 +112,40 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Load one Z tile split into tf32 hi/lo with its squared norms, and the V tile as packed bf16 hi/lo
-// pairs along k.  Zero padding: padded Z rows meet V rows of 0, padded dimensions add 0.  Every
-// thread's share is fixed at compile time (no runtime division or loop bound: the per-element index
-// arithmetic of a strided loop cost ~3 instructions per kernel pair, benchmarks/sass_model.py):
-// a thread splits dimensions 8 kc .. 8 kc + 7 of a row r and keeps their partial norm in zn[kc][r]
-// (whole warps skip the chunks beyond d); the readers add the KS partials.
+// Asynchronous 16-byte global -> shared copy (sm_80+; inline PTX: compiles with NVRTC and bare nvcc).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    unsigned s;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\n" : "=r"(s) : "l"(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Wait until at most one of this thread's committed copy groups is still in flight.
+__device__ __forceinline__ void cp_async_wait_all_but_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+
+// One 64-row tile of Z and V in fragment order (see the header), as the host packed it.
 template <int KS>
-__device__ __forceinline__ void tcb_load_tiles(float (*zh)[TCB_ZS], float (*zl)[TCB_ZS], float (*zn)[TCB_BN],
-                                              unsigned (*vh)[TCB_VS], unsigned (*vl)[TCB_VS],
-                                              const float* __restrict__ Z, const float* __restrict__ V, int j0,
-                                              int m, int d, int t, int c0) {
-    static_assert(TCB_BN % 32 == 0, "a k-chunk is whole warps");
+struct TcbTile {
+    float4 z[TCB_BN / 8][KS][32];  // per 8-row n-tile and k-step: each lane's {hi b0, hi b1, lo b0, lo b1}
+    uint4 v[TCB_BN / 16][2][32];    // per 16-deep k-step and n-tile of 8 columns: the same, bf16 pairs
+    float zn[TCB_BN];               // |z|^2
+};
+
+// Start copying tile i into s: KS + 1 16-byte copies per thread (+ 1 for the first 16 threads).
+// The host padded Z and V to whole tiles with zeros (a padded row meets V rows of 0), so there are
+// no bounds checks, and every thread's share is fixed.
+template <int KS>
+__device__ __forceinline__ void tcb_copy_tile(TcbTile<KS>& s, const float4* __restrict__ Zf,
+                                              const float* __restrict__ Zn, const uint4* __restrict__ Vf, int i,
+                                              int ntiles) {
+    static_assert(32 * TCB_WARPS == (TCB_BN / 8) * 32 && 32 * TCB_WARPS == (TCB_BN / 16) * 2 * 32,
+                  "one 16-byte word per thread per k-step of Z and per tile of V");
+    const int tid = threadIdx.x;
+    const float4* zsrc = Zf + (long long)i * (TCB_BN / 8) * KS * 32;
 #pragma unroll
-    for (int it = 0; it < (TCB_BN * KS + 32 * TCB_WARPS - 1) / (32 * TCB_WARPS); ++it) {
-        const int e = threadIdx.x + it * 32 * TCB_WARPS, kc = e / TCB_BN, r = e % TCB_BN, j = j0 + r;
-        if (kc < KS) {  // the same for a whole warp
-            float s = 0.f;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const int k = kc * 8 + i;
-                const float z = (j < m && k < d) ? Z[(long long)j * d + k] : 0.f;
-                const float h = round_tf32(z);
-                zh[r][k] = h;
-                zl[r][k] = z - h;
-                s = fmaf(z, z, s);
-            }
-            zn[kc][r] = s;
-        }
-    }
-    static_assert((TCB_BN / 2) * TCB_TCH % (32 * TCB_WARPS) == 0, "whole V-tile trips per thread");
-#pragma unroll
-    for (int it = 0; it < (TCB_BN / 2) * TCB_TCH / (32 * TCB_WARPS); ++it) {
-        const int e = threadIdx.x + it * 32 * TCB_WARPS;
-        const int kq = e / TCB_TCH, c = e % TCB_TCH, j2 = j0 + 2 * kq;
-        const bool col = c0 + c < t;
-        const float v0 = (col && j2 < m) ? V[(long long)j2 * t + c0 + c] : 0.f;
-        const float v1 = (col && j2 + 1 < m) ? V[(long long)(j2 + 1) * t + c0 + c] : 0.f;
-        split_bf16x2(v0, v1, vh[kq][c], vl[kq][c]);
-    }
+    for (int ks = 0; ks < KS; ++ks)  // flat copies: global and shared share the [n-tile][k-step][lane] order
+        cp_async16(&s.z[0][0][0] + ks * 32 * TCB_WARPS + tid, zsrc + ks * 32 * TCB_WARPS + tid);
+    cp_async16(&s.v[0][0][0] + tid, Vf + ((long long)blockIdx.y * ntiles + i) * (TCB_BN / 16) * 2 * 32 + tid);
+    if (tid < TCB_BN / 4) cp_async16(&s.zn[4 * tid], Zn + (long long)i * TCB_BN + 4 * tid);
 }
 
 // This warp's rows (m-tile mt) as split A fragments of -2 X for every k-step, and their squared norms.
@@ -162,43 +161,35 @@ __device__ __forceinline__ void tcb_load_rows(const float* __restrict__ X, int r
 }
 
 // f (and f' q) of one 8-wide n-tile for both m-tiles: q from one 3xTF32 MMA chain per k-step,
-// started from |x|^2 + |z|^2.  The B fragments are read once for both m-tiles.
+// started from |x|^2 + |z|^2.  The B fragments (one LDS.128 per k-step) serve both m-tiles.
 template <int KIND, int MODE, int KS>
-__device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (&p1)[TCB_MT][4],
-                                                const float (*zh)[TCB_ZS], const float (*zl)[TCB_ZS],
-                                                const float (*zn)[TCB_BN], int nt,
-                                                const unsigned (&ah)[TCB_MT][KS][4], const unsigned (&al)[TCB_MT][KS][4],
-                                                const float (&na)[TCB_MT], const float (&nb)[TCB_MT], int row0, int jt,
-                                                int sym) {
+__device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (&p1)[TCB_MT][4], const TcbTile<KS>& s,
+                                                int nt, const unsigned (&ah)[TCB_MT][KS][4],
+                                                const unsigned (&al)[TCB_MT][KS][4], const float (&na)[TCB_MT],
+                                                const float (&nb)[TCB_MT], int row0, int jt, int sym) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    float z0 = zn[0][nt * 8 + 2 * c], z1 = zn[0][nt * 8 + 2 * c + 1];
-#pragma unroll
-    for (int kc = 1; kc < KS; ++kc) {
-        z0 += zn[kc][nt * 8 + 2 * c];
-        z1 += zn[kc][nt * 8 + 2 * c + 1];
-    }
+    const float2 zz = *reinterpret_cast<const float2*>(&s.zn[nt * 8 + 2 * c]);
     // RBF (F, D): the chain starts from |z|^2 alone and |x|^2 joins in the FFMA that forms the exp's
     // argument (no FADD per pair: 0.6 fewer instructions per 32 pairs); the others start from both.
     constexpr bool fold = KIND == GPS_RBF && MODE != GPS_MODE_FDQ;
-    float s[TCB_MT][4];
+    float q[TCB_MT][4];
 #pragma unroll
     for (int mt = 0; mt < TCB_MT; ++mt) {
-        s[mt][0] = fold ? z0 : na[mt] + z0;
-        s[mt][1] = fold ? z1 : na[mt] + z1;
-        s[mt][2] = fold ? z0 : nb[mt] + z0;
-        s[mt][3] = fold ? z1 : nb[mt] + z1;
+        q[mt][0] = fold ? zz.x : na[mt] + zz.x;
+        q[mt][1] = fold ? zz.y : na[mt] + zz.y;
+        q[mt][2] = fold ? zz.x : nb[mt] + zz.x;
+        q[mt][3] = fold ? zz.y : nb[mt] + zz.y;
     }
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
-        const float* hr = zh[nt * 8 + g] + ks * 8 + c;
-        const float* lr = zl[nt * 8 + g] + ks * 8 + c;
-        const unsigned bh0 = __float_as_uint(hr[0]), bh1 = __float_as_uint(hr[4]);
-        const unsigned bl0 = __float_as_uint(lr[0]), bl1 = __float_as_uint(lr[4]);
+        const float4 b = s.z[nt][ks][lane];
+        const unsigned bh0 = __float_as_uint(b.x), bh1 = __float_as_uint(b.y);
+        const unsigned bl0 = __float_as_uint(b.z), bl1 = __float_as_uint(b.w);
 #pragma unroll
         for (int mt = 0; mt < TCB_MT; ++mt) {  // small terms first
-            mma_tf32(s[mt], al[mt][ks][0], al[mt][ks][1], al[mt][ks][2], al[mt][ks][3], bh0, bh1);
-            mma_tf32(s[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], bl0, bl1);
-            mma_tf32(s[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], bh0, bh1);
+            mma_tf32(q[mt], al[mt][ks][0], al[mt][ks][1], al[mt][ks][2], al[mt][ks][3], bh0, bh1);
+            mma_tf32(q[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], bl0, bl1);
+            mma_tf32(q[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], bh0, bh1);
         }
     }
 #pragma unroll
@@ -208,20 +199,25 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
             const bool diag = sym && row0 + mt * 16 + g + (u >> 1) * 8 == jt + nt * 8 + 2 * c + (u & 1);
             if (fold) {  // exp(-q / 2) = 2^(C q), q = s + |x|^2
                 constexpr float C = -0.5f * 1.4426950408889634f;
-                const float e = gps_ex2(diag ? 0.f : fmaf(s[mt][u], C, (u < 2 ? na[mt] : nb[mt]) * C));
+                const float e = gps_ex2(diag ? 0.f : fmaf(q[mt][u], C, (u < 2 ? na[mt] : nb[mt]) * C));
                 p0[mt][u] = MODE == GPS_MODE_D ? -0.5f * e : e;
                 continue;
             }
             // The clamp only guards the Matern sqrt: RBF takes a rounding-small negative q as it is.
-            float q = KIND == GPS_RBF ? s[mt][u] : fmaxf(s[mt][u], 0.f);
-            if (diag) q = 0.f;
-            gps_profile<KIND, MODE, 2>(q, p0[mt][u], p1[mt][u]);
+            float qq = KIND == GPS_RBF ? q[mt][u] : fmaxf(q[mt][u], 0.f);
+            if (diag) qq = 0.f;
+            gps_profile<KIND, MODE, 2>(qq, p0[mt][u], p1[mt][u]);
         }
 }
 
-// acc[mt][vn] += P V for one 16-deep k-step; P = two n-tiles (h = 0, 1) in C layout = A layout.
+// acc[mt][vn] += P V for one 16-deep k-step kk; P = two n-tiles (h = 0, 1) in C layout = A layout.
+template <int KS>
 __device__ __forceinline__ void tcb_pv(float (&acc)[TCB_MT][2][4], const float (&p)[2][TCB_MT][4],
-                                      const unsigned (&bh)[2][2], const unsigned (&bl)[2][2]) {
+                                      const TcbTile<KS>& s, int kk) {
+    const int lane = threadIdx.x & 31;
+    uint4 b[2];
+#pragma unroll
+    for (int vn = 0; vn < 2; ++vn) b[vn] = s.v[kk][vn][lane];
 #pragma unroll
     for (int mt = 0; mt < TCB_MT; ++mt) {
         unsigned ph[4], pl[4];
@@ -232,9 +228,9 @@ __device__ __forceinline__ void tcb_pv(float (&acc)[TCB_MT][2][4], const float (
         }
 #pragma unroll
         for (int vn = 0; vn < 2; ++vn) {
-            mma_bf16(acc[mt][vn], pl, bh[vn][0], bh[vn][1]);  // small terms first
-            mma_bf16(acc[mt][vn], ph, bl[vn][0], bl[vn][1]);
-            mma_bf16(acc[mt][vn], ph, bh[vn][0], bh[vn][1]);
+            mma_bf16(acc[mt][vn], pl, b[vn].x, b[vn].y);  // small terms first
+            mma_bf16(acc[mt][vn], ph, b[vn].z, b[vn].w);
+            mma_bf16(acc[mt][vn], ph, b[vn].x, b[vn].y);
         }
     }
 }
@@ -252,48 +248,43 @@ __device__ __forceinline__ void tcb_each_output(F f) {
 }
 
 template <int KIND, int MODE, int KS>
-__device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float* __restrict__ Z,
-                                       const float* __restrict__ V, float* __restrict__ O0, float* __restrict__ O1,
-                                       int n, int m, int d, int t, int sym) {
-    __shared__ float zh[TCB_BN][TCB_ZS], zl[TCB_BN][TCB_ZS];
-    __shared__ unsigned vh[TCB_BN / 2][TCB_VS], vl[TCB_BN / 2][TCB_VS];
-    __shared__ float zn[TCB_KC][TCB_BN];  // partial squared norms per k-chunk
+__device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float4* __restrict__ Zf,
+                                       const float* __restrict__ Zn, const uint4* __restrict__ Vf,
+                                       float* __restrict__ O0, float* __restrict__ O1, int n, int m, int d, int t,
+                                       int sym) {
+    __shared__ TcbTile<KS> buf[2];  // double buffer: tile i + 1 is copied while tile i is used
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int row0 = blockIdx.x * TCB_ROWS + (threadIdx.x >> 5) * (16 * TCB_MT);
-    const int c0 = blockIdx.y * TCB_TCH;
+    const int c0 = blockIdx.y * TCB_TCH, ntiles = (m + TCB_BN - 1) / TCB_BN;
+    tcb_copy_tile<KS>(buf[0], Zf, Zn, Vf, 0, ntiles);
+    cp_async_commit();
     unsigned ah[TCB_MT][KS][4], al[TCB_MT][KS][4];
     float na[TCB_MT], nb[TCB_MT];
 #pragma unroll
     for (int mt = 0; mt < TCB_MT; ++mt) tcb_load_rows<KS>(X, row0 + 16 * mt, n, d, ah[mt], al[mt], na[mt], nb[mt]);
     float tot0[TCB_MT][2][4] = {}, tot1[TCB_MT][2][4] = {};
 
-    for (int j0 = 0; j0 < m; j0 += TCB_BN) {
-        __syncthreads();  // the previous tile is consumed
-        tcb_load_tiles<KS>(zh, zl, zn, vh, vl, Z, V, j0, m, d, t, c0);
-        __syncthreads();
+    for (int i = 0; i < ntiles; ++i) {
+        if (i + 1 < ntiles) tcb_copy_tile<KS>(buf[(i + 1) & 1], Zf, Zn, Vf, i + 1, ntiles);
+        cp_async_commit();  // an empty group on the last tile keeps the wait below uniform
+        cp_async_wait_all_but_one();  // this thread's copies of tile i have landed ...
+        __syncthreads();              // ... and everyone's
+        const TcbTile<KS>& s = buf[i & 1];
         float acc0[TCB_MT][2][4] = {}, acc1[TCB_MT][2][4] = {};
 #pragma unroll
         for (int kk = 0; kk < TCB_BN / 16; ++kk) {
             float p0[2][TCB_MT][4], p1[2][TCB_MT][4];
 #pragma unroll
             for (int h = 0; h < 2; ++h)
-                tcb_profile_tile<KIND, MODE, KS>(p0[h], p1[h], zh, zl, zn, 2 * kk + h, ah, al, na, nb, row0, j0,
-                                            sym);
-            unsigned bh[2][2], bl[2][2];
-#pragma unroll
-            for (int vn = 0; vn < 2; ++vn) {
-                bh[vn][0] = vh[kk * 8 + c][vn * 8 + g];
-                bh[vn][1] = vh[kk * 8 + 4 + c][vn * 8 + g];
-                bl[vn][0] = vl[kk * 8 + c][vn * 8 + g];
-                bl[vn][1] = vl[kk * 8 + 4 + c][vn * 8 + g];
-            }
-            tcb_pv(acc0, p0, bh, bl);
-            if (MODE == GPS_MODE_FDQ) tcb_pv(acc1, p1, bh, bl);
+                tcb_profile_tile<KIND, MODE, KS>(p0[h], p1[h], s, 2 * kk + h, ah, al, na, nb, row0, i * TCB_BN, sym);
+            tcb_pv<KS>(acc0, p0, s, kk);
+            if (MODE == GPS_MODE_FDQ) tcb_pv<KS>(acc1, p1, s, kk);
         }
         tcb_each_output([&](int mt, int vn, int u) {
             tot0[mt][vn][u] += acc0[mt][vn][u];
             if (MODE == GPS_MODE_FDQ) tot1[mt][vn][u] += acc1[mt][vn][u];
         });
+        __syncthreads();  // buf[i & 1] is consumed before iteration i + 1 copies tile i + 2 into it
     }
     tcb_each_output([&](int mt, int vn, int u) {
         const int ri = row0 + mt * 16 + g + (u >> 1) * 8, cc = c0 + vn * 8 + 2 * c + (u & 1);
@@ -304,11 +295,11 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     });
 }
 
-#define GPS_TCB_ENTRY(NAME, KIND, MODE, KS)                                                                \
-    extern "C" __global__ void __launch_bounds__(32 * TCB_WARPS)                                               \
-        NAME(const float* X, const float* Z, const float* V, float* O0, float* O1, int n, int m, int d, int t, \
-             int sym) {                                                                                        \
-        kmm_tcb<KIND, MODE, KS>(X, Z, V, O0, O1, n, m, d, t, sym);                                                \
+#define GPS_TCB_ENTRY(NAME, KIND, MODE, KS)                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * TCB_WARPS)                                                 \
+        NAME(const float* X, const float4* Zf, const float* Zn, const uint4* Vf, float* O0, float* O1, int n,   \
+             int m, int d, int t, int sym) {                                                                     \
+        kmm_tcb<KIND, MODE, KS>(X, Zf, Zn, Vf, O0, O1, n, m, d, t, sym);                                          \
     }
 
 // One entry per k-step count KS = ceil(d / 8) (the launcher picks it from d): fragment registers

@@ -111,3 +111,14 @@ ptxas info    : Used 79 registers, 17664 bytes smem, 400 bytes cmem[0]
     assert sass_model.warps_per_sm(79, 17664, 128) == 24
     # shared memory can bind too: 100 KB per block leaves room for two
     assert sass_model.warps_per_sm(32, 100 * 1024, 128) == 8
+
+
+def test_wide_shared_accesses_count_their_wavefronts_where_lanes_read_distinct_words():
+    # tcb: 32 lanes x 16 bytes = 4 wavefronts of 128 bytes; cp.async (LDGSTS) writes shared memory too.
+    ops = ("LDS", "STS.64", "LDS.128", "LDGSTS.E.BYPASS.128", "LDG.E.128", "FADD")
+    assert [sass_model.shared_wavefronts(op, distinct_wide=True) for op in ops] == [1, 2, 4, 4, 0, 0]
+    rec = sass_model.model({"LDS.128": 2, "MUFU.EX2": 1}, pairs=32, mma_efficiency=1.0, distinct_wide=True)
+    assert rec["sm_cycles_per_32_pairs"]["shared"] == 8.0 and rec["bound_by"] == "shared"
+    # simt's wide reads are broadcasts (every lane the same Z row): one wavefront each
+    assert [sass_model.shared_wavefronts(op) for op in ops] == [1, 1, 1, 1, 0, 0]
+    assert sass_model.VARIANTS["tcb"]["distinct_wide"] and "distinct_wide" not in sass_model.VARIANTS["simt"]

@@ -18,6 +18,7 @@ import threading
 import torch
 
 from .compiler import load_module
+from .tcb_pack import pack_v, pack_z
 
 #: variant -> (source file, X rows per block, output columns per block, threads per block)
 VARIANTS = {"simt": ("kmm_simt.cu", 128, 16, 128), "tc": ("kmm_tc.cu", 64, 16, 128),
@@ -115,8 +116,8 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
 
     Notes
     -----
-    Time :math:`O(n m (d + t))`, one ``exp`` per pair and column chunk of 16; extra memory only the
-    outputs.  The first call per variant and device compiles ``csrc/`` (seconds) or loads the cached
+    Time :math:`O(n m (d + t))`, one ``exp`` per pair and column chunk of 16; extra memory the
+    outputs (and for ``tcb`` split copies of ``Z`` and ``V``, :mod:`gpscale._ext.tcb_pack`).  The first call per variant and device compiles ``csrc/`` (seconds) or loads the cached
     cubin.
     """
     _check(X, Z, V, variant, kernel, mode)
@@ -131,6 +132,10 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
         _, rows, tch, threads = VARIANTS[variant]
         fn = _module(variant, X.device)[entry_name(variant, kernel, mode, X.dtype, d)]
         grid = ((n + rows - 1) // rows, (t + tch - 1) // tch, 1)
+        inputs = [Z, V]
+        if variant == "tcb":  # split and in fragment order, once per product (see tcb_pack)
+            Zf, Zn = pack_z(Z, max(1, -(-d // 8)))
+            inputs = [Zf, Zn, pack_v(V)]
         with torch.cuda.device(X.device):
-            fn(grid, (threads, 1, 1), [X, Z, V, O0, O1, n, m, d, t, int(bool(symmetric))])
+            fn(grid, (threads, 1, 1), [X, *inputs, O0, O1, n, m, d, t, int(bool(symmetric))])
     return (O0, O1) if mode == "f_dq" else O0

@@ -1,0 +1,87 @@
+"""Split and lay out ``Z`` and ``V`` in the fragment order of the ``tcb`` kernel (csrc/kmm_tcb.cu).
+
+Every block of ``tcb`` streams all of ``Z`` and ``V`` through shared memory.  Splitting each element
+there (3xTF32 for ``Z``, bf16 hi/lo for ``V``) and computing its address cost ~2.6 of the kernel's
+11.7 warp instructions per 32 kernel pairs (``benchmarks/sass_model.py``), repeated by every one of
+the ``n / 256`` blocks.  Done once here, per product, in O(m (d + t)) torch operations on the device,
+the kernel's tile load becomes a few 16-byte ``cp.async`` copies per thread, and each tensor-core
+B fragment one 16-byte shared-memory read.
+
+Layouts (PTX ISA, "Matrix fragments for mma.m16n8k8 / m16n8k16", lane ``l = 4 g + c``):
+
+* ``Zf``: ``(m_pad / 8, ks, 32, 4)`` float32.  For the 8-row group ``r`` (rows ``8 r + g``), k-step
+  ``s`` and lane ``l``: ``hi(z[8s + c]), hi(z[8s + c + 4]), lo(z[8s + c]), lo(z[8s + c + 4])`` of row
+  ``8 r + g`` -- the tf32 B-fragment registers ``b0, b1`` of the 3xTF32 split ``z = hi + lo``.
+* ``Zn``: ``(m_pad,)`` float32, ``|z|^2`` (accumulated in float64).
+* ``Vf``: ``(ceil(t / 16), m_pad / 64, 4, 2, 32, 4)`` int32 (bit patterns of bf16 pairs).  For column
+  chunk ``y``, 64-row tile ``i``, 16-deep k-step ``kk``, 8-column n-tile ``vn`` and lane ``l``:
+  ``hi b0, hi b1, lo b0, lo b1`` with ``b0`` = rows ``16 kk + 2c, 16 kk + 2c + 1`` and ``b1`` = rows
+  ``16 kk + 2c + 8, 16 kk + 2c + 9`` of column ``16 y + 8 vn + g`` (lower row in the low half).
+
+Padding rows and columns are zero: a padded ``Z`` row meets ``V`` rows of zero, so it adds nothing.
+The splits are the kernel's former device arithmetic, bit for bit: ``hi`` = the top 19 (tf32) or
+16 (bf16) bits rounded to nearest with ties away (integer add and mask), ``lo = x - hi`` in float32;
+``V``'s ``lo`` is then truncated to bf16 by keeping its upper half (what the packing did).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Z rows per shared-memory tile; output columns per block (kmm_tcb.cu: TCB_BN, TCB_TCH).
+TILE_ROWS = 64
+COLUMN_CHUNK = 16
+
+
+def _round_bits(x: torch.Tensor, low_bits: int) -> torch.Tensor:
+    """float32 -> the same value with its low ``low_bits`` bits rounded off (ties away), as float32."""
+    u = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # the uint32 bit pattern
+    u = (u + (1 << (low_bits - 1))) & (0xFFFFFFFF ^ ((1 << low_bits) - 1))
+    return _as_int32(u).view(torch.float32)
+
+
+def _as_int32(u: torch.Tensor) -> torch.Tensor:
+    """uint32 values held in int64 -> int32 with the same bit pattern."""
+    return torch.where(u >= 1 << 31, u - (1 << 32), u).to(torch.int32)
+
+
+def _upper_half(x: torch.Tensor) -> torch.Tensor:
+    """The upper 16 bits of float32 values (a bf16 truncation), as int64 in [0, 2^16)."""
+    return (x.contiguous().view(torch.int32).to(torch.int64) >> 16) & 0xFFFF
+
+
+def pack_z(Z: torch.Tensor, ksteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Zf, Zn)`` of a float32 ``(m, d)`` tensor with ``d <= 8 ksteps`` (module docstring)."""
+    m, d = Z.shape
+    mp = -(-m // TILE_ROWS) * TILE_ROWS
+    Zp = torch.zeros(mp, 8 * ksteps, dtype=torch.float32, device=Z.device)
+    Zp[:m, :d] = Z
+    hi = _round_bits(Zp, 13)
+    lo = Zp - hi
+
+    def frag(a):  # (mp, 8 ks) -> (mp/8, ks, g, c, half): element [r, s, g, c, h] = a[8r + g, 8s + 4h + c]
+        return a.view(mp // 8, 8, ksteps, 2, 4).permute(0, 2, 1, 4, 3)
+
+    Zf = torch.stack([frag(hi), frag(lo)], dim=-2)  # (..., c, hi/lo, half)
+    Zn = Zp.double().square().sum(1).float()
+    return Zf.reshape(mp // 8, ksteps, 32, 4).contiguous(), Zn
+
+
+def pack_v(V: torch.Tensor) -> torch.Tensor:
+    """``Vf`` of a float32 ``(m, t)`` tensor (module docstring)."""
+    m, t = V.shape
+    mp = -(-m // TILE_ROWS) * TILE_ROWS
+    tp = -(-t // COLUMN_CHUNK) * COLUMN_CHUNK
+    Vp = torch.zeros(mp, tp, dtype=torch.float32, device=V.device)
+    Vp[:m, :t] = V
+    hi = _round_bits(Vp, 16)
+    lo = Vp - hi
+
+    def frag(a):  # bf16 pairs along rows, then [y, tile, kk, vn, g, c, half]
+        h = _upper_half(a)
+        pairs = h[0::2] | (h[1::2] << 16)  # (mp/2, tp): rows 2q (low half), 2q + 1
+        # pair row q = 32 i + 8 kk + 4 half + c; column = 16 y + 8 vn + g
+        return pairs.view(mp // TILE_ROWS, 4, 2, 4, tp // COLUMN_CHUNK, 2, 8).permute(4, 0, 1, 5, 6, 3, 2)
+
+    Vf = torch.stack([frag(hi), frag(lo)], dim=-2)  # (..., c, hi/lo, half)
+    return _as_int32(Vf.reshape(tp // COLUMN_CHUNK, mp // TILE_ROWS, 4, 2, 32, 4)).contiguous()
