@@ -6,7 +6,7 @@
 // tests pass on a lent machine.  Why kmm_tc.cu is slow, counted per pair: ~5 cvt.rna.tf32
 // conversions (each warp re-splits the shared Z and V tiles; 16/clk/SM like the exp itself) and
 // ~2.5 shared-memory wavefronts with one 16-row m-tile per warp.  This file removes both: splits
-// are integer round-and-mask (no cvt), Z and V are split once when the tile is loaded, every warp
+// are integer round-and-mask (no cvt), Z and V are split once per product (host side), every warp
 // owns two m-tiles that share each B fragment, and P V runs as bf16 m16n8k16 (half the MMAs).
 //
 // The FlashAttention scheme itself is the one of kmm_tc.cu:
