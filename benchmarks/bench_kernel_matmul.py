@@ -126,7 +126,7 @@ def run_one(backend, name, n, args, dev, data, ref):
 
 
 def run_mll(n, args, dev):
-    """One MLL + gradient at size n (backend 'auto'); returns timings and the solver statistics.
+    """One MLL + gradient at size n (backend ``--mll-backend``); returns timings and the solver statistics.
 
     The preconditioner rank matters more than anything else here: with RBF(0.5) on uniform points in
     [0, 1]^8 and noise 0.05, pivoted Cholesky of rank 100 needs 23 / 30 / 41 / 58 CG iterations at
@@ -148,7 +148,7 @@ def run_mll(n, args, dev):
     m = min(n, 50_000)
     tw = time.perf_counter()
     warm = mll_estimate(X[:m], y[:m], k, noise=0.05, method="iterative", seed=0, memory_budget=1 << 24, warn=False,
-                        max_iter=3, preconditioner=PivotedCholesky(rank=10))
+                        max_iter=3, preconditioner=PivotedCholesky(rank=10), backend=args.mll_backend)
     warm.value.backward()
     _sync(dev)
     warmup = time.perf_counter() - tw
@@ -156,7 +156,7 @@ def run_mll(n, args, dev):
     t0 = time.perf_counter()
     res = mll_estimate(X, y, k, noise=0.05, method="iterative", seed=0, memory_budget=args.mll_budget, warn=False,
                        rtol=args.mll_rtol, max_iter=args.mll_max_iter,
-                       preconditioner=PivotedCholesky(rank=args.mll_rank))
+                       preconditioner=PivotedCholesky(rank=args.mll_rank), backend=args.mll_backend)
     _sync(dev)
     t1 = time.perf_counter()
     res.value.backward()
@@ -189,6 +189,8 @@ def parse_args(argv=None):
     p.add_argument("--mll-rank", type=int, default=2000, help="pivoted-Cholesky rank of the --mll run")
     p.add_argument("--mll-rtol", type=float, default=1e-2)
     p.add_argument("--mll-max-iter", type=int, default=100, help="CG iteration cap of the --mll run")
+    p.add_argument("--mll-backend", default="auto", choices=["auto", "cuda", "keops", "torch"],
+                   help="product backend of the --mll run (the cuda variant: GPSCALE_CUDA_VARIANT)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernel_matmul_<device>.json)")
     return p.parse_args(argv)
 

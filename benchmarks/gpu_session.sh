@@ -4,6 +4,7 @@
 #
 #   run(command="bash benchmarks/gpu_session.sh kernels", carry=[".whl"], timeout_s=600)  # issue 5
 #   run(command="bash benchmarks/gpu_session.sh mll", carry=[".whl"], timeout_s=600)      # issues 5, 4
+#   run(command="bash benchmarks/gpu_session.sh tcb", carry=[".whl"], timeout_s=400)      # if tcb passed and won
 #
 # .whl/ holds the pykeops + keopscore wheels (pip wheel --no-deps -w .whl pykeops==2.3 keopscore==2.3).
 # Every step has its own time limit and writes under $OUT (fetched after the call), so a slow or
@@ -55,5 +56,12 @@ step mll_1m 300 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 
 #    The JSON is rewritten after every child, so a cut-off run keeps the precisions it finished.
 step precision_200k 280 python3 benchmarks/bench_precision.py --device cuda --datasets synthetic --max-n 222223 \
     --fit-iter 0 --timeout 120 --memory-budget 48e9 --repeats 2 --no-markdown --out "$OUT/precision_cuda_200k.json"
+fi
+if [ "$stage" = tcb ]; then
+# 5. a third call, only once tests_tcb passed and km_1m showed tcb ahead of tc3: the 1M MLL + gradient with
+#    every product on tcb (the same problem as mll_1m, for the comparison)
+export GPSCALE_CUDA_VARIANT=tcb
+step mll_1m_tcb 300 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --mll-only \
+    --mll-backend cuda --mll-rank 2000 --mll-max-iter 100 --out "$OUT/mll_1m_h100_tcb.json"
 fi
 echo "=== done"; ls -la "$OUT"

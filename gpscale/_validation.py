@@ -99,6 +99,22 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_device(name: str, value) -> torch.device:
+    """A device name or ``torch.device`` that this process can use (CUDA ones need a visible GPU)."""
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name} must be a device such as 'cpu', 'cuda' or 'cuda:1', got {value!r}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name}={value!r} but this torch build sees no CUDA GPU (torch {torch.__version__}, "
+                             "torch.cuda.is_available() is False); use 'cpu' or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{name}={value!r} but only {count} CUDA device(s) are visible (indices 0..{count - 1})")
+    return dev
+
+
 def check_tolerance(name: str, value) -> float:
     if not isinstance(value, numbers.Real) or not value >= 0 or value != value or value == float("inf"):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

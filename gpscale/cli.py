@@ -31,6 +31,7 @@ import torch
 from . import __version__
 from .bench import add_parser as _add_bench
 from .data import DataError, load_data, make_demo, subsample, train_test_split
+from .operators.backends import BACKENDS
 from .models import ExactGP
 from .precond import PivotedCholesky
 
@@ -96,6 +97,9 @@ def _add_fit(sub) -> None:
                         f"{STD_POINTS_ITERATIVE} with CG, where each costs a solve)")
     p.add_argument("--memory-budget", type=float, metavar="MIB",
                    help="memory budget of each kernel operator in MiB (default: gpscale's, 1024)")
+    p.add_argument("--device", default="cpu", help="where the fit runs: cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                   help="kernel-product backend (default auto: the fastest available for the device and size)")
     p.add_argument("--checkpoint", metavar="PATH", help="save every step; resume when PATH exists")
     p.add_argument("--json", metavar="OUT", help="also write all results to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -143,7 +147,8 @@ def _estimator(args) -> ExactGP:
     return ExactGP(kernel=args.kernel, ard=args.ard, optimizer=args.optimizer, max_iter=args.max_iter, lr=args.lr,
                    method=args.method, rtol=args.rtol, num_probes=args.num_probes, preconditioner=precond,
                    seed=args.seed, dtype=getattr(torch, args.dtype), memory_budget=budget,
-                   init_subset=args.init_subset, verbose=not args.quiet, checkpoint=args.checkpoint)
+                   init_subset=args.init_subset, verbose=not args.quiet, checkpoint=args.checkpoint,
+                   device=args.device, backend=args.backend)
 
 
 def _test_metrics(gp: ExactGP, X_test, y_test, std_points, seed: int) -> dict:

@@ -307,3 +307,51 @@ def test_cg_keeps_float32_on_a_fused_backend_when_the_16bit_kernel_cannot_be_cac
     big = KernelOperator(X, RBF(lengthscale=0.5), 0.1, backend="keops", memory_budget=4 << 20)
     res = cg(big, B, rtol=1e-2, precision="bfloat16")  # the 16-bit kernel fits: the policy runs
     assert set(res.finished_precision) <= {"bfloat16", "float32"} and res.finished_precision is not None
+
+
+@pytest.mark.keops
+def test_the_backend_option_reaches_every_operator_of_the_user_entry_points(keops_ok):
+    """mll_estimate and ExactGP (fit, predict, variance, samples) run on the backend asked for, and
+    agree with the torch path."""
+    import gpscale
+
+    X = make_inputs(150, 2, seed=5)
+    y = torch.sin(3 * X[:, 0]) + 0.1 * torch.cos(5 * X[:, 1])
+    kw = dict(noise=0.1, method="iterative", seed=0, num_probes=3, rtol=1e-8)
+    res = {b: mll_estimate(X, y, RBF(lengthscale=0.5), backend=b, **kw) for b in ("keops", "torch")}
+    assert res["keops"].stats["backend"] == "keops" and res["torch"].stats["backend"] == "torch"
+    assert float(res["keops"].value.detach()) == pytest.approx(float(res["torch"].value.detach()), rel=1e-8)
+
+    made = []  # (class, backend) of every operator built (not the parent-class call inside KernelOperator)
+    real = {KernelOperator: KernelOperator.__init__, CrossKernelOperator: CrossKernelOperator.__init__}
+
+    def spy(cls):
+        def init(self, *a, backend="auto", **k):
+            if type(self) is cls:
+                made.append((cls.__name__, backend))
+            real[cls](self, *a, backend=backend, **k)
+        return init
+
+    gps = {b: gpscale.ExactGP(kernel="rbf", method="iterative", max_iter=2, backend=b, seed=1, verbose=False)
+           for b in ("keops", "torch")}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(KernelOperator, "__init__", spy(KernelOperator))
+        mp.setattr(CrossKernelOperator, "__init__", spy(CrossKernelOperator))
+        gps["keops"].fit(X, y)
+        got = gps["keops"].predict(X[:20], return_std=True), gps["keops"].sample_y(X[:20], n_samples=2)
+    # every operator of fit, predict, variance and samples; the one cross operator left on "auto" only
+    # serves latent_variance's dense rows (CrossKernelOperator.rows, never a product)
+    assert {b for c, b in made if c == "KernelOperator"} == {"keops"}
+    assert [b for c, b in made if c == "CrossKernelOperator"].count("keops") == 2  # mean, samples
+    assert gps["keops"].report_.cg_stats["backend"] == "keops"
+    gps["torch"].fit(X, y)
+    want = gps["torch"].predict(X[:20], return_std=True), gps["torch"].sample_y(X[:20], n_samples=2)
+    for g, w in zip((*got[0], got[1]), (*want[0], want[1])):
+        assert_close(torch.as_tensor(g), torch.as_tensor(w), 1e-6, what="keops vs torch ExactGP outputs")
+
+
+def test_the_row_partition_refuses_a_fused_backend():
+    from gpscale.distributed.mll import grid_operator
+
+    with pytest.raises(ValueError, match="cannot run the row partition"):
+        grid_operator(make_inputs(10, 2), RBF(), 0.1, SimpleNamespace(rows=2), {"backend": "keops"})

@@ -222,6 +222,16 @@ CASES = [
      "preconditioner must be"),
     ("cg_rhs_list", lambda: gpscale.cg(_eye(), [1.0] * N), TypeError, "B must be a torch.Tensor"),
     ("cg_x0_dtype", lambda: gpscale.cg(_eye(), _ones(), x0=_ones(F32)), TypeError, "x0"),
+    # the product backend and the device, through the user-facing entry points
+    ("mll_backend_unknown", lambda: gpscale.mll_estimate(_X(), _y(), _k(), backend="gpu"), ValueError,
+     r"backend must be one of \('auto', 'cuda', 'keops', 'torch'\)"),
+    ("exactgp_backend_unknown", lambda: gpscale.ExactGP(backend="KeOps").fit(_X(), _y()), ValueError,
+     "backend must be one of"),
+    ("exactgp_device_unknown", lambda: gpscale.ExactGP(device="tpu").fit(_X(), _y()), ValueError,
+     "device must be a device such as 'cpu', 'cuda'"),
+    pytest.param("exactgp_device_cuda_without_gpu", lambda: gpscale.ExactGP(device="cuda").fit(_X(), _y()),
+                 ValueError, "sees no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                          reason="a GPU is visible")),
 ]
 
 

@@ -86,7 +86,7 @@ def test_bad_data_exits_2_without_traceback(tmp_path, capsys, setup, fragment):
 
 
 @pytest.mark.parametrize("argv", [[], ["fit"], ["fit", "--demo", "--kernel", "cosine"], ["nope"],
-                                  ["fit", "--demo", "--std-points", "0"]])
+                                  ["fit", "--demo", "--std-points", "0"], ["fit", "--demo", "--backend", "gpu"]])
 def test_usage_errors_exit_2(argv, capsys):
     assert main(argv) == 2
     assert "usage" in capsys.readouterr().err
@@ -101,6 +101,16 @@ def test_invalid_values_exit_2(tmp_path, capsys):
     np.savez(tmp_path / "d.npz", X=X, y=y)
     assert main(["fit", "--data", str(tmp_path / "d.npz"), "--quiet"]) == 2
     assert "NaN" in capsys.readouterr().err
+    assert main(["fit", "--demo", "--n", "50", "--device", "tpu", "--quiet"]) == 2
+    assert "device must be a device such as" in capsys.readouterr().err
+
+
+def test_backend_and_device_reach_the_estimator(capsys):
+    # --backend torch is always available: the report names the backend the products ran on
+    code = main(["fit", "--demo", "--n", "300", "--max-iter", "2", "--method", "iterative", "--backend", "torch",
+                 "--device", "cpu", "--quiet"])
+    assert code == 0
+    assert "kernel products on torch" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- data helpers

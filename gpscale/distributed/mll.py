@@ -75,6 +75,10 @@ def grid_operator(X, kernel, noise, grid: ProcessGrid, op_kwargs: dict):
     """The operator a rank's CG multiplies by: the whole :math:`\\hat K` (``R = 1``) or its row block."""
     if grid.rows == 1:
         return KernelOperator(X, kernel, noise=noise, **op_kwargs)
+    if op_kwargs.get("backend", "auto") not in ("auto", "torch"):
+        raise ValueError(f"backend={op_kwargs['backend']!r} cannot run the row partition: its ranks share the "
+                         "tiles of the blocked torch path; use backend='auto' (or 'torch'), or the 'columns' "
+                         "partition to keep a fused backend")
     return RowBlockOperator(X, kernel, noise, grid, memory_budget=op_kwargs.get("memory_budget"))
 
 

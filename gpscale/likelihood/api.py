@@ -17,6 +17,7 @@ from .._validation import (
     check_targets,
 )
 from ..kernels.base import StationaryKernel
+from ..operators.backends import check_backend_name
 from ..precision import as_policy
 from ..precond.pivoted_cholesky import PivotedCholesky
 from ..solvers.cg import ConjugateGradients
@@ -81,9 +82,10 @@ def mll_estimate(X, y, kernel, noise=1.0, mean=0.0, *, method: str = "auto", rto
                  max_iter: int = 1000, num_probes: int = 10, preconditioner=PivotedCholesky(rank=100),
                  seed: int | None = None, generator: torch.Generator | None = None,
                  memory_budget: int | None = None, warn: bool = True, distributed=None,
-                 precision=None) -> MLLResult:
+                 precision=None, backend: str = "auto") -> MLLResult:
     """Like :func:`marginal_log_likelihood` but returns an :class:`MLLResult` with statistics."""
     precision = as_policy(precision)
+    check_backend_name(backend)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     y, noise, mean = _prepare(X, y, kernel, noise, mean)
@@ -99,17 +101,18 @@ def mll_estimate(X, y, kernel, noise=1.0, mean=0.0, *, method: str = "auto", rto
     if generator is None and seed is not None:
         generator = torch.Generator(device=X.device).manual_seed(int(seed))
     solver = ConjugateGradients(rtol=rtol, max_iter=max_iter, precision=precision)
+    op_kwargs = {"memory_budget": memory_budget, "backend": backend}
     if distributed is not None:  # the Cholesky path above runs replicated on every rank
         from ..distributed.mll import distributed_mll
 
         value, stats = distributed_mll(X, y, kernel, noise, mean, distributed=distributed, solver=solver,
                                        num_probes=num_probes, preconditioner=preconditioner, generator=generator,
-                                       op_kwargs={"memory_budget": memory_budget}, warn=warn)
+                                       op_kwargs=op_kwargs, warn=warn)
         stats["forward_seconds"] = time.perf_counter() - t0
         return MLLResult(value, "iterative", stats)
     info = iterative_mll(X, y, kernel, noise, mean, solver=solver, num_probes=num_probes,
                          preconditioner=preconditioner, generator=generator,
-                         op_kwargs={"memory_budget": memory_budget}, warn=warn)
+                         op_kwargs=op_kwargs, warn=warn)
     stats = info.stats()
     if precision is not None:
         stats["precision"] = precision.product
@@ -121,7 +124,8 @@ def marginal_log_likelihood(X, y, kernel, noise=1.0, mean=0.0, *, method: str = 
                             max_iter: int = 1000, num_probes: int = 10,
                             preconditioner=PivotedCholesky(rank=100), seed: int | None = None,
                             generator: torch.Generator | None = None, memory_budget: int | None = None,
-                            warn: bool = True, distributed=None, precision=None) -> torch.Tensor:
+                            warn: bool = True, distributed=None, precision=None,
+                            backend: str = "auto") -> torch.Tensor:
     """Log marginal likelihood :math:`\\log p(y \\mid X, \\theta)` of an exact GP, summed over points.
 
     Differentiable with torch autograd w.r.t. every kernel hyperparameter, ``noise`` and ``mean``
@@ -158,6 +162,11 @@ def marginal_log_likelihood(X, y, kernel, noise=1.0, mean=0.0, *, method: str = 
         float32 state, re-orthogonalisation and the automatic fallback.  The log-det uses each probe's
         Lanczos tridiagonal from the precision that probe's run finished in; the backward
         derivative pass stays in the dtype of ``X``.  Ignored by the Cholesky path.
+    backend : {"auto", "cuda", "keops", "torch"}
+        How the iterative path computes kernel products (:mod:`gpscale.operators.backends`):
+        ``auto`` picks the fastest available for the device and size; the statistics of
+        :func:`mll_estimate` say which ran (``stats["backend"]``).  The row partition of
+        ``distributed`` always runs the tiled ``torch`` path.
 
     Returns
     -------
@@ -176,4 +185,4 @@ def marginal_log_likelihood(X, y, kernel, noise=1.0, mean=0.0, *, method: str = 
     return mll_estimate(X, y, kernel, noise, mean, method=method, rtol=rtol, max_iter=max_iter,
                         num_probes=num_probes, preconditioner=preconditioner, seed=seed, generator=generator,
                         memory_budget=memory_budget, warn=warn, distributed=distributed,
-                        precision=precision).value
+                        precision=precision, backend=backend).value

@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import time
 import warnings
 
 import numpy as np
 import torch
 
-from .._validation import (
-    as_tensor,
-    check_inputs,
-    check_positive_int,
-    check_targets,
-    check_tolerance,
-)
+from .._validation import as_tensor, check_inputs, check_targets
 from ..distributed.fitting import FitCoordinator
 from ..kernels import StationaryKernel, make_kernel
 from ..likelihood.api import CHOLESKY_CROSSOVER
 from ..precision import as_policy
 from ..precond.pivoted_cholesky import PivotedCholesky
 from ..solvers.cg import CGWarning
+from .config import DEFAULT_MAX_ITER, check_config
 from .checkpoint import check_compatible, fingerprint, load_checkpoint
 from .fit import FitReport, FitSession, GPParams, Objective, check_low_precision_use, precision_check
 from .optimizers import run_adam, run_lbfgs
@@ -33,12 +27,6 @@ from .predict import (
     latent_variance,
     prepare_predictor,
 )
-
-_KERNELS = ("rbf", "matern12", "matern32", "matern52")
-_OPTIMIZERS = ("lbfgs", "adam")
-_METHODS = ("auto", "cholesky", "iterative")
-#: ``max_iter`` when none is given: L-BFGS-B usually stops earlier on its own (``tol``).
-DEFAULT_MAX_ITER = {"lbfgs": 100, "adam": 200}
 
 
 class ExactGP:
@@ -92,6 +80,9 @@ class ExactGP:
     memory_budget : int, optional
         Bytes for each kernel operator (cache and tiles), and a quarter of it for the right-hand
         sides of the prediction solves; default ``gpscale.operators.DEFAULT_MEMORY_BUDGET``.
+    backend : {"auto", "cuda", "keops", "torch"}, default "auto"
+        How kernel products are computed (:mod:`gpscale.operators.backends`); ``auto`` picks the
+        fastest available for the device and size, and ``report_`` / the fit's statistics say which.
     noise_init, noise_floor : float, default 0.1 and 1e-4
         Initial noise variance and its lower bound, both on the standardised scale.
     lengthscale_init : float, optional
@@ -142,7 +133,8 @@ class ExactGP:
                  preconditioner=PivotedCholesky(rank=100),
                  seed: int = 0, dtype: torch.dtype = torch.float64, device=None, memory_budget: int | None = None,
                  noise_init: float = 0.1, noise_floor: float = 1e-4, lengthscale_init: float | None = None,
-                 init_subset: int | None = None, verbose: bool = False, checkpoint=None, precision=None):
+                 init_subset: int | None = None, verbose: bool = False, checkpoint=None, precision=None,
+                 backend: str = "auto"):
         self.kernel, self.ard, self.optimizer = kernel, ard, optimizer
         self.max_iter, self.lr, self.tol = max_iter, lr, tol
         self.method, self.rtol, self.predict_rtol, self.num_probes = method, rtol, predict_rtol, num_probes
@@ -150,36 +142,9 @@ class ExactGP:
         self.preconditioner, self.seed, self.dtype, self.device = preconditioner, seed, dtype, device
         self.memory_budget, self.noise_init, self.noise_floor = memory_budget, noise_init, noise_floor
         self.lengthscale_init, self.init_subset = lengthscale_init, init_subset
-        self.verbose, self.checkpoint, self.precision = verbose, checkpoint, precision
+        self.verbose, self.checkpoint, self.precision, self.backend = verbose, checkpoint, precision, backend
 
     # ------------------------------------------------------------------ configuration
-    def _check_config(self) -> None:
-        """Validate constructor arguments (at fit time, as scikit-learn does)."""
-        if not isinstance(self.kernel, StationaryKernel) and str(self.kernel).lower() not in _KERNELS:
-            raise ValueError(f"kernel must be one of {_KERNELS} or a gpscale kernel, got {self.kernel!r}")
-        for name, value, allowed in (("optimizer", self.optimizer, _OPTIMIZERS), ("method", self.method, _METHODS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if self.max_iter is not None:
-            check_positive_int("max_iter", self.max_iter)
-        if self.init_subset is not None:
-            check_positive_int("init_subset", self.init_subset, minimum=2)
-        check_positive_int("num_probes", self.num_probes)
-        check_positive_int("cg_max_iter", self.cg_max_iter)
-        check_positive_int("seed", self.seed, minimum=0)
-        for name in ("rtol", "predict_rtol", "tol"):
-            check_tolerance(name, getattr(self, name))
-        if not (isinstance(self.lr, numbers.Real) and self.lr > 0):
-            raise ValueError(f"lr must be a number > 0, got {self.lr!r}")
-        if self.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {self.dtype!r}")
-        if not (0 < self.noise_floor < self.noise_init):
-            raise ValueError(f"need 0 < noise_floor < noise_init, got noise_floor={self.noise_floor!r}, "
-                             f"noise_init={self.noise_init!r}")
-        as_policy(self.precision)  # raises on a bad policy
-        if self.lengthscale_init is not None and not self.lengthscale_init > 0:
-            raise ValueError(f"lengthscale_init must be > 0, got {self.lengthscale_init!r}")
-
     def _resolved_max_iter(self) -> int:
         return DEFAULT_MAX_ITER[self.optimizer] if self.max_iter is None else int(self.max_iter)
 
@@ -220,7 +185,7 @@ class ExactGP:
         -------
         self
         """
-        self._check_config()
+        check_config(self)
         t_start = time.perf_counter()
         X, y = _check_data(X, y)
         self.scaler_ = Standardizer.fit(X, y)
@@ -234,7 +199,7 @@ class ExactGP:
         params = GPParams(self._init_kernel(d), self.noise_init, 0.0, self.noise_floor)
         mll_kwargs = {"method": method, "rtol": self.rtol, "max_iter": self.cg_max_iter,
                       "num_probes": self.num_probes, "preconditioner": self.preconditioner,
-                      "memory_budget": self.memory_budget, "distributed": distributed,
+                      "memory_budget": self.memory_budget, "backend": self.backend, "distributed": distributed,
                       "precision": as_policy(self.precision)}
         fp = fingerprint(X, y, self._fingerprint_config(method))
         state = dist_fit.from_writer(lambda: self._load_state(fp))
@@ -249,13 +214,18 @@ class ExactGP:
         else:
             out = run_adam(session, theta0, max_iter=max_iter, lr=self.lr, seed=self.seed, state=state)
         out.theta = dist_fit.agree(out.theta)
+        return self._finish_fit(objective, out, method, t_start)
+
+    def _finish_fit(self, objective: Objective, out, method: str, t_start: float) -> "ExactGP":
+        """Checks of the optimum, the fitted attributes, the cached predictor and ``report_``."""
         # L-BFGS-B's final value was computed at out.theta with self.seed (Adam's was not: per-step seeds).
         own = out.loss if self.optimizer == "lbfgs" else None
         out.precision_check = precision_check(objective, out.theta, self.seed, own_loss=own)
         check_low_precision_use(objective, out.low_precision_columns)
+        params = objective.params
         params.set_vector(out.theta)
-        self._params, self.method_, self.n_features_in_ = params, method, d
-        self.X_train_, self.y_train_ = Xs, ys
+        self._params, self.method_, self.n_features_in_ = params, method, objective.X.shape[1]
+        self.X_train_, self.y_train_ = objective.X, objective.y
         self.kernel_ = params.kernel
         self.noise_, self.mean_ = float(params.noise.detach()), float(params.mean.detach())
         t_pred = time.perf_counter()
@@ -304,7 +274,8 @@ class ExactGP:
         """Cache ``alpha = K^-1 (y - m)`` (and the Cholesky factor / built preconditioner)."""
         cache, stats = prepare_predictor(self.X_train_, self.y_train_, self.kernel_, self.noise_, self.mean_,
                                           method=self.method_, rtol=self.predict_rtol, max_iter=self.cg_max_iter,
-                                          preconditioner=self.preconditioner, memory_budget=self.memory_budget)
+                                          preconditioner=self.preconditioner, memory_budget=self.memory_budget,
+                                          backend=self.backend)
         self._cache = cache
         self.alpha_ = cache.alpha
         if stats.get("status", "CONVERGED") != "CONVERGED":
@@ -347,12 +318,12 @@ class ExactGP:
         Xs = self._test_inputs(X)
         with torch.no_grad():
             mean_s = latent_mean(Xs, self.X_train_, self.kernel_, self.alpha_, self.mean_,
-                                            memory_budget=self.memory_budget)
+                                 memory_budget=self.memory_budget, backend=self.backend)
             mean = self.scaler_.inverse_y(mean_s)
             if not return_std:
                 return _output(mean, as_numpy)
             var = latent_variance(Xs, self.X_train_, self.kernel_, self.noise_, self._cache, rtol=self.predict_rtol,
-                                  max_iter=self.cg_max_iter, memory_budget=self.memory_budget)
+                                  max_iter=self.cg_max_iter, memory_budget=self.memory_budget, backend=self.backend)
             std = (var.to(torch.float64) + self.noise_).sqrt() * self.scaler_.y_scale
         return _output(mean, as_numpy), _output(std, as_numpy)
 
@@ -399,7 +370,7 @@ class ExactGP:
         F = pathwise_samples(self._test_inputs(X), self.X_train_, self.y_train_, self.kernel_, self.noise_, self.mean_,
                              n_samples, seed, sampler=PathwiseSampler(prior, num_features), chol=self._cache.chol,
                              precond=self._cache.precond, rtol=self.predict_rtol, max_iter=self.cg_max_iter,
-                             distributed=distributed, memory_budget=self.memory_budget)
+                             distributed=distributed, memory_budget=self.memory_budget, backend=self.backend)
         return _output(self.scaler_.inverse_y(F), as_numpy)
 
     def __repr__(self) -> str:

@@ -106,7 +106,7 @@ class Objective:
         Standardised training data (same dtype and device).
     params : GPParams
     mll_kwargs : dict
-        ``method``, ``rtol``, ``num_probes``, ``preconditioner``, ``memory_budget`` for
+        ``method``, ``rtol``, ``num_probes``, ``preconditioner``, ``memory_budget``, ``backend`` for
         :func:`gpscale.mll_estimate`.
     """
 
@@ -373,6 +373,8 @@ class FitReport:
             solver = (f"CG {cg.get('status', '?')}, iterations max {cg.get('iterations_max', '?')} / mean "
                       f"{cg.get('iterations_mean', float('nan')):.1f}, preconditioner {cg.get('preconditioner')} "
                       f"rank {cg.get('preconditioner_rank')}, {self.cg_failures} step(s) not converged")
+            if cg.get("backend"):
+                solver += f", kernel products on {cg['backend']}"
             if self.low_precision_share is not None:
                 solver += f", {self.low_precision_share:.0%} of solves finished in low precision"
         else:

@@ -60,10 +60,10 @@ class PredictCache:
 
 @torch.no_grad()
 def prepare_predictor(X, y, kernel, noise: float, mean: float, *, method: str, rtol: float, max_iter: int,
-                      preconditioner, memory_budget=None) -> tuple[PredictCache, dict]:
+                      preconditioner, memory_budget=None, backend: str = "auto") -> tuple[PredictCache, dict]:
     """Solve :math:`\\alpha = \\hat K^{-1}(y - m)` once: dense Cholesky or preconditioned CG."""
     r = y - mean
-    op = KernelOperator(X, kernel, noise=noise, memory_budget=memory_budget)
+    op = KernelOperator(X, kernel, noise=noise, memory_budget=memory_budget, backend=backend)
     if method == "cholesky":
         n = X.shape[0]
         L = cholesky_factor(op.to_dense(max_entries=n * n))
@@ -76,9 +76,9 @@ def prepare_predictor(X, y, kernel, noise: float, mean: float, *, method: str, r
 
 
 @torch.no_grad()
-def latent_mean(Xs, X_train, kernel, alpha, mean: float, memory_budget=None) -> torch.Tensor:
+def latent_mean(Xs, X_train, kernel, alpha, mean: float, memory_budget=None, backend: str = "auto") -> torch.Tensor:
     """:math:`m + K(X_*, X)\\,\\alpha`, memory-bounded by the cross operator's tiles."""
-    return CrossKernelOperator(Xs, X_train, kernel, memory_budget=memory_budget).matmul(alpha) + mean
+    return CrossKernelOperator(Xs, X_train, kernel, memory_budget=memory_budget, backend=backend).matmul(alpha) + mean
 
 
 def _batch_size(n: int, m: int, element_size: int, per_column: int, memory_budget) -> int:
@@ -89,7 +89,7 @@ def _batch_size(n: int, m: int, element_size: int, per_column: int, memory_budge
 
 @torch.no_grad()
 def latent_variance(Xs, X_train, kernel, noise: float, cache: PredictCache, *, rtol: float, max_iter: int,
-                    memory_budget=None) -> torch.Tensor:
+                    memory_budget=None, backend: str = "auto") -> torch.Tensor:
     """:math:`\\operatorname{var} f(x_*) = k(x_*, x_*) - k_*^T \\hat K^{-1} k_*` for each test point.
 
     Test points go in batches whose ``(n, b)`` right-hand sides fit a quarter of the memory budget.
@@ -103,7 +103,8 @@ def latent_variance(Xs, X_train, kernel, noise: float, cache: PredictCache, *, r
     prior = float(kernel.outputscale) * float(kernel.profile(torch.zeros((), dtype=torch.float64)))
     per_col = 3 if cache.chol is not None else 10  # CG keeps ~8 (n, b) work arrays
     b = _batch_size(n, m, X_train.element_size(), per_col, memory_budget)
-    op = None if cache.chol is not None else KernelOperator(X_train, kernel, noise=noise, memory_budget=memory_budget)
+    op = None if cache.chol is not None else KernelOperator(X_train, kernel, noise=noise, memory_budget=memory_budget,
+                                                            backend=backend)
     idx = torch.arange(n, device=X_train.device)
     out = torch.empty(m, dtype=torch.float64, device=X_train.device)
     failed = 0

@@ -100,7 +100,8 @@ def _rff_prior(kernel, Xall, S, D, gen, cols) -> torch.Tensor:
 @torch.no_grad()
 def pathwise_samples(X_test, X_train, y_train, kernel, noise: float, mean: float, n_samples: int, seed: int, *,
                      sampler: PathwiseSampler = PathwiseSampler(), chol=None, precond=None, rtol: float = 1e-3,
-                     max_iter: int = 1000, distributed=None, memory_budget=None) -> torch.Tensor:
+                     max_iter: int = 1000, distributed=None, memory_budget=None,
+                     backend: str = "auto") -> torch.Tensor:
     """Posterior samples of the latent :math:`m + f` at ``X_test``, shape ``(m, n_samples)`` (standardised units).
 
     Parameters
@@ -115,6 +116,7 @@ def pathwise_samples(X_test, X_train, y_train, kernel, noise: float, mean: float
         For the CG solve (``rtol``, ``max_iter``).
     distributed : {"columns", "rows", "hybrid"} or Partition, optional
         Split the ``S`` sample columns over the process group; every rank returns all ``S`` samples.
+    memory_budget, backend : of the kernel operators (:class:`gpscale.KernelOperator`).
 
     Notes
     -----
@@ -131,7 +133,8 @@ def pathwise_samples(X_test, X_train, y_train, kernel, noise: float, mean: float
     c0, c1 = grid.column_range(n_samples) if grid is not None else (0, n_samples)
     try:
         local = _local_samples(X_test, X_train, y_train, kernel, noise, mean, n_samples, seed, slice(c0, c1),
-                               sampler, chol, precond, rtol, max_iter, grid, memory_budget)
+                               sampler, chol, precond, rtol, max_iter, grid, {"memory_budget": memory_budget,
+                                                                             "backend": backend})
     except Exception:
         if grid is not None:  # tell the other ranks, then raise here
             from ..distributed.comm import gather_columns
@@ -146,7 +149,7 @@ def pathwise_samples(X_test, X_train, y_train, kernel, noise: float, mean: float
 
 
 def _local_samples(X_test, X_train, y_train, kernel, noise, mean, S, seed, cols, sampler, chol, precond, rtol,
-                   max_iter, grid, memory_budget) -> torch.Tensor:
+                   max_iter, grid, op_kwargs: dict) -> torch.Tensor:
     n, m = X_train.shape[0], X_test.shape[0]
     gen = torch.Generator().manual_seed(int(seed))
     Xall = torch.cat([X_train, X_test])
@@ -164,8 +167,8 @@ def _local_samples(X_test, X_train, y_train, kernel, noise, mean, S, seed, cols,
         if grid is not None:
             from ..distributed.mll import grid_operator
 
-            op = grid_operator(X_train, kernel, noise, grid, {"memory_budget": memory_budget})
+            op = grid_operator(X_train, kernel, noise, grid, op_kwargs)
         else:
-            op = KernelOperator(X_train, kernel, noise=noise, memory_budget=memory_budget)
+            op = KernelOperator(X_train, kernel, noise=noise, **op_kwargs)
         V = cg(op, rhs, rtol=rtol, max_iter=max_iter, preconditioner=precond, warn=True).x
-    return f[n:] + CrossKernelOperator(X_test, X_train, kernel, memory_budget=memory_budget).matmul(V) + mean
+    return f[n:] + CrossKernelOperator(X_test, X_train, kernel, **op_kwargs).matmul(V) + mean
