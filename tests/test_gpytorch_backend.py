@@ -238,6 +238,25 @@ def test_nonconvergence_warns():
     assert backend_stats(model)["last"]["inv_quad_logdet"]["status"] == "MAX_ITERATIONS"
 
 
+def test_product_backend_reaches_every_operator(monkeypatch):
+    import gpscale.integrations.gpytorch_operator as gop
+
+    made = []
+    for name in ("KernelOperator", "CrossKernelOperator"):
+        real = getattr(gop, name)
+        monkeypatch.setattr(gop, name, lambda *a, _real=real, **k: made.append(k.get("backend")) or _real(*a, **k))
+    X, y, _ = _data()
+    model, lik = _model("rbf", X, y)
+    use_gpscale(model, **dict(ITERATIVE, product_backend="torch"))
+    _loss_and_grads(model, lik, X, y)
+    model.eval()
+    with torch.no_grad():
+        model(X[:5]).variance
+    assert made and set(made) == {"torch"}
+    with pytest.raises(ValueError, match="backend must be one of"):
+        BackendOptions(product_backend="gpu")
+
+
 def test_bad_options_and_models():
     with pytest.raises(ValueError, match="method"):
         BackendOptions(method="dense")

@@ -32,6 +32,7 @@ import torch
 
 from .._validation import check_finite, check_positive_int
 from ..likelihood.api import CHOLESKY_CROSSOVER
+from ..operators.backends import check_backend_name
 from ..precond.pivoted_cholesky import PivotedCholesky
 from .gpytorch_operator import (
     BackendState,
@@ -71,6 +72,9 @@ class BackendOptions:
     max_iter : int, default 1000
     memory_budget : int, optional
         Bytes for one kernel operator's tile cache + workspace (gpscale's default: 1 GiB).
+    product_backend : {"auto", "cuda", "keops", "torch"}, default "auto"
+        How gpscale's operators compute kernel products (:mod:`gpscale.operators.backends`); ``auto``
+        picks the fastest available for the device and size.
     seed : int, optional
         Fixes the probes (same loss for the same hyperparameters); ``None`` draws fresh probes per
         step from torch's global generator, as GPyTorch does.
@@ -87,6 +91,7 @@ class BackendOptions:
     solve_rtol: float = 1e-4
     max_iter: int = 1000
     memory_budget: int | None = None
+    product_backend: str = "auto"
     seed: int | None = None
     solve_block: int = 256
     cholesky_crossover: int = CHOLESKY_CROSSOVER
@@ -100,6 +105,7 @@ class BackendOptions:
                 raise ValueError(f"{name} must be in (0, 1), got {v!r}")
         for name in ("num_probes", "max_iter", "solve_block"):
             check_positive_int(name, getattr(self, name))
+        check_backend_name(self.product_backend)
 
 
 # ------------------------------------------------------------------------------ kernel inspection

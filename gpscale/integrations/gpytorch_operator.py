@@ -207,11 +207,11 @@ class GpscaleKernelLinearOperator(LinearOperator):
     def _gpscale_op(self):
         """A gpscale operator over a detached snapshot of the hyperparameters."""
         k = _gpscale_kernel(self.kind, self.lengthscale, self.outputscale)
-        budget = self.options.memory_budget
+        kw = {"memory_budget": self.options.memory_budget, "backend": self.options.product_backend}
         x1 = self.x1.detach()
         if self.symmetric:
-            return KernelOperator(x1, k, noise=self.noise.detach().reshape(()).to(x1.dtype), memory_budget=budget)
-        return CrossKernelOperator(x1, self.x2.detach(), k, memory_budget=budget)
+            return KernelOperator(x1, k, noise=self.noise.detach().reshape(()).to(x1.dtype), **kw)
+        return CrossKernelOperator(x1, self.x2.detach(), k, **kw)
 
     def _use_cholesky(self) -> bool:
         o = self.options
