@@ -31,8 +31,8 @@ import torch
 from . import __version__
 from .bench import add_parser as _add_bench
 from .data import DataError, load_data, make_demo, subsample, train_test_split
-from .operators.backends import BACKENDS
 from .models import ExactGP
+from .operators.backends import BACKENDS
 from .precond import PivotedCholesky
 
 #: Settings of ``gpscale fit --demo`` (each overridable by its option).  Measured on a shared 2-core CPU:

@@ -117,8 +117,8 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
     Notes
     -----
     Time :math:`O(n m (d + t))`, one ``exp`` per pair and column chunk of 16; extra memory the
-    outputs (and for ``tcb`` split copies of ``Z`` and ``V``, :mod:`gpscale._ext.tcb_pack`).  The first call per variant and device compiles ``csrc/`` (seconds) or loads the cached
-    cubin.
+    outputs (and for ``tcb`` split copies of ``Z`` and ``V``, :mod:`gpscale._ext.tcb_pack`).  The
+    first call per variant and device compiles ``csrc/`` (seconds) or loads the cached cubin.
     """
     _check(X, Z, V, variant, kernel, mode)
     X, Z, V = X.contiguous(), Z.contiguous(), V.contiguous()
