@@ -44,7 +44,11 @@
 
 __device__ __forceinline__ unsigned tf32_of(float x) {
     unsigned r;
+#ifdef GPS_HOST_EMULATION  // tests/emu/cuda_emu.h runs the kernels on the CPU (one fiber per thread)
+    r = gps_emu::cvt_rna_tf32(x);
+#else
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+#endif
     return r;
 }
 

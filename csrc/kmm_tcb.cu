@@ -3,7 +3,8 @@
 // Status: written after the first H100 measurement of kmm_tc.cu (2026-11-24: "tc3" 0.025 s per
 // product at n = m = 100k, d = 8, t = 16 -- 10x the exp bound and slower than KeOps), compiled in
 // CI, NOT yet run on a GPU: it is opt-in (variant="tcb" / GPSCALE_CUDA_VARIANT=tcb) until the GPU
-// tests pass on a lent machine.  Why kmm_tc.cu is slow, counted per pair: ~5 cvt.rna.tf32
+// tests pass on a lent machine.  Its source does run in CI, on the CPU: tests/test_cuda_emulated.py
+// (every thread a fiber, mma.sync from the PTX ISA's fragment tables, cp.async landing late or early).  Why kmm_tc.cu is slow, counted per pair: ~5 cvt.rna.tf32
 // conversions (each warp re-splits the shared Z and V tiles; 16/clk/SM like the exp itself) and
 // ~2.5 shared-memory wavefronts with one 16-row m-tile per warp.  This file removes both: splits
 // are integer round-and-mask (no cvt), Z and V are split once per product (host side), every warp
@@ -105,22 +106,44 @@ __device__ __forceinline__ void split_bf16x2_trunc(float x, float y, unsigned& h
 }
 
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#ifdef GPS_HOST_EMULATION  // tests/emu/cuda_emu.h runs the kernels on the CPU (one fiber per thread)
+    gps_emu::mma_m16n8k16_bf16(c, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Asynchronous 16-byte global -> shared copy (sm_80+; inline PTX: compiles with NVRTC and bare nvcc).
+// The emulation copies at the commit and lands a group at the wait that retires it, so a read of
+// the buffer before its wait sees stale data there too.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#ifdef GPS_HOST_EMULATION  // tests/emu/cuda_emu.h runs the kernels on the CPU (one fiber per thread)
+    gps_emu::cp_async16(smem, gmem);
+#else
     unsigned s;
     asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\n" : "=r"(s) : "l"(smem));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef GPS_HOST_EMULATION  // tests/emu/cuda_emu.h runs the kernels on the CPU (one fiber per thread)
+    gps_emu::cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 // Wait until at most one of this thread's committed copy groups is still in flight.
-__device__ __forceinline__ void cp_async_wait_all_but_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all_but_one() {
+#ifdef GPS_HOST_EMULATION  // tests/emu/cuda_emu.h runs the kernels on the CPU (one fiber per thread)
+    gps_emu::cp_async_wait(1);
+#else
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+#endif
+}
 
 // One 64-row tile of Z and V in fragment order (see the header), as the host packed it.
 template <int KS>

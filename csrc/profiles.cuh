@@ -38,18 +38,22 @@ __device__ __forceinline__ double gps_sqrt(double x) { return sqrt(x); }
 // FAST = 0, 1 keep the expressions they always had, so those kernels compile exactly as before.
 __device__ __forceinline__ float gps_ex2(float x) {  // 2^x, results below 2^-126 flushed to 0
     float y;
+#ifdef GPS_HOST_EMULATION  // tests/emu/cuda_emu.h runs the kernels on the CPU (one fiber per thread)
+    y = gps_emu::ex2_ftz(x);
+#else
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+#endif
     return y;
 }
-__device__ __forceinline__ float gps_ex2_scaled(float x, float c) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * (c * 1.4426950408889634f)));
-    return y;
-}
+__device__ __forceinline__ float gps_ex2_scaled(float x, float c) { return gps_ex2(x * (c * 1.4426950408889634f)); }
 __device__ __forceinline__ double gps_ex2_scaled(double x, double c) { return exp(c * x); }
 __device__ __forceinline__ float gps_sqrt_approx(float x) {
     float y;
+#ifdef GPS_HOST_EMULATION  // tests/emu/cuda_emu.h runs the kernels on the CPU (one fiber per thread)
+    y = gps_emu::sqrt_ftz(x);
+#else
     asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+#endif
     return y;
 }
 __device__ __forceinline__ double gps_sqrt_approx(double x) { return sqrt(x); }

@@ -39,13 +39,12 @@ from gpscale.operators import (  # noqa: E402
     bilinear_derivative,
     derivative_matmul,
 )
-from gpscale.operators.expansion import expansion_delta  # noqa: E402
+from kernel_reference import KERNELS, assert_within, make_data, reference  # noqa: E402
 
 _OK, _WHY = _ext.available(compile=True)
 if not _OK:
     pytest.skip(f"gpscale's CUDA kernels are unavailable: {_WHY}", allow_module_level=True)
 
-KERNELS = {"rbf": RBF(), "matern12": Matern(nu=0.5), "matern32": Matern(nu=1.5), "matern52": Matern(nu=2.5)}
 #: (variant, dtype, rtol)
 VARIANTS = [("simt", torch.float64, 1e-12), ("simt", torch.float32, 2e-5), ("tc3", torch.float32, 1e-4),
             ("tc", torch.float32, 3e-3), ("tcb", torch.float32, 1e-4)]
@@ -55,55 +54,6 @@ SIZES = [(1000, 777, 1, 1), (333, 1025, 8, 16), (129, 65, 32, 64), (517, 2049, 5
 #: tcb is compiled once per k-step count ceil(d / 8): SIZES reach 1 and 4, these 2 and 3
 SIZES_TCB_KSTEPS = [(300, 257, 13, 16), (257, 300, 20, 3)]
 LENGTHSCALES = [0.05, 1.0, 10.0]
-
-
-def _data(n, m, d, t, ls, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.rand(n, d, generator=g, dtype=torch.float64) * 3
-    Z = torch.rand(m, d, generator=g, dtype=torch.float64) * 3
-    V = torch.randn(m, t, generator=g, dtype=torch.float64)
-    c = X.mean(0)
-    return (X - c) / ls, (Z - c) / ls, V
-
-
-def _profiles(name, q, mode):
-    f, fp = KERNELS[name].profile_and_derivative(q)
-    return {"f": [f], "d": [fp], "f_dq": [f, fp * q]}[mode]
-
-
-def _reference(Xs, Zs, V, name, mode, expansion=False, symmetric=False):
-    """float64 dense reference with error scales: ``[(want, |G| |V|, envelope), ...]``, one per output.
-
-    Difference-form distances and the kernel module's own profile; ``envelope`` is 0 unless
-    ``expansion`` (tensor-core variants), then what ``q +- expansion_delta`` moves the product by --
-    except on the diagonal when ``symmetric``: the kernels set ``q_ii = 0`` exactly there.
-    """
-    diff = torch.cdist(Xs, Zs, compute_mode="donot_use_mm_for_euclid_dist")
-    q = diff * diff
-    floor = V.abs().max()
-    out = [[G @ V, (G.abs() @ V.abs()).clamp_min(floor), torch.zeros(Xs.shape[0], V.shape[1], dtype=V.dtype)]
-           for G in _profiles(name, q, mode)]
-    if expansion:
-        r2 = Xs.pow(2).sum(1).max().item() + Zs.pow(2).sum(1).max().item()
-        delta = expansion_delta(r2)
-        for shifted in (q + delta, (q - delta).clamp_min(0)):
-            if symmetric:
-                shifted.fill_diagonal_(0.0)
-            for o, G, Gs in zip(out, _profiles(name, q, mode), _profiles(name, shifted, mode)):
-                o[2] = torch.maximum(o[2], (Gs - G).abs().nan_to_num(posinf=1e30) @ V.abs())
-    return out
-
-
-def _assert_close(got, ref, rtol, what):
-    want, absprod, env = ref
-    got = got.double().cpu()
-    assert torch.isfinite(got).all(), f"{what}: non-finite entries"
-    err = (got - want).abs()
-    allowed = rtol * absprod.max() + env
-    worst = (err - allowed).argmax()
-    assert (err <= allowed).all(), (f"{what}: error {err.flatten()[worst]:.3e} > allowed "
-                                    f"{allowed.flatten()[worst]:.3e} (rtol {rtol:g} x scale {absprod.max():.3e} "
-                                    f"+ expansion envelope {env.flatten()[worst]:.3e}); max error {err.max():.3e}")
 
 
 CASES = list(itertools.product(VARIANTS, KERNELS, ("f", "f_dq", "d"), SIZES, LENGTHSCALES)) + list(
@@ -116,15 +66,15 @@ CASES = list(itertools.product(VARIANTS, KERNELS, ("f", "f_dq", "d"), SIZES, LEN
                               for v, k, m, s, ls in CASES])
 def test_cross_products_match_float64_reference(variant, name, mode, size, ls):
     (var, dtype, rtol) = variant
-    Xs, Zs, V = (A.to(dtype).double() for A in _data(*size, ls))  # the kernel's inputs, exactly
+    Xs, Zs, V = (A.to(dtype).double() for A in make_data(*size, ls))  # the kernel's inputs, exactly
     dev = torch.device("cuda")
     got = _ext.kernel_matmul(Xs.to(dev, dtype), Zs.to(dev, dtype), V.to(dev, dtype), name, mode=mode, variant=var)
-    ref = _reference(Xs, Zs, V, name, mode, expansion=var in EXPANSION_VARIANTS)
+    ref = reference(Xs, Zs, V, name, mode, expansion=var in EXPANSION_VARIANTS)
     if mode == "f_dq":
-        _assert_close(got[0], ref[0], rtol, "F V")
-        _assert_close(got[1], ref[1], rtol, "(F' o Q) V")
+        assert_within(got[0], ref[0], rtol, "F V")
+        assert_within(got[1], ref[1], rtol, "(F' o Q) V")
     else:
-        _assert_close(got, ref[0], rtol, f"mode {mode}")
+        assert_within(got, ref[0], rtol, f"mode {mode}")
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[f"{v}-{str(d)[6:]}" for v, d, _ in VARIANTS])
@@ -132,13 +82,13 @@ def test_cross_products_match_float64_reference(variant, name, mode, size, ls):
 def test_symmetric_products_keep_the_diagonal_exact(variant, name):
     """``Z is X`` with a duplicated point: q_ii = 0 exactly (Matérn-1/2 would show sqrt(eps |x|^2))."""
     var, dtype, rtol = variant
-    Xs, _, V = (A.to(dtype).double() for A in _data(700, 700, 6, 9, 0.3, seed=3))
+    Xs, _, V = (A.to(dtype).double() for A in make_data(700, 700, 6, 9, 0.3, seed=3))
     Xs[11] = Xs[5]
     dev = torch.device("cuda")
     Xd = Xs.to(dev, dtype)
     got = _ext.kernel_matmul(Xd, Xd, V.to(dev, dtype), name, mode="f", variant=var, symmetric=True)
-    ref = _reference(Xs, Xs, V, name, "f", expansion=var in EXPANSION_VARIANTS, symmetric=True)[0]
-    _assert_close(got, ref, rtol, "symmetric F V")
+    ref = reference(Xs, Xs, V, name, "f", expansion=var in EXPANSION_VARIANTS, symmetric=True)[0]
+    assert_within(got, ref, rtol, "symmetric F V")
 
 
 def test_clear_errors():
@@ -178,17 +128,17 @@ def test_operator_and_derivatives_with_cuda_backend(dtype, rtol, name, ard):
     ref = KernelOperator(X, k, noise=0.1, backend="torch")
     op = KernelOperator(X.cuda().to(dtype), k, noise=0.1, backend="cuda")
     assert op.backend == "cuda"
-    _assert_close(op.matmul(B.cuda().to(dtype)), _plain(ref.matmul(B), B), rtol, "(K + noise I) B")
+    assert_within(op.matmul(B.cuda().to(dtype)), _plain(ref.matmul(B), B), rtol, "(K + noise I) B")
     got, want = derivative_matmul(op, B.cuda().to(dtype)), derivative_matmul(ref, B)
     for key in want:
-        _assert_close(got[key], _plain(want[key], B), rtol * 10, f"dK/d{key} B")
+        assert_within(got[key], _plain(want[key], B), rtol * 10, f"dK/d{key} B")
     got, want = bilinear_derivative(op, A.cuda().to(dtype), B.cuda().to(dtype)), bilinear_derivative(ref, A, B)
     for key in want:
         w = want[key].double()
         err = (got[key].double().cpu() - w).abs().max().item()
         assert err <= rtol * 10 * max(w.abs().max().item(), 1.0) * 1500, f"bilinear {key}: {err:.3e}"
     cr = CrossKernelOperator(X[:333].cuda().to(dtype), X.cuda().to(dtype), k, backend="cuda")
-    _assert_close(cr.matmul(B.cuda().to(dtype)), _plain(CrossKernelOperator(X[:333], X, k).matmul(B), B), rtol,
+    assert_within(cr.matmul(B.cuda().to(dtype)), _plain(CrossKernelOperator(X[:333], X, k).matmul(B), B), rtol,
                   "K(X', X) B")
 
 

@@ -1,0 +1,144 @@
+"""gpscale's tensor-core CUDA kernels run on the CPU by the emulation of tests/emu/cuda_emu.h.
+
+``tcb`` (csrc/kmm_tcb.cu) has not yet run on a GPU.  Its arithmetic is emulated in ``test_tcb_arithmetic.py`` and its
+host-side packing in ``test_tcb_pack.py``; this file runs the kernel's own source -- index
+expressions, fragment reads, the cp.async double buffer and its barriers, the symmetric diagonal,
+padding, every k-step specialisation and product mode -- with every thread a fiber and the tensor-core
+instructions computed from the PTX ISA's fragment tables (``cuda_emu.h``), against the same float64
+reference and error measure as the GPU tests (``kernel_reference.py``).  What it cannot show: speed,
+and hardware behaviour the ISA leaves open (the MMA's internal rounding, cp.async timing beyond "not
+before its wait").  ``tc`` / ``tc3`` (csrc/kmm_tc.cu), which passed their GPU tests on the first
+lent H100, run here too: the emulation's tf32 fragment tables are thereby checked against hardware.
+Needs a host C++ compiler (g++; CI has one beside nvcc); skips without.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from kernel_reference import assert_within, make_data, reference
+
+from gpscale._ext.launch import entry_name
+from gpscale._ext.tcb_pack import pack_v, pack_z
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = Path(__file__).resolve().parent / "emu"
+RTOL = 1e-4  # the GPU tests' tolerance for tcb
+
+
+def _build(tmp_path_factory, harness: str):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++) to build the CPU emulation of the CUDA kernels")
+    lib = tmp_path_factory.mktemp("emu") / f"{harness}.so"
+    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-include", str(EMU / "cuda_emu.h"),
+                    "-DGPS_HOST_EMULATION", f"-I{ROOT / 'csrc'}", f"-I{EMU}", str(EMU / f"{harness}.cpp"), "-o",
+                    str(lib)], check=True, capture_output=True, text=True)
+    return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    return _build(tmp_path_factory, "tcb_harness")
+
+
+@pytest.fixture(scope="module")
+def emulated_tc(tmp_path_factory):
+    return _build(tmp_path_factory, "tc_harness")
+
+
+#: the emulation's two modes (cuda_emu.h): copies land at their wait, warps in step / copies land at
+#: issue, warp 0 as far ahead as the barriers allow
+SCHEDULES = {"late": (0, 0), "early-greedy": (1, 1)}
+
+
+def run_tcb(so, X, Z, V, kernel, mode, symmetric=False, schedule="late"):
+    """``launch.kernel_matmul(..., variant="tcb")`` with the launch replaced by the emulation."""
+    X, Z, V = (A.float().contiguous() for A in (X, Z, V))
+    n, d = X.shape
+    m, t = V.shape
+    Zf, Zn = pack_z(Z, max(1, -(-d // 8)))
+    Vf = pack_v(V)
+    O0, O1 = torch.zeros(n, t), torch.zeros(n, t)
+    err = ctypes.create_string_buffer(512)
+    ptr = [ctypes.c_void_p(a.data_ptr()) for a in (X, Zf, Zn, Vf, O0, O1)]
+    rc = so.gps_emu_tcb(entry_name("tcb", kernel, mode, torch.float32, d).encode(), *ptr, n, m, d, t,
+                        int(symmetric), *SCHEDULES[schedule], err, len(err))
+    assert rc == 0, f"emulation failed ({rc}): {err.value.decode()}"
+    return (O0, O1) if mode == "f_dq" else O0
+
+
+def _check(got, ref, mode):
+    if mode == "f_dq":
+        assert_within(got[0], ref[0], RTOL, "F V")
+        assert_within(got[1], ref[1], RTOL, "(F' o Q) V")
+    else:
+        assert_within(got, ref[0], RTOL, f"mode {mode}")
+
+
+# (kernel, mode, (n, m, d, t), lengthscale): every k-step count (d = 5, 13, 20, 32), every mode, sizes that
+# divide neither the 256-row blocks, the 64-row tiles nor the 16-column chunks, two column chunks.
+CASES = [("rbf", "f", (300, 150, 5, 17), 1.0), ("rbf", "f_dq", (70, 130, 13, 3), 0.5),
+         ("rbf", "d", (40, 65, 20, 16), 2.0), ("matern52", "f", (50, 129, 32, 5), 1.0),
+         ("matern52", "f_dq", (33, 100, 8, 9), 1.0), ("matern32", "d", (45, 70, 3, 2), 0.7),
+         ("matern12", "f", (20, 90, 1, 1), 10.0)]
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("kernel,mode,size,ls", CASES, ids=[f"{k}-{m}-{'x'.join(map(str, s))}-l{ls}"
+                                                             for k, m, s, ls in CASES])
+def test_emulated_tcb_matches_the_float64_reference(emulated, kernel, mode, size, ls, schedule):
+    Xs, Zs, V = (A.float().double() for A in make_data(*size, ls, seed=sum(size)))
+    got = run_tcb(emulated, Xs, Zs, V, kernel, mode, schedule=schedule)
+    _check(got, reference(Xs, Zs, V, kernel, mode, expansion=True), mode)
+
+
+def test_emulated_tcb_keeps_the_symmetric_diagonal_exact(emulated):
+    Xs, _, V = (A.float().double() for A in make_data(90, 90, 6, 9, 0.3, seed=3))
+    Xs[11] = Xs[5]  # a duplicate point: Matérn-1/2 would show sqrt(eps |x|^2) without q_ii = 0
+    got = run_tcb(emulated, Xs, Xs, V, "matern12", "f", symmetric=True)
+    _check(got, reference(Xs, Xs, V, "matern12", "f", expansion=True, symmetric=True), "f")
+
+
+def test_the_emulation_catches_a_wrong_layout(emulated):
+    """The check has teeth: V's fragments with their two k-halves swapped give a wrong product."""
+    Xs, Zs, V = (A.float().double() for A in make_data(40, 70, 4, 16, 1.0, seed=1))
+    real = pack_v
+    try:
+        globals()["pack_v"] = lambda A: real(A).flip(-1).contiguous()  # {hi b0, hi b1, lo b0, lo b1} reversed
+        got = run_tcb(emulated, Xs, Zs, V, "rbf", "f")
+    finally:
+        globals()["pack_v"] = real
+    want = reference(Xs, Zs, V, "rbf", "f")[0][0]
+    assert float((got.double() - want).abs().max()) > 1e-2 * float(want.abs().max())
+    np.testing.assert_allclose(run_tcb(emulated, Xs, Zs, V, "rbf", "f").double(), want, atol=1e-3)
+
+
+def run_tc(so, X, Z, V, kernel, mode, variant, schedule="late"):
+    """``launch.kernel_matmul(..., variant="tc" | "tc3")`` under the emulation."""
+    X, Z, V = (A.float().contiguous() for A in (X, Z, V))
+    n, d = X.shape
+    m, t = V.shape
+    O0, O1 = torch.zeros(n, t), torch.zeros(n, t)
+    err = ctypes.create_string_buffer(512)
+    ptr = [ctypes.c_void_p(a.data_ptr()) for a in (X, Z, V, O0, O1)]
+    rc = so.gps_emu_tc(entry_name(variant, kernel, mode, torch.float32, d).encode(), *ptr, n, m, d, t, 0,
+                       *SCHEDULES[schedule], err, len(err))
+    assert rc == 0, f"emulation failed ({rc}): {err.value.decode()}"
+    return (O0, O1) if mode == "f_dq" else O0
+
+
+@pytest.mark.parametrize("variant,rtol", [("tc3", 1e-4), ("tc", 3e-3)])
+@pytest.mark.parametrize("kernel,mode,size", [("rbf", "f_dq", (70, 130, 13, 17)), ("matern52", "d", (65, 64, 8, 3))])
+def test_emulated_tc_variants_match_the_reference_as_on_the_h100(emulated_tc, variant, rtol, kernel, mode, size):
+    Xs, Zs, V = (A.float().double() for A in make_data(*size, 1.0, seed=2))
+    got = run_tc(emulated_tc, Xs, Zs, V, kernel, mode, variant)
+    ref = reference(Xs, Zs, V, kernel, mode, expansion=True)
+    for g, r in zip(got if mode == "f_dq" else (got,), ref):
+        assert_within(g, r, rtol, f"{variant} {kernel} {mode}")
