@@ -82,12 +82,14 @@ def _check(got, ref, mode):
         assert_within(got, ref[0], RTOL, f"mode {mode}")
 
 
-# (kernel, mode, (n, m, d, t), lengthscale): every k-step count (d = 5, 13, 20, 32), every mode, sizes that
-# divide neither the 256-row blocks, the 64-row tiles nor the 16-column chunks, two column chunks.
+# (kernel, mode, (n, m, d, t), lengthscale): every k-step count (d = 5, 13, 20, 32), kernel and mode, sizes
+# that divide neither the 256-row blocks, the 64-row tiles nor the 16-column chunks, up to four column
+# chunks, lengthscales 0.05 to 10 (the GPU tests' range).
 CASES = [("rbf", "f", (300, 150, 5, 17), 1.0), ("rbf", "f_dq", (70, 130, 13, 3), 0.5),
          ("rbf", "d", (40, 65, 20, 16), 2.0), ("matern52", "f", (50, 129, 32, 5), 1.0),
          ("matern52", "f_dq", (33, 100, 8, 9), 1.0), ("matern32", "d", (45, 70, 3, 2), 0.7),
-         ("matern12", "f", (20, 90, 1, 1), 10.0)]
+         ("matern12", "f", (20, 90, 1, 1), 10.0), ("rbf", "f", (37, 80, 8, 16), 0.05),
+         ("matern32", "f_dq", (29, 66, 4, 64), 10.0), ("matern12", "d", (31, 70, 2, 5), 1.0)]
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
