@@ -92,13 +92,13 @@ CYCLES = {"issue": 0.25, "fma": 0.25, "imad": 0.5, "alu": 0.5, "mufu": 2.0, "sha
 def _marker_total(spec, d: int, variant: str):
     """Stores per thread per tile of a load whose size depends on d (``"tc_z"``: kp = 8 ceil(d / 8))."""
     if spec == "tc_z":
-        return 64 * 8 * -(-d // 8) // launch.VARIANTS[variant][3]
+        return 64 * 8 * launch.ksteps(d) // launch.VARIANTS[variant][3]
     return spec
 
 
 def probe_source(variant: str, kind: str, d: int, t: int) -> str:
     v = VARIANTS[variant]
-    call = v["call"].format(K=KINDS[kind], d=d, t=t, ks=-(-d // 8))
+    call = v["call"].format(K=KINDS[kind], d=d, t=t, ks=launch.ksteps(d))
     return (f'#include "{v["file"]}"\n'
             f'extern "C" __global__ void __launch_bounds__({launch.VARIANTS[variant][3]}) probe(const float* X, const float* Z, '
             f'const float* V, float* O0, float* O1, int n, int m) {{ {call}; }}\n')

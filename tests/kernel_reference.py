@@ -52,6 +52,15 @@ def reference(Xs, Zs, V, name, mode, expansion=False, symmetric=False):
     return out
 
 
+def assert_products(got, ref, rtol, mode, what=""):
+    """:func:`assert_within` for every output of a product: ``got`` is a pair for ``mode="f_dq"``."""
+    outs = got if mode == "f_dq" else (got,)
+    names = ("F V", "(F' o Q) V") if mode == "f_dq" else (f"mode {mode}",)
+    assert len(outs) == len(ref)
+    for g, r, name in zip(outs, ref, names):
+        assert_within(g, r, rtol, f"{what} {name}".strip())
+
+
 def assert_within(got, ref, rtol, what):
     want, absprod, env = ref
     got = got.double().cpu()

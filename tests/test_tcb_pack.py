@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from gpscale._ext.launch import ksteps
 from gpscale._ext.tcb_pack import COLUMN_CHUNK, TILE_ROWS, pack_v, pack_z
 from test_tcb_arithmetic import _mma, _relative, round_tf32, split_bf16, split_bf16_trunc, tf32_operand
 
@@ -69,7 +70,7 @@ def rebuild_v(Vf: np.ndarray):
 @pytest.mark.parametrize("m,d", [(1, 1), (70, 8), (130, 13), (64, 32)])
 def test_z_fragments_hold_the_3xtf32_split_in_ptx_order(m, d):
     Z, _ = _data(m, d, 1)
-    ks = max(1, -(-d // 8))
+    ks = ksteps(d)
     Zf, Zn = pack_z(Z, ks)
     mp = -(-m // TILE_ROWS) * TILE_ROWS
     assert Zf.shape == (mp // 8, ks, 32, 4) and Zf.dtype == torch.float32 and Zn.shape == (mp,)

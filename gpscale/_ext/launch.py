@@ -50,12 +50,21 @@ def _prefixes(variant: str) -> list[str]:
     return [f"gpscale_kmm_{variant}"]
 
 
+def ksteps(d: int) -> int:
+    """8-wide k-steps of the tensor-core kernels for input dimension ``d``: ``ceil(d / 8)``, at least 1.
+
+    ``tcb`` is compiled per k-step count (its entry points' ``_k`` suffix) and its packed ``Z``
+    (:func:`gpscale._ext.tcb_pack.pack_z`) must have the same count: both take it from here.
+    """
+    return max(1, -(-d // 8))
+
+
 def entry_name(variant: str, kernel: str, mode: str, dtype: torch.dtype, d: int) -> str:
     """The entry point a product runs: by dtype for ``simt``, by ``ceil(d / 8)`` for ``tcb``."""
     if variant == "simt":
         prefix = f"gpscale_kmm_simt_{'f64' if dtype == torch.float64 else 'f32'}"
     elif variant in SPECIALISED_ON_KSTEPS:
-        prefix = f"gpscale_kmm_{variant}_k{max(1, -(-d // 8))}"
+        prefix = f"gpscale_kmm_{variant}_k{ksteps(d)}"
     else:
         prefix = f"gpscale_kmm_{variant}"
     return f"{prefix}_{kernel}_{mode}"
@@ -134,7 +143,7 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
         grid = ((n + rows - 1) // rows, (t + tch - 1) // tch, 1)
         inputs = [Z, V]
         if variant == "tcb":  # split and in fragment order, once per product (see tcb_pack)
-            Zf, Zn = pack_z(Z, max(1, -(-d // 8)))
+            Zf, Zn = pack_z(Z, ksteps(d))
             inputs = [Zf, Zn, pack_v(V)]
         with torch.cuda.device(X.device):
             fn(grid, (threads, 1, 1), [X, *inputs, O0, O1, n, m, d, t, int(bool(symmetric))])
