@@ -31,7 +31,7 @@ import gpytorch
 import torch
 
 from .._validation import check_finite, check_positive_int
-from ..likelihood.api import CHOLESKY_CROSSOVER
+from ..likelihood.api import CHOLESKY_CROSSOVER, METHODS
 from ..operators.backends import check_backend_name
 from ..precond.pivoted_cholesky import PivotedCholesky
 from .gpytorch_operator import (
@@ -49,8 +49,6 @@ __all__ = [
     "restore_gpytorch",
     "use_gpscale",
 ]
-
-_METHODS = ("auto", "cholesky", "iterative")
 
 
 @dataclass(frozen=True)
@@ -97,8 +95,8 @@ class BackendOptions:
     cholesky_crossover: int = CHOLESKY_CROSSOVER
 
     def __post_init__(self):
-        if self.method not in _METHODS:
-            raise ValueError(f"method must be one of {_METHODS}, got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         for name in ("rtol", "solve_rtol"):
             v = getattr(self, name)
             if not (0 < v < 1):

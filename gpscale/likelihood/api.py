@@ -31,7 +31,8 @@ from .iterative import iterative_mll
 #: ~340 CG iterations).  1000 sits between the two; below it the exact answer also costs < 0.5 s.
 CHOLESKY_CROSSOVER = 1000
 
-_METHODS = ("auto", "cholesky", "iterative")
+#: ``method=`` values of the MLL (and of the estimators built on it).
+METHODS = ("auto", "cholesky", "iterative")
 
 
 @dataclass
@@ -86,8 +87,8 @@ def mll_estimate(X, y, kernel, noise=1.0, mean=0.0, *, method: str = "auto", rto
     """Like :func:`marginal_log_likelihood` but returns an :class:`MLLResult` with statistics."""
     precision = as_policy(precision)
     check_backend_name(backend)
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     y, noise, mean = _prepare(X, y, kernel, noise, mean)
     n = X.shape[0]
     if method == "auto":

@@ -13,12 +13,12 @@ import torch
 
 from .._validation import check_device, check_positive_int, check_tolerance
 from ..kernels import StationaryKernel
+from ..likelihood.api import METHODS
 from ..operators.backends import check_backend_name
 from ..precision import as_policy
 
 KERNELS = ("rbf", "matern12", "matern32", "matern52")
 OPTIMIZERS = ("lbfgs", "adam")
-METHODS = ("auto", "cholesky", "iterative")
 #: ``max_iter`` when none is given: L-BFGS-B usually stops earlier on its own (``tol``).
 DEFAULT_MAX_ITER = {"lbfgs": 100, "adam": 200}
 
