@@ -21,6 +21,7 @@ from gpscale.kernels import RBF, Matern
 from gpscale.likelihood import mll_estimate
 from gpscale.operators import (
     CrossKernelOperator,
+    autotune,
     KernelOperator,
     backends,
     bilinear_derivative,
@@ -84,16 +85,44 @@ def _fake_op(n, device="cuda", budget=None, name="rbf"):
                            shape=(n, n), tiling=tiling)
 
 
-@pytest.mark.parametrize("avail,want", [({"cuda", "keops"}, "keops"), ({"keops"}, "keops"), ({"cuda"}, "cuda"),
-                                        (set(), "torch")])
-def test_auto_on_cuda_takes_the_fastest_measured_fused_backend_then_torch(monkeypatch, avail, want):
-    # KeOps beat csrc's tc3 on the first lent H100 (backends.AUTO_ORDER_CUDA), so it leads.
+def _fake_choose(choice, calls):
+    def choose(op, cands):
+        calls.append(list(cands))
+        return autotune.Tuning(choice, {c: 1.0 for c in cands}, {}, (1, 1, 1), ())
+    return choose
+
+
+@pytest.mark.parametrize("avail,want,tuned", [({"cuda", "keops"}, "cuda", True), ({"keops"}, "keops", False),
+                                              ({"cuda"}, "cuda", False), (set(), "torch", False)])
+def test_auto_on_cuda_times_the_available_fused_backends_then_torch(monkeypatch, avail, want, tuned):
+    # two candidates: the measured choice (here "cuda"); one: taken untimed; none: torch
+    calls = []
     monkeypatch.setattr(backends, "backend_available", lambda b, *a, **k: (b in avail, "" if b in avail else "no"))
-    assert backends.select_backend(_fake_op(200_000), "auto") == want
+    monkeypatch.setattr(autotune, "choose", _fake_choose("cuda", calls))
+    op = _fake_op(200_000)
+    assert backends.select_backend(op, "auto") == want
+    assert calls == ([list(backends.AUTO_ORDER_CUDA)] if tuned else [])
+    assert hasattr(op, "backend_tuning") == tuned
+
+
+def test_auto_falls_back_to_torch_when_every_timed_candidate_failed(monkeypatch):
+    monkeypatch.setattr(backends, "backend_available", lambda *a, **k: (True, ""))
+    monkeypatch.setattr(autotune, "choose", _fake_choose(None, []))
+    assert backends.select_backend(_fake_op(200_000), "auto") == "torch"
+
+
+def test_auto_under_several_processes_takes_the_static_order_untimed(monkeypatch):
+    # each rank tuning alone could pick a different backend; the static order keeps them identical
+    calls = []
+    monkeypatch.setattr(backends, "backend_available", lambda *a, **k: (True, ""))
+    monkeypatch.setattr(autotune, "choose", _fake_choose("cuda", calls))
+    monkeypatch.setattr(backends, "_multi_process", lambda: True)
+    assert backends.select_backend(_fake_op(200_000), "auto") == backends.AUTO_ORDER_CUDA[0]
+    assert calls == []
 
 
 def test_auto_on_cuda_keeps_torch_when_the_kernel_is_cached_or_tiny(monkeypatch):
-    monkeypatch.setattr(backends, "backend_available", lambda *a, **k: (True, ""))
+    monkeypatch.setattr(backends, "backend_available", lambda b, *a, **k: (b == "keops", ""))
     assert backends.select_backend(_fake_op(1000), "auto") == "torch"  # tiny
     assert backends.select_backend(_fake_op(20_000, budget=4 << 30), "auto") == "torch"  # cached whole
     assert backends.select_backend(_fake_op(20_000, budget=64 << 20), "auto") == "keops"
@@ -104,7 +133,7 @@ def test_upper_entries_counts_the_upper_tiles_and_auto_uses_the_exact_size(monke
     t = plan_symmetric_tiling(n, torch.float32, torch.device("cpu"), budget)
     assert t.upper_entries(n) == sum((i1 - i0) * (j1 - j0) for i0, i1, j0, j1 in t.upper_tiles(n))
     # auto's "whole kernel cached" rule and the cache's admission agree at the exact byte count
-    monkeypatch.setattr(backends, "backend_available", lambda *a, **k: (True, ""))
+    monkeypatch.setattr(backends, "backend_available", lambda b, *a, **k: (b == "keops", ""))
     op = _fake_op(4000)
     op.tiling = replace(op.tiling, cache_bytes=op.tiling.upper_entries(4000) * 4)
     assert backends.select_backend(op, "auto") == "torch"
@@ -355,3 +384,14 @@ def test_the_row_partition_refuses_a_fused_backend():
 
     with pytest.raises(ValueError, match="cannot run the row partition"):
         grid_operator(make_inputs(10, 2), RBF(), 0.1, SimpleNamespace(rows=2), {"backend": "keops"})
+
+
+@pytest.mark.keops
+def test_auto_tuning_times_the_real_products_and_leaves_out_what_cannot_run(keops_ok, monkeypatch):
+    """autotune.measure with the real fused_products: KeOps runs on CPU tensors, the CUDA kernels
+    refuse them (the reason is kept), so KeOps is chosen from a finite time."""
+    monkeypatch.setattr(autotune, "PROBE_RHS", T)  # the width the KeOps tests above already compiled
+    op = KernelOperator(make_inputs(200, 2, seed=4), RBF(lengthscale=0.5), noise=0.1)
+    t = autotune.measure(op, ["cuda", "keops"])
+    assert t.choice == "keops" and set(t.seconds) == {"keops"} and 0 < t.seconds["keops"] < math.inf
+    assert "CUDA" in t.errors["cuda"] and t.probe == (200, 200, T)

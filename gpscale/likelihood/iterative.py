@@ -48,6 +48,9 @@ class IterativeMLL:
     #: product backend the operator resolved to ("torch", "keops" or "cuda"; "cuda:<variant>" once
     #: the CUDA kernels ran, e.g. "cuda:simt" where the tensor-core expansion was not accurate enough)
     backend: str = "torch"
+    #: what ``backend="auto"`` measured to choose it (:meth:`gpscale.operators.autotune.Tuning.summary`),
+    #: ``None`` where nothing was timed
+    backend_tuning: str | None = None
 
     @property
     def cg(self):
@@ -58,6 +61,8 @@ class IterativeMLL:
         s.update(method="iterative", quad=self.quad, logdet=self.logdet, logdet_stderr=self.logdet_stderr,
                  preconditioner=self.solve.preconditioner.stats.get("name"),
                  preconditioner_rank=self.solve.preconditioner.rank, backend=self.backend)
+        if self.backend_tuning:
+            s["backend_tuning"] = self.backend_tuning
         return s
 
 
@@ -73,7 +78,9 @@ class _IterativeMLLFunction(torch.autograd.Function):
         logdet = ps.logdet
         n = X.shape[0]
         value = -0.5 * quad - 0.5 * float(logdet) - 0.5 * n * math.log(2 * math.pi)
-        holder.append(IterativeMLL(torch.tensor(value), quad, float(logdet), ps.logdet_stderr, ps, backend_label(op)))
+        tuning = getattr(op, "backend_tuning", None)
+        holder.append(IterativeMLL(torch.tensor(value), quad, float(logdet), ps.logdet_stderr, ps, backend_label(op),
+                                   tuning.summary() if tuning else None))
         ctx.op, ctx.alpha, ctx.ps, ctx.t = op, alpha, ps, num_probes
         ctx.kernel_trace = n * float(outputscale.detach())  # stationary: k(x, x) = s
         return torch.tensor(value, dtype=X.dtype, device=X.device)

@@ -375,6 +375,8 @@ class FitReport:
                       f"rank {cg.get('preconditioner_rank')}, {self.cg_failures} step(s) not converged")
             if cg.get("backend"):
                 solver += f", kernel products on {cg['backend']}"
+            if cg.get("backend_tuning"):
+                solver += f" (auto timed {cg['backend_tuning']})"
             if self.low_precision_share is not None:
                 solver += f", {self.low_precision_share:.0%} of solves finished in low precision"
         else:

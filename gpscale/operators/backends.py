@@ -26,14 +26,17 @@ from __future__ import annotations
 
 import torch
 
+from . import autotune
+
 #: Accepted values of the ``backend=`` argument of the operators.
 BACKENDS = ("auto", "cuda", "keops", "torch")
 #: Products each fused backend implements.
 MODES = ("f", "f_dq", "d")
-#: Order in which ``auto`` tries the fused backends on CUDA: fastest measured first.  First lent
-#: H100 (2026-11-24, n = m = 100k, d = 8, t = 16, benchmarks/results/kernel_matmul_h100_100k.json):
-#: KeOps 0.0213 / 0.0233 s per RBF / Matérn-5/2 product against 0.0249 / 0.0324 s for gpscale's
-#: ``tc3`` at the same accuracy, so KeOps leads until a faster csrc variant has been measured.
+#: Fused backends ``auto`` considers on CUDA, in order of preference: the candidates of the measured
+#: choice (:mod:`gpscale.operators.autotune`; a tie goes to the earlier one) and the static order
+#: where no tuning runs (multi-process runs).  First lent H100 (2026-11-24, n = m = 100k, d = 8,
+#: t = 16, benchmarks/results/kernel_matmul_h100_100k.json): KeOps 0.0213 / 0.0233 s per RBF /
+#: Matérn-5/2 product against 0.0249 / 0.0324 s for gpscale's ``tc3`` at the same accuracy.
 AUTO_ORDER_CUDA = ("keops", "cuda")
 #: Kernels the fused backends know (``StationaryKernel.name``); others always run on torch.
 FUSED_KERNELS = ("rbf", "matern12", "matern32", "matern52")
@@ -90,10 +93,12 @@ def select_backend(op, requested: str) -> str:
     plain GEMM, whereas KeOps recomputes all pairs and compiles each new formula for seconds (one
     uncached product at n = m = 3000, d = 8, t = 16 on the 2-core CI machine: torch 0.15 s / 0.25 s,
     KeOps 0.18 s / 0.13 s for RBF / Matérn-5/2: no clear winner without the cache).  On CUDA:
-    ``torch`` while the whole kernel fits the cache or the problem is tiny, otherwise the first
-    available of :data:`AUTO_ORDER_CUDA` (KeOps, then gpscale's ``cuda`` kernels: the measured
-    order), else ``torch``.  An explicit backend that cannot run raises
-    ``RuntimeError`` with the reason.
+    ``torch`` while the whole kernel fits the cache or the problem is tiny, otherwise the fastest
+    available of :data:`AUTO_ORDER_CUDA`, timed on a probe product of this operator the first time
+    its problem class appears in the process (:func:`gpscale.operators.autotune.choose`; the
+    measurement is in ``op.backend_tuning``), else ``torch``.  Under ``torch.distributed`` with
+    several processes the first available one is taken untimed, so every rank agrees.  An explicit
+    backend that cannot run raises ``RuntimeError`` with the reason.
     """
     check_backend_name(requested)
     name, device, dtype = op.kernel.name, op.device, op.dtype
@@ -109,10 +114,18 @@ def select_backend(op, requested: str) -> str:
     n, m = op.shape
     if n * m < MIN_FUSED_ENTRIES or _fits_cache(op):
         return "torch"
-    for cand in AUTO_ORDER_CUDA:
-        if backend_available(cand, device, dtype, name)[0]:
-            return cand
-    return "torch"
+    cands = [c for c in AUTO_ORDER_CUDA if backend_available(c, device, dtype, name)[0]]
+    if len(cands) > 1 and not _multi_process():
+        tuning = autotune.choose(op, cands)
+        op.backend_tuning = tuning
+        return tuning.choice or "torch"
+    return cands[0] if cands else "torch"
+
+
+def _multi_process() -> bool:
+    """Whether this process is one of several ``torch.distributed`` ranks."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def backend_label(op) -> str:
