@@ -110,7 +110,7 @@ def latent_variance(Xs, X_train, kernel, noise: float, cache: PredictCache, *, r
     failed = 0
     for j0 in range(0, m, b):
         j1 = min(m, j0 + b)
-        Kb = CrossKernelOperator(X_train, Xs[j0:j1], kernel).rows(idx)
+        Kb = CrossKernelOperator(X_train, Xs[j0:j1], kernel, backend="torch").rows(idx)  # rows only
         if cache.chol is not None:
             V = torch.linalg.solve_triangular(cache.chol, Kb, upper=False)
             q = (V * V).sum(0)

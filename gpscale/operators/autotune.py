@@ -111,14 +111,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _default_run(view, V):
-    from .backends import fused_products  # noqa: PLC0415 - backends imports this module
+    from .backends import fused_products  # noqa: PLC0415 - backends imports this module (lazy both ways)
 
     return fused_products(view, V, "f")
-
-
-def _label(view) -> str:
-    variant = getattr(view, "cuda_variant", None)
-    return f"{view.backend}:{variant}" if view.backend == "cuda" and variant else view.backend
 
 
 def measure(op, candidates, *, run=_default_run, clock=time.perf_counter, repeats: int = REPEATS) -> Tuning:
@@ -143,6 +138,8 @@ def measure(op, candidates, *, run=_default_run, clock=time.perf_counter, repeat
     Cost per candidate: ``(1 + repeats)`` products of ``n x min(m, PROBE_COLUMNS)`` pairs with
     :data:`PROBE_RHS` columns, plus whatever the first run compiles.
     """
+    from .backends import backend_label  # noqa: PLC0415 - backends imports this module
+
     gen = torch.Generator(device=op.device).manual_seed(0)
     cols = min(op.shape[1], PROBE_COLUMNS)
     V = torch.randn(cols, PROBE_RHS, dtype=op.dtype, device=op.device, generator=gen)
@@ -161,7 +158,7 @@ def measure(op, candidates, *, run=_default_run, clock=time.perf_counter, repeat
         except Exception as exc:  # noqa: BLE001 - a failing candidate is left out, with its reason
             errors[cand] = f"{type(exc).__name__}: {exc}"
             continue
-        label_of[cand] = _label(view)
+        label_of[cand] = backend_label(view)  # "cuda:tc3": the variant the CUDA backend picked
         seconds[label_of[cand]] = best
     ran = [c for c in candidates if c in label_of]
     choice = None
