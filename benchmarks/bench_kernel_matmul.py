@@ -137,23 +137,20 @@ def run_mll(n, args, dev):
     (a capped solve is reported as such in ``stats``).
     """
     from gpscale.likelihood import mll_estimate  # noqa: PLC0415
-    from gpscale.operators import KernelOperator  # noqa: PLC0415
     from gpscale.precond import PivotedCholesky  # noqa: PLC0415
 
     g = torch.Generator(device="cpu").manual_seed(1)
     X = torch.rand(n, args.d, generator=g).to(dev)
     y = torch.sin(3 * X[:, 0]) + 0.1 * torch.randn(n, generator=g).to(dev)
     k = RBF(lengthscale=args.lengthscale, ard_num_dims=args.d)
-    # Warm-up on a subset with a small budget (so it takes the same fused backend): compiles the KeOps
-    # formulas / NVRTC kernels of the forward and backward products outside the timed run.
-    m = min(n, 50_000)
+    # Warm-up on the full problem, two CG iterations: compiles the KeOps formulas / NVRTC kernels of
+    # the forward and backward products, and lets backend="auto" time its candidates for each product
+    # of this size (gpscale.operators.autotune: the CG product, the ARD gradient's wide "d" product)
+    # outside the timed run.
     tw = time.perf_counter()
-    warm = mll_estimate(X[:m], y[:m], k, noise=0.05, method="iterative", seed=0, memory_budget=1 << 24, warn=False,
-                        max_iter=3, preconditioner=PivotedCholesky(rank=10), backend=args.mll_backend)
+    warm = mll_estimate(X, y, k, noise=0.05, method="iterative", seed=0, memory_budget=args.mll_budget, warn=False,
+                        max_iter=2, preconditioner=PivotedCholesky(rank=10), backend=args.mll_backend)
     warm.value.backward()
-    # auto times the fused backends once per problem class (gpscale.operators.autotune): building the
-    # full-size operator here measures the 1M class outside the timed run too
-    KernelOperator(X, k, noise=0.05, memory_budget=args.mll_budget, backend=args.mll_backend)
     _sync(dev)
     warmup = time.perf_counter() - tw
     k = RBF(lengthscale=args.lengthscale, ard_num_dims=args.d)

@@ -33,8 +33,8 @@ class FakeProducts:
     def clock(self) -> float:
         return self.now
 
-    def __call__(self, view, V):
-        self.calls.append((view.backend, tuple(view._Zs.shape), tuple(V.shape)))
+    def __call__(self, view, V, mode):
+        self.calls.append((view.backend, tuple(view._Zs.shape), tuple(V.shape), mode))
         if view.backend in self.fail:
             raise RuntimeError(f"{view.backend} cannot compile here")
         if view.backend == "cuda":
@@ -58,7 +58,7 @@ def test_measure_picks_the_fastest_candidate_and_reports_every_time():
     assert not t.errors
     # one untimed run (compiles, loads) and REPEATS timed ones per candidate
     assert [c[0] for c in fake.calls] == ["keops"] * (1 + autotune.REPEATS) + ["cuda"] * (1 + autotune.REPEATS)
-    assert t.summary().startswith("cuda:tc3 0.1 s, keops 0.3 s per 300x300x16 probe")
+    assert t.summary().startswith("cuda:tc3 0.1 s, keops 0.3 s per 300x300x16 f probe")
 
 
 def test_a_near_tie_goes_to_the_earlier_candidate():
@@ -90,7 +90,10 @@ def test_the_probe_keeps_every_row_and_the_first_columns_with_the_full_norms(mon
     fake = FakeProducts({"keops": 1.0})
     t = autotune.measure(op, ["keops"], run=fake, clock=fake.clock)
     assert t.probe == (200, 64, autotune.PROBE_RHS)
-    assert {c[1:] for c in fake.calls} == {((64, 3), (64, autotune.PROBE_RHS))}
+    assert {c[1:] for c in fake.calls} == {((64, 3), (64, autotune.PROBE_RHS), "f")}
+    fake = FakeProducts({"keops": 1.0})
+    t = autotune.measure(op, ["keops"], mode="d", rhs=70, run=fake, clock=fake.clock)
+    assert t.probe == (200, 64, 70) and t.mode == "d" and {c[1:] for c in fake.calls} == {((64, 3), (64, 70), "d")}
 
 
 def test_choose_measures_each_problem_class_once():
@@ -102,7 +105,13 @@ def test_choose_measures_each_problem_class_once():
     for other in (_op(n=1000), _op(d=9), _op(kernel=Matern(nu=2.5))):  # rows, k-steps, kernel
         assert autotune.choose(other, ["keops", "cuda"], **kw) is not first
     assert autotune.choose(_op(), ["cuda"], **kw) is not first  # other candidates: measured apart
-    assert len(autotune.tunings()) == 5
+    # other products of the same class: per mode and 16-column chunk count
+    wide = autotune.choose(_op(), ["keops", "cuda"], mode="d", rhs=204, **kw)
+    assert wide is not first and wide.probe[2] == 204 and wide.mode == "d"
+    assert autotune.choose(_op(), ["keops", "cuda"], mode="d", rhs=193, **kw) is wide  # also 13 chunks
+    assert autotune.choose(_op(), ["keops", "cuda"], mode="f", rhs=17, **kw) is not first  # 2 chunks
+    assert autotune.choose(_op(), ["keops", "cuda"], mode="f", rhs=5, **kw) is first  # 1 chunk
+    assert len(autotune.tunings()) == 7
     autotune.clear()
     assert not autotune.tunings()
 
@@ -116,7 +125,7 @@ def test_problem_class_buckets():
 
 
 def test_the_mll_statistics_carry_what_auto_measured(monkeypatch):
-    measured = autotune.Tuning("keops", {"keops": 0.07, "cuda:tc3": 0.09}, {}, (300, 300, 16), ())
+    measured = autotune.Tuning("keops", {"keops": 0.07, "cuda:tc3": 0.09}, {}, (300, 300, 16), (), "f")
 
     def select(op, requested):  # stands in for a GPU run where auto timed two fused backends
         op.backend_tuning = measured
@@ -126,7 +135,7 @@ def test_the_mll_statistics_carry_what_auto_measured(monkeypatch):
     X = make_inputs(300, 2, seed=3)
     res = mll_estimate(X, torch.sin(X[:, 0]), RBF(lengthscale=0.7), noise=0.1, method="iterative", seed=0,
                        num_probes=4)
-    assert res.stats["backend_tuning"] == measured.summary() == "keops 0.07 s, cuda:tc3 0.09 s per 300x300x16 probe"
+    assert res.stats["backend_tuning"] == measured.summary() == "keops 0.07 s, cuda:tc3 0.09 s per 300x300x16 f probe"
     monkeypatch.undo()
     res = mll_estimate(X, torch.sin(X[:, 0]), RBF(lengthscale=0.7), noise=0.1, method="iterative", seed=0,
                        num_probes=4)
@@ -145,4 +154,47 @@ def test_the_fit_report_says_what_auto_measured(monkeypatch):
     monkeypatch.setattr(kernel_operator_module, "select_backend", select)
     X = make_inputs(300, 2, seed=3)
     gp = gpscale.ExactGP(kernel="rbf", method="iterative", max_iter=2).fit(X, torch.sin(X[:, 0]))
-    assert "(auto timed keops 0.07 s, cuda:tc3 0.09 s per 300x300x16 probe)" in str(gp.report_)
+    assert "(auto timed keops 0.07 s, cuda:tc3 0.09 s per 300x300x16 f probe)" in str(gp.report_)
+
+
+def test_wide_and_derivative_products_run_on_the_candidate_timed_fastest_for_them(monkeypatch):
+    """An auto operator's CG product stays on op.backend; a "d" product with t(2d+1) columns, or a
+    wide "f" product, takes what choose() measured for that mode and chunk count."""
+    from gpscale.operators import backends, cuda_backend, keops_backend
+
+    ran, asked = [], []
+    monkeypatch.setattr(keops_backend, "products", lambda Xs, Zs, name, V, mode: ran.append(("keops", mode)))
+    monkeypatch.setattr(cuda_backend, "products", lambda op, V, mode: ran.append(("cuda", mode)))
+
+    def choose(op, cands, *, mode, rhs):
+        asked.append((tuple(cands), mode, rhs))
+        return autotune.Tuning("cuda" if mode == "d" else "keops", probe=(1, 1, rhs), mode=mode)
+
+    monkeypatch.setattr(autotune, "choose", choose)
+    op = _op()
+    op.backend, op.fused_candidates = "keops", ("keops", "cuda")  # as select_backend leaves a timed operator
+    V = torch.zeros(300, 16, dtype=torch.float64)
+    backends.fused_products(op, V, "f")  # the CG product: op.backend, nothing timed
+    backends.fused_products(op, torch.zeros(300, 7 * 16, dtype=torch.float64), "d")
+    backends.fused_products(op, torch.zeros(300, 40, dtype=torch.float64), "f")
+    assert ran == [("keops", "f"), ("cuda", "d"), ("keops", "f")]
+    assert asked == [(("keops", "cuda"), "d", 112), (("keops", "cuda"), "f", 40)]
+    del op.fused_candidates  # an operator whose backend was not timed (explicit, one candidate) never asks
+    backends.fused_products(op, torch.zeros(300, 112, dtype=torch.float64), "d")
+    assert ran[-1] == ("keops", "d") and len(asked) == 2
+
+
+def test_a_timed_operator_keeps_the_candidates_that_ran(monkeypatch):
+    from types import SimpleNamespace
+
+    from gpscale.operators import backends
+    from gpscale.operators.blocking import plan_symmetric_tiling
+
+    monkeypatch.setattr(backends, "backend_available", lambda *a, **k: (True, ""))
+    dev = torch.device("cuda")  # a stand-in operator: auto only times on a GPU
+    op = SimpleNamespace(kernel=SimpleNamespace(name="rbf"), device=dev, dtype=torch.float32, shape=(200_000, 200_000),
+                         tiling=plan_symmetric_tiling(200_000, torch.float32, dev, None))
+    monkeypatch.setattr(autotune, "choose", lambda o, cands: autotune.Tuning("keops", {"keops": 1.0},
+                                                                              {"cuda": "RuntimeError: x"}))
+    assert backends.select_backend(op, "auto") == "keops"
+    assert op.fused_candidates == ("keops",)  # cuda failed: never asked again for this operator

@@ -88,7 +88,7 @@ def _fake_op(n, device="cuda", budget=None, name="rbf"):
 def _fake_choose(choice, calls):
     def choose(op, cands):
         calls.append(list(cands))
-        return autotune.Tuning(choice, {c: 1.0 for c in cands}, {}, (1, 1, 1), ())
+        return autotune.Tuning(choice, {c: 1.0 for c in cands}, {}, (1, 1, 1), (), "f")
     return choose
 
 
@@ -387,11 +387,10 @@ def test_the_row_partition_refuses_a_fused_backend():
 
 
 @pytest.mark.keops
-def test_auto_tuning_times_the_real_products_and_leaves_out_what_cannot_run(keops_ok, monkeypatch):
+def test_auto_tuning_times_the_real_products_and_leaves_out_what_cannot_run(keops_ok):
     """autotune.measure with the real fused_products: KeOps runs on CPU tensors, the CUDA kernels
     refuse them (the reason is kept), so KeOps is chosen from a finite time."""
-    monkeypatch.setattr(autotune, "PROBE_RHS", T)  # the width the KeOps tests above already compiled
     op = KernelOperator(make_inputs(200, 2, seed=4), RBF(lengthscale=0.5), noise=0.1)
-    t = autotune.measure(op, ["cuda", "keops"])
+    t = autotune.measure(op, ["cuda", "keops"], rhs=T)  # the width the KeOps tests above already compiled
     assert t.choice == "keops" and set(t.seconds) == {"keops"} and 0 < t.seconds["keops"] < math.inf
     assert "CUDA" in t.errors["cuda"] and t.probe == (200, 200, T)

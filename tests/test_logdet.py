@@ -170,3 +170,25 @@ def test_trace_estimator_unbiased_and_auto_control_variate(case):
     assert use_control_variate(P, 200 * float(k.outputscale.detach())) == cv_better == (case == "strong-preconditioner")
     auto = _trace_estimates(op, "auto", rank, seeds=range(3))
     assert torch.equal(auto, (cv if cv_better else plain)[:3])
+
+
+def test_auto_control_variate_weighs_its_cost_in_derivative_columns(monkeypatch):
+    """The exact part adds rank x width derivative columns: free for small n, refused where it would
+    cost more than a CG solve (n = 1M, rank 2000, ARD d = 8: ~36 000 columns against ~11 x 32)."""
+    from gpscale.logdet import trace
+    from gpscale.logdet.trace import control_variate_affordable, derivative_width, use_control_variate
+
+    assert derivative_width(torch.ones(8), 8) == 18 and derivative_width(torch.tensor(1.0), 8) == 1
+    assert control_variate_affordable(300, 200, 10, 8)  # the GPyTorch-test regime: n^2 k w ~ 1e8
+    assert not control_variate_affordable(1_000_000, 2000, 10, 18)
+    assert not control_variate_affordable(1_000_000, 2000, 10, 1)  # 125 chunks > 32 solve products
+    assert control_variate_affordable(1_000_000, 500, 10, 1)  # 32 chunks: about a solve
+    assert control_variate_affordable(1_000_000, 500, 20, 1) and not control_variate_affordable(1_000_000, 520, 10, 1)
+    # the strong-preconditioner case above (the residual rule says yes) turns off once n^2 k w is large
+    X = make_inputs(200, 2, seed=51, scale=4.0)
+    k = build_kernel("matern", 1.5, d=2, outputscale=1.0)
+    P = PivotedCholesky(rank=60).build(KernelOperator(X, k, noise=0.5))
+    assert use_control_variate(P, 200 * float(k.outputscale.detach()), 10, 1)
+    monkeypatch.setattr(trace, "CONTROL_VARIATE_FREE_WORK", 200 * 200 * 60 - 1)
+    assert use_control_variate(P, 200 * float(k.outputscale.detach()), 10, 1)  # 4 chunks <= 32: still on
+    assert not use_control_variate(P, 200 * float(k.outputscale.detach()), 10, 18)  # 68 chunks: off

@@ -35,7 +35,7 @@ import torch
 
 from ..logdet.slq import build_preconditioner, draw_probes
 from ..operators import KernelOperator
-from ..logdet.trace import trace_columns
+from ..logdet.trace import derivative_width, trace_columns
 from ..operators.derivatives import bilinear_derivative
 from ..solvers.cg import CGStatus, CGWarning, ConjugateGradients
 from .comm import DistributedError, all_gather_vector, broadcast_tensor
@@ -134,8 +134,9 @@ def _local_gradient(pb: _Problem, full, op, x, P, PZ, alpha, d_ls: int) -> dict:
     n = pb.X.shape[0]
     kernel_trace = n * float(pb.kernel.outputscale.detach())
     first_cols = pb.grid.col_index == 0
+    width = derivative_width(pb.kernel.lengthscale.detach(), pb.X.shape[1])  # the same on every rank
     A, B, const = trace_columns(x[:, :t_loc], PZ, pb.num_probes, P, -0.5, kernel_trace=kernel_trace,
-                                include_exact=first_cols)
+                                include_exact=first_cols, derivative_width=width)
     if alpha is not None:
         A = torch.cat([A, alpha[:, None]], dim=1)
         B = torch.cat([B, 0.5 * alpha[:, None]], dim=1)

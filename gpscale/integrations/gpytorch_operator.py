@@ -36,7 +36,7 @@ from .._validation import check_finite
 from ..kernels import make_kernel
 from ..likelihood.cholesky import cholesky_factor
 from ..logdet.slq import build_preconditioner, probe_solve
-from ..logdet.trace import trace_pairs
+from ..logdet.trace import derivative_width, trace_pairs
 from ..operators import CrossKernelOperator, KernelOperator
 from ..operators.derivatives import bilinear_derivative
 from ..solvers.cg import CGWarning, ConjugateGradients
@@ -89,7 +89,8 @@ class _InvQuadLogdet(torch.autograd.Function):
         op, alpha, ps = ctx.op, ctx.alpha, ctx.ps
         # d(quad_c)/dθ = -α_cᵀ ∂K α_c ;  d(logdet)/dθ = tr(K⁻¹ ∂K), estimated from the probe solves
         # with the preconditioner as control variate (gpscale.logdet.trace).
-        At, Bt, const = trace_pairs(ps, g_logdet, kernel_trace=ctx.kernel_trace)
+        At, Bt, const = trace_pairs(ps, g_logdet, kernel_trace=ctx.kernel_trace,
+                                    derivative_width=derivative_width(op.lengthscale, op.X.shape[1]))
         A = torch.cat([alpha, At], dim=1)
         B = torch.cat([-alpha * g_quad, Bt], dim=1)
         g = bilinear_derivative(op, A, B)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..logdet.slq import ProbeSolve, probe_solve
-from ..logdet.trace import trace_pairs
+from ..logdet.trace import derivative_width, trace_pairs
 from ..operators.backends import backend_label
 from ..operators.derivatives import bilinear_derivative
 from ..operators.kernel_operator import KernelOperator
@@ -90,7 +90,8 @@ class _IterativeMLLFunction(torch.autograd.Function):
         op, alpha, ps = ctx.op, ctx.alpha, ctx.ps
         # -½ tr(K̂⁻¹∂K̂) from the probe solves, with the preconditioner as control variate where it
         # lowers the variance (gpscale.logdet.trace).
-        At, Bt, const = trace_pairs(ps, -0.5, kernel_trace=ctx.kernel_trace)
+        At, Bt, const = trace_pairs(ps, -0.5, kernel_trace=ctx.kernel_trace,
+                                    derivative_width=derivative_width(op.lengthscale, op.X.shape[1]))
         A = torch.cat([alpha[:, None], At], dim=1)
         B = torch.cat([0.5 * alpha[:, None], Bt], dim=1)
         g = bilinear_derivative(op, A, B)

@@ -20,7 +20,12 @@ symmetric operator.  ``torch`` is not a candidate: its cost depends on the tile 
 What is remembered, and what is not
 -----------------------------------
 The key is the problem class (:func:`problem_class`): device name, kernel, dtype, ``ceil(d / 8)``
-(the tensor-core k-steps), and the row count and probe width, each to the nearest power of two.  The table
+(the tensor-core k-steps), and the row count and probe width, each to the nearest power of two;
+then the product (:func:`choose`): the mode and its 16-column chunk count.  The operator's backend
+is the CG product's choice (``"f"``, one chunk); a wider or derivative product of the same operator
+is timed on its own the first time it occurs and may run on another candidate (KeOps computes each
+pair once for all columns, the CUDA kernels once per chunk: the ARD gradient's ``t(2d+1)``
+columns are where they differ most).  The table
 lives in this process only (:func:`tunings`, :func:`clear`): a table on disk would keep a choice
 made while another job shared the GPU.  A candidate that fails (compile error, missing library) is
 left out with its reason.  Within :data:`TIE` of the fastest, the earlier candidate of the given
@@ -42,8 +47,10 @@ import torch
 
 #: Rows of ``Z`` the probe product uses (all of ``Z`` when it has fewer).
 PROBE_COLUMNS = 1 << 16
-#: Right-hand-side columns of the probe (one column chunk of the CUDA kernels).
-PROBE_RHS = 16
+#: Output columns per block of the CUDA kernels: a product with more recomputes the kernel per chunk.
+CHUNK_COLUMNS = 16
+#: Right-hand-side columns of the CG product's probe (one chunk).
+PROBE_RHS = CHUNK_COLUMNS
 #: Timed runs per candidate after the untimed first run.
 REPEATS = 2
 #: Candidates within this fraction of the fastest count as tied (the earlier one wins).
@@ -69,6 +76,8 @@ class Tuning:
         ``(rows, columns, rhs)`` of the timed product.
     key : tuple
         The problem class (:func:`problem_class`).
+    mode : str
+        The product timed (``"f"``, ``"f_dq"`` or ``"d"``).
     """
 
     choice: str | None
@@ -76,12 +85,13 @@ class Tuning:
     errors: dict = field(default_factory=dict)
     probe: tuple = ()
     key: tuple = ()
+    mode: str = "f"
 
     def summary(self) -> str:
-        """One line for solver statistics: ``"keops 0.0712 s, cuda:tc3 0.0904 s per 1000000x65536x16 probe"``."""
+        """One line for solver statistics: ``"keops 0.0712 s, cuda:tc3 0.0904 s per 1000000x65536x16 f probe"``."""
         timed = ", ".join(f"{k} {v:.4g} s" for k, v in sorted(self.seconds.items(), key=lambda kv: kv[1]))
         failed = "".join(f"; {k} failed: {v}" for k, v in self.errors.items())
-        return f"{timed or 'no candidate ran'} per {'x'.join(map(str, self.probe))} probe{failed}"
+        return f"{timed or 'no candidate ran'} per {'x'.join(map(str, self.probe))} {self.mode} probe{failed}"
 
 
 def problem_class(op) -> tuple:
@@ -110,13 +120,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _default_run(view, V):
+def _default_run(view, V, mode):
     from .backends import fused_products  # noqa: PLC0415 - backends imports this module (lazy both ways)
 
-    return fused_products(view, V, "f")
+    return fused_products(view, V, mode)
 
 
-def measure(op, candidates, *, run=_default_run, clock=time.perf_counter, repeats: int = REPEATS) -> Tuning:
+def measure(op, candidates, *, mode: str = "f", rhs: int = PROBE_RHS, run=_default_run, clock=time.perf_counter,
+            repeats: int = REPEATS) -> Tuning:
     """Time each candidate on ``op``'s probe product and pick the fastest (no table involved).
 
     Parameters
@@ -125,9 +136,13 @@ def measure(op, candidates, *, run=_default_run, clock=time.perf_counter, repeat
         A built operator (its scaled inputs ``_Xs``, ``_Zs`` and norms are used).
     candidates : sequence of str
         Fused backends in order of preference (ties go to the earlier one).
+    mode : {"f", "f_dq", "d"}
+        The product to time (:mod:`gpscale.operators.backends`).
+    rhs : int
+        Right-hand-side columns of the probe.
     run : callable, optional
-        ``run(view, V)`` computes the probe product; the default is
-        :func:`gpscale.operators.backends.fused_products` in mode ``"f"``.
+        ``run(view, V, mode)`` computes the probe product; the default is
+        :func:`gpscale.operators.backends.fused_products`.
     clock : callable, optional
         Seconds as a float (injectable for tests).
     repeats : int
@@ -136,23 +151,23 @@ def measure(op, candidates, *, run=_default_run, clock=time.perf_counter, repeat
     Notes
     -----
     Cost per candidate: ``(1 + repeats)`` products of ``n x min(m, PROBE_COLUMNS)`` pairs with
-    :data:`PROBE_RHS` columns, plus whatever the first run compiles.
+    ``rhs`` columns, plus whatever the first run compiles.
     """
     from .backends import backend_label  # noqa: PLC0415 - backends imports this module
 
     gen = torch.Generator(device=op.device).manual_seed(0)
     cols = min(op.shape[1], PROBE_COLUMNS)
-    V = torch.randn(cols, PROBE_RHS, dtype=op.dtype, device=op.device, generator=gen)
+    V = torch.randn(cols, rhs, dtype=op.dtype, device=op.device, generator=gen)
     seconds, errors, label_of = {}, {}, {}
     for cand in candidates:
         view = _probe_view(op, cand)
         try:
-            run(view, V)  # compiles / loads, and fills caches: never timed
+            run(view, V, mode)  # compiles / loads, and fills caches: never timed
             best = math.inf
             for _ in range(repeats):
                 _sync(op.device)
                 t0 = clock()
-                run(view, V)
+                run(view, V, mode)
                 _sync(op.device)
                 best = min(best, clock() - t0)
         except Exception as exc:  # noqa: BLE001 - a failing candidate is left out, with its reason
@@ -165,23 +180,32 @@ def measure(op, candidates, *, run=_default_run, clock=time.perf_counter, repeat
     if ran:
         fastest = min(seconds[label_of[c]] for c in ran)
         choice = next(c for c in ran if seconds[label_of[c]] <= fastest * (1 + TIE))
-    return Tuning(choice, seconds, errors, (op.shape[0], cols, PROBE_RHS), problem_class(op))
+    return Tuning(choice, seconds, errors, (op.shape[0], cols, rhs), problem_class(op), mode)
 
 
-def choose(op, candidates, **kwargs) -> Tuning:
-    """The remembered :class:`Tuning` for ``op``'s problem class and these candidates, measured once.
+def choose(op, candidates, *, mode: str = "f", rhs: int = PROBE_RHS, **kwargs) -> Tuning:
+    """The remembered :class:`Tuning` for ``op``'s problem class, product and candidates, measured once.
 
-    Keyword arguments go to :func:`measure`.  Thread-safe: concurrent first calls measure once.
+    The product is ``mode`` with ``rhs`` columns, remembered per 16-column chunk count (the CUDA
+    kernels recompute the kernel once per chunk; KeOps once for all columns, so wide products --
+    the ARD derivative's ``t(2d+1)`` columns, a batch of predictive variances -- may prefer another
+    backend than the CG product).  Keyword arguments go to :func:`measure`.  Thread-safe:
+    concurrent first calls measure once.
     """
-    key = (problem_class(op), tuple(candidates))
+    key = (problem_class(op), mode, chunks(rhs), tuple(candidates))
     with _LOCK:
         if key not in _TABLE:
-            _TABLE[key] = measure(op, candidates, **kwargs)
+            _TABLE[key] = measure(op, candidates, mode=mode, rhs=rhs, **kwargs)
         return _TABLE[key]
 
 
+def chunks(rhs: int) -> int:
+    """16-column chunks of a product with ``rhs`` columns (the CUDA kernels' column blocks)."""
+    return max(1, -(-int(rhs) // CHUNK_COLUMNS))
+
+
 def tunings() -> dict:
-    """A copy of this process's table: ``{(problem_class, candidates): Tuning}``."""
+    """A copy of this process's table: ``{(problem_class, mode, chunks, candidates): Tuning}``."""
     with _LOCK:
         return dict(_TABLE)
 

@@ -118,6 +118,8 @@ def select_backend(op, requested: str) -> str:
     if len(cands) > 1 and not _multi_process():
         tuning = autotune.choose(op, cands)
         op.backend_tuning = tuning
+        if tuning.choice:  # the other products of this operator pick among the same candidates
+            op.fused_candidates = tuple(c for c in cands if c not in tuning.errors)
         return tuning.choice or "torch"
     return cands[0] if cands else "torch"
 
@@ -155,12 +157,22 @@ def fused_products(op, V: torch.Tensor, mode: str = "f"):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     V = V.contiguous()
-    if op.backend == "keops":
+    backend = _product_backend(op, mode, V.shape[1])
+    if backend == "keops":
         from . import keops_backend
 
         return keops_backend.products(op._Xs, op._Zs, op.kernel.name, V, mode)
-    if op.backend == "cuda":
+    if backend == "cuda":
         from . import cuda_backend
 
         return cuda_backend.products(op, V, mode)
-    raise ValueError(f"fused_products needs a fused backend, but the operator uses {op.backend!r}")
+    raise ValueError(f"fused_products needs a fused backend, but the operator uses {backend!r}")
+
+
+def _product_backend(op, mode: str, rhs: int) -> str:
+    """The backend of one product: ``op.backend``, or for an ``auto`` operator whose backend was
+    timed, the candidate timed fastest for this mode and chunk count (:func:`autotune.choose`)."""
+    cands = getattr(op, "fused_candidates", ())
+    if len(cands) < 2 or (mode == "f" and autotune.chunks(rhs) == 1):
+        return op.backend
+    return autotune.choose(op, cands, mode=mode, rhs=rhs).choice or op.backend
