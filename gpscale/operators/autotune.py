@@ -25,8 +25,7 @@ then the product (:func:`choose`): the mode and its 16-column chunk count.  The 
 is the CG product's choice (``"f"``, one chunk); a wider or derivative product of the same operator
 is timed on its own the first time it occurs and may run on another candidate (KeOps computes each
 pair once for all columns, the CUDA kernels once per chunk: the ARD gradient's ``t(2d+1)``
-columns are where they differ most).  The table
-lives in this process only (:func:`tunings`, :func:`clear`): a table on disk would keep a choice
+columns are where they differ most).  The table lives in this process only (:func:`tunings`, :func:`clear`): a table on disk would keep a choice
 made while another job shared the GPU.  A candidate that fails (compile error, missing library) is
 left out with its reason.  Within :data:`TIE` of the fastest, the earlier candidate of the given
 order wins, so the choice does not flip on timing noise.  Under ``torch.distributed`` with more than
