@@ -17,9 +17,15 @@ from ..likelihood.api import CHOLESKY_CROSSOVER
 from ..precision import as_policy
 from ..precond.pivoted_cholesky import PivotedCholesky
 from ..solvers.cg import CGWarning
-from .config import DEFAULT_MAX_ITER, check_config
 from .checkpoint import check_compatible, fingerprint, load_checkpoint
-from .fit import FitReport, FitSession, GPParams, Objective, check_low_precision_use, precision_check
+from .config import DEFAULT_MAX_ITER, check_config
+from .fit import (
+    FitSession,
+    GPParams,
+    Objective,
+    check_low_precision_use,
+    precision_check,
+)
 from .optimizers import run_adam, run_lbfgs
 from .predict import (
     Standardizer,
@@ -27,6 +33,7 @@ from .predict import (
     latent_variance,
     prepare_predictor,
 )
+from .report import FitReport
 
 
 class ExactGP:
