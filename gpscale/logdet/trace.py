@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import torch
 
+from ..operators.autotune import chunks  # the fused kernels' 16-column unit of work
+
 __all__ = ["control_variate_affordable", "derivative_width", "trace_columns", "trace_pairs", "use_control_variate"]
 
 #: ``auto`` uses the control variate when the preconditioner's unexplained kernel mass is at most this
@@ -86,8 +88,7 @@ def control_variate_affordable(n: int, rank: int, num_probes: int, derivative_wi
     extra = rank * max(1, derivative_width)
     if n * n * extra <= CONTROL_VARIATE_FREE_WORK:
         return True
-    chunks = -(-extra // 16)
-    return chunks <= CONTROL_VARIATE_SOLVE_PRODUCTS * -(-(num_probes + 1) // 16)
+    return chunks(extra) <= CONTROL_VARIATE_SOLVE_PRODUCTS * chunks(num_probes + 1)
 
 
 def trace_pairs(ps, weight, control_variate="auto", kernel_trace: float | None = None, derivative_width: int = 1):

@@ -95,11 +95,14 @@ class Tuning:
 
 def problem_class(op) -> tuple:
     """The key under which a tuning is remembered (see the module docstring)."""
+    # Tuning runs only where auto already considers the cuda backend (a CUDA device), so importing
+    # gpscale._ext here adds nothing to a CPU-only path.
+    from .._ext.launch import ksteps  # noqa: PLC0415
+
     n, m = op.shape
-    d = op._Xs.shape[1]
     dev = op.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-    return (name, op.kernel.name, str(op.dtype), max(1, -(-d // 8)), round(math.log2(max(n, 1))),
+    return (name, op.kernel.name, str(op.dtype), ksteps(op._Xs.shape[1]), round(math.log2(max(n, 1))),
             round(math.log2(max(min(m, PROBE_COLUMNS), 1))))
 
 
