@@ -33,6 +33,7 @@ from .bench import add_parser as _add_bench
 from .data import DataError, load_data, make_demo, subsample, train_test_split
 from .models import ExactGP
 from .operators.backends import BACKENDS
+from .precision import PRODUCT_DTYPES
 from .precond import PivotedCholesky
 
 #: Settings of ``gpscale fit --demo`` (each overridable by its option).  Measured on a shared 2-core CPU:
@@ -92,6 +93,10 @@ def _add_fit(sub) -> None:
     p.add_argument("--rtol", type=float, default=1e-2, help="CG tolerance in training (default %(default)s)")
     p.add_argument("--num-probes", type=int, default=10, help="default %(default)s")
     p.add_argument("--precond-rank", type=int, help="pivoted Cholesky rank (default 100; 0: none)")
+    p.add_argument("--precision", choices=list(PRODUCT_DTYPES),
+                   help="arithmetic of the kernel products in the training CG solves (mixed precision with "
+                        "re-orthogonalisation and float32 fallback, docs/precision.md); default: the dtype "
+                        "of the data, no policy")
     p.add_argument("--std-points", type=_count_or_all, metavar="K|all",
                    help=f"test points for the predictive std / NLL (default: all with Cholesky, a random "
                         f"{STD_POINTS_ITERATIVE} with CG, where each costs a solve)")
@@ -148,7 +153,7 @@ def _estimator(args) -> ExactGP:
                    method=args.method, rtol=args.rtol, num_probes=args.num_probes, preconditioner=precond,
                    seed=args.seed, dtype=getattr(torch, args.dtype), memory_budget=budget,
                    init_subset=args.init_subset, verbose=not args.quiet, checkpoint=args.checkpoint,
-                   device=args.device, backend=args.backend)
+                   device=args.device, backend=args.backend, precision=args.precision)
 
 
 def _test_metrics(gp: ExactGP, X_test, y_test, std_points, seed: int) -> dict:

@@ -113,6 +113,19 @@ def test_backend_and_device_reach_the_estimator(capsys):
     assert "kernel products on torch" in capsys.readouterr().out
 
 
+def test_precision_reaches_the_estimator(tmp_path, capsys):
+    out_json = tmp_path / "out.json"
+    code = main(["fit", "--demo", "--n", "400", "--max-iter", "1", "--method", "iterative", "--precision", "float16",
+                 "--quiet", "--json", str(out_json)])
+    assert code == 0
+    assert "% of solves finished in float16" in capsys.readouterr().out
+    res = json.loads(out_json.read_text())
+    assert res["settings"]["precision"] == "float16" and res["report"]["precision"] == "float16"
+    assert res["report"]["precision_check"]["ok"]
+    assert main(["fit", "--demo", "--precision", "float8", "--quiet"]) == 2
+    assert "invalid choice: 'float8'" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- data helpers
 def test_make_demo_is_seeded_float32():
     X, y = make_demo(n=50, d=8, seed=3)

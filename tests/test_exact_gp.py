@@ -345,3 +345,34 @@ def test_lbfgs_stop_on_a_stalled_estimate_is_named_as_such_for_the_iterative_met
         assert "estimate's resolution" in rep.message and "adam" in rep.message
     else:
         assert rep.message.startswith("CONVERGENCE: RELATIVE REDUCTION")
+
+
+# ----------------------------------------------------------------------------- estimator protocol
+def test_get_params_set_params_follow_scikit_learn():
+    gp = ExactGP(kernel="rbf", max_iter=7, precision="float16")
+    params = gp.get_params()
+    assert params["kernel"] == "rbf" and params["max_iter"] == 7 and params["precision"] == "float16"
+    assert set(params) == {"kernel", "ard", "optimizer", "max_iter", "lr", "tol", "method", "rtol", "predict_rtol",
+                           "cg_max_iter", "num_probes", "preconditioner", "seed", "dtype", "device",
+                           "memory_budget", "noise_init", "noise_floor", "lengthscale_init", "init_subset",
+                           "verbose", "checkpoint", "precision", "backend"}
+    # what sklearn.base.clone does: a new estimator from the (deep-copied) parameters, unfitted
+    twin = type(gp)(**copy.deepcopy(gp.get_params()))
+    assert repr(twin.get_params()) == repr(params) and not hasattr(twin, "report_")
+    assert gp.set_params(max_iter=3, kernel="matern32") is gp and gp.max_iter == 3 and gp.kernel == "matern32"
+    with pytest.raises(ValueError, match="has no parameter 'maxiter'; valid parameters"):
+        gp.set_params(maxiter=3)
+
+
+def test_low_precision_policy_on_a_dense_fit_warns_and_is_not_used(train):
+    X, y = train
+    with pytest.warns(gpscale.PrecisionWarning, match=r"dense Cholesky \(n=300 <= gpscale.CHOLESKY_CROSSOVER\)"):
+        gp = ExactGP(max_iter=3, precision="float16").fit(X, y)
+    ref = ExactGP(max_iter=3).fit(X, y)
+    assert gp.method_ == "cholesky" and gp.report_.precision is None and gp.report_.precision_check is None
+    assert gp.report_.mll_per_point == ref.report_.mll_per_point  # the float64 dense fit, untouched
+    with pytest.warns(gpscale.PrecisionWarning, match=r"dense Cholesky \(method='cholesky'\)"):
+        ExactGP(max_iter=1, method="cholesky", precision="bfloat16").fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gpscale.PrecisionWarning)
+        ExactGP(max_iter=1, precision="float32").fit(X, y)  # not a low precision: nothing to say

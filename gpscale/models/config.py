@@ -7,7 +7,9 @@ got and what it accepts.
 
 from __future__ import annotations
 
+import inspect
 import numbers
+import warnings
 
 import torch
 
@@ -15,7 +17,7 @@ from .._validation import check_device, check_positive_int, check_tolerance
 from ..kernels import StationaryKernel
 from ..likelihood.api import METHODS
 from ..operators.backends import check_backend_name
-from ..precision import as_policy
+from ..precision import PrecisionPolicy, PrecisionWarning, as_policy
 
 KERNELS = ("rbf", "matern12", "matern32", "matern52")
 OPTIMIZERS = ("lbfgs", "adam")
@@ -52,3 +54,47 @@ def check_config(gp) -> None:
         check_device("device", gp.device)
     if gp.lengthscale_init is not None and not gp.lengthscale_init > 0:
         raise ValueError(f"lengthscale_init must be > 0, got {gp.lengthscale_init!r}")
+
+
+def training_policy(gp, method: str, n: int) -> PrecisionPolicy | None:
+    """The precision policy the fit's MLL evaluations use: ``gp.precision``, unless the fit is dense.
+
+    A policy shapes the CG solves; the dense Cholesky path has none, so a low-precision policy there
+    would only buy :func:`~gpscale.models.fit.precision_check` two wasted evaluations and a report
+    that claims a check of nothing.  The user asked for low precision and is not getting it: say so.
+    """
+    policy = as_policy(gp.precision)
+    if policy is None or not policy.low_precision or method != "cholesky":
+        return policy
+    why = "method='cholesky'" if gp.method == "cholesky" else f"n={n} <= gpscale.CHOLESKY_CROSSOVER"
+    warnings.warn(f"precision={policy.product!r} applies to the CG solves of the iterative method, but this fit is "
+                  f"dense Cholesky ({why}) and runs in {gp.dtype}; pass method='iterative' to use the policy",
+                  PrecisionWarning, stacklevel=3)
+    return None
+
+
+class ParamsMixin:
+    """scikit-learn's estimator-parameter protocol (``get_params`` / ``set_params``) without scikit-learn.
+
+    The parameters are the constructor's arguments, stored under their own names, so
+    ``sklearn.base.clone``, ``GridSearchCV`` and pipelines work with the estimator.
+    """
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return sorted(p.name for p in sig.parameters.values()
+                      if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor arguments as a dict (``deep`` is accepted for scikit-learn; no sub-estimators)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params):
+        """Set constructor arguments by name (validated at the next ``fit``); returns ``self``."""
+        valid = self._param_names()
+        for name, value in params.items():
+            if name not in valid:
+                raise ValueError(f"{type(self).__name__} has no parameter {name!r}; valid parameters: {valid}")
+            setattr(self, name, value)
+        return self

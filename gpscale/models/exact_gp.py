@@ -18,7 +18,7 @@ from ..precision import as_policy
 from ..precond.pivoted_cholesky import PivotedCholesky
 from ..solvers.cg import CGWarning
 from .checkpoint import check_compatible, fingerprint, load_checkpoint
-from .config import DEFAULT_MAX_ITER, check_config
+from .config import DEFAULT_MAX_ITER, ParamsMixin, check_config, training_policy
 from .fit import (
     FitSession,
     GPParams,
@@ -36,7 +36,7 @@ from .predict import (
 from .report import FitReport
 
 
-class ExactGP:
+class ExactGP(ParamsMixin):
     """Exact GP regression with learned hyperparameters, scikit-learn style (``fit`` / ``predict``).
 
     The model is :math:`y = m + f(x) + \\varepsilon` with :math:`f \\sim GP(0, k)`, a constant mean
@@ -207,7 +207,7 @@ class ExactGP:
         mll_kwargs = {"method": method, "rtol": self.rtol, "max_iter": self.cg_max_iter,
                       "num_probes": self.num_probes, "preconditioner": self.preconditioner,
                       "memory_budget": self.memory_budget, "backend": self.backend, "distributed": distributed,
-                      "precision": as_policy(self.precision)}
+                      "precision": training_policy(self, method, n)}
         fp = fingerprint(X, y, self._fingerprint_config(method))
         state = dist_fit.from_writer(lambda: self._load_state(fp))
         theta0 = self._start_vector(state, Xs, ys, params, mll_kwargs)

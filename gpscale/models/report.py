@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..precision import as_policy
 from .fit import OptimResult
 
 _F64 = torch.float64
@@ -54,6 +55,8 @@ class FitReport:
     grad_inf: float = math.nan
     #: share of the fit's CG columns that finished in the policy's low precision (None: no policy)
     low_precision_share: float | None = None
+    #: the product precision of the fit's policy (``"float16"`` ...); None without one or when dense
+    precision: str | None = None
 
     @classmethod
     def from_fit(cls, gp, out: OptimResult, alpha_stats: dict, *, fit_seconds: float,
@@ -74,7 +77,8 @@ class FitReport:
                    init_subset=int(gp.init_subset) if gp.init_subset and gp.init_subset < gp.X_train_.shape[0] else 0,
                    loss_history=list(out.losses), precision_check=out.precision_check, grad_inf=out.grad_inf,
                    low_precision_share=(out.low_precision_columns[0] / out.low_precision_columns[1]
-                                        if out.low_precision_columns else None))
+                                        if out.low_precision_columns else None),
+                   precision=_policy_product(gp))
 
     def to_dict(self) -> dict:
         """JSON-friendly dict of every field."""
@@ -92,7 +96,7 @@ class FitReport:
             if cg.get("backend_tuning"):
                 solver += f" (auto timed {cg['backend_tuning']})"
             if self.low_precision_share is not None:
-                solver += f", {self.low_precision_share:.0%} of solves finished in low precision"
+                solver += f", {self.low_precision_share:.0%} of solves finished in {self.precision or 'low precision'}"
         else:
             solver = "dense Cholesky"
         resumed = f" (resumed at iteration {self.resumed_from})" if self.resumed_from else ""
@@ -116,3 +120,9 @@ def _check_text(check: dict | None) -> str:
         return ""
     verdict = "ok" if check["ok"] else "WARNING"
     return f"   (float32-product check: {check['relative']:.1e} relative, {verdict})"
+
+
+def _policy_product(gp) -> str | None:
+    """The product precision the fit's solves used (dense Cholesky fits use none: ``training_policy``)."""
+    policy = as_policy(gp.precision)
+    return policy.product if policy is not None and gp.method_ == "iterative" else None
