@@ -285,6 +285,29 @@ def test_float32_model_runs_iteratively():
     assert backend_stats(model)["counts"]["inv_quad_logdet"] == 1
 
 
+@pytest.mark.parametrize("product", ["float16", "bfloat16"])
+def test_low_precision_training_loss_matches_float32(product):
+    # GPyTorch has no low-precision CG; the backend's precision option gives its training loss one
+    X, y, _ = _data(n=1200)
+    losses, grads, stats = {}, {}, {}
+    for prec in (None, product):
+        model, lik = _model("matern52-ard", X.float(), y.float())
+        model, lik = model.float(), lik.float()
+        use_gpscale(model, method="iterative", seed=0, precision=prec,
+                    preconditioner=gpscale.precond.PivotedCholesky(rank=100))
+        losses[prec], grads[prec] = _loss_and_grads(model, lik, X.float(), y.float())
+        stats[prec] = backend_stats(model)["last"]["inv_quad_logdet"]
+    assert abs(float(losses[product] - losses[None])) <= 1e-2 * abs(float(losses[None]))
+    for name, g in grads[None].items():
+        assert _rel(grads[product][name], g) <= 5e-2, name
+    assert "low_precision_columns" not in stats[None]
+    assert stats[product]["columns"] == 11 and 0 <= stats[product]["low_precision_columns"] <= 11
+    if product == "float16":  # noise 0.2, n = 1200: fp16 rounding is far from CG's limit, nothing falls back
+        assert stats[product]["low_precision_columns"] == 11
+    with pytest.raises(ValueError, match="unknown precision"):
+        BackendOptions(precision="float8")
+
+
 @pytest.mark.parametrize("where", ["X", "y", "Xs"])
 def test_nan_inputs_raise_clear_error(where):
     X, y, Xs = _data()

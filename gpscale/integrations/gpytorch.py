@@ -33,6 +33,7 @@ import torch
 from .._validation import check_finite, check_positive_int
 from ..likelihood.api import CHOLESKY_CROSSOVER, METHODS
 from ..operators.backends import check_backend_name
+from ..precision import as_policy
 from ..precond.pivoted_cholesky import PivotedCholesky
 from .gpytorch_operator import (
     BackendState,
@@ -80,6 +81,12 @@ class BackendOptions:
         Right-hand sides per CG call in prediction solves (bounds CG memory at ``5 n`` numbers each).
     cholesky_crossover : int
         Largest n for the dense path under ``method="auto"``.
+    precision : PrecisionPolicy or dtype name, optional
+        Mixed-precision CG for the training loss's solve (``docs/precision.md``): e.g. ``"float16"``
+        runs the probe and ``y`` solves with 16-bit kernel products, float32 state,
+        re-orthogonalisation and the automatic float32 fallback -- the low-precision CG GPyTorch itself
+        lacks (gpytorch #969).  ``backend_stats(model)`` counts the columns that finished in low
+        precision.  The derivative pass, prediction solves and the dense path keep the inputs' dtype.
     """
 
     method: str = "auto"
@@ -93,8 +100,10 @@ class BackendOptions:
     seed: int | None = None
     solve_block: int = 256
     cholesky_crossover: int = CHOLESKY_CROSSOVER
+    precision: object = None
 
     def __post_init__(self):
+        object.__setattr__(self, "precision", as_policy(self.precision))  # raises on a bad policy
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         for name in ("rtol", "solve_rtol"):

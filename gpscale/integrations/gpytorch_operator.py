@@ -74,7 +74,7 @@ class _InvQuadLogdet(torch.autograd.Function):
         op, opts, state = cfg
         t = opts.num_probes
         gen = None if opts.seed is None else torch.Generator(device=rhs.device).manual_seed(int(opts.seed))
-        solver = ConjugateGradients(rtol=opts.rtol, max_iter=opts.max_iter)
+        solver = ConjugateGradients(rtol=opts.rtol, max_iter=opts.max_iter, precision=opts.precision)
         ps = probe_solve(op, rhs if rhs.shape[1] else None, t, solver, opts.preconditioner, gen)
         alpha = ps.cg.x[:, t:]
         state.record("inv_quad_logdet", ps.cg, logdet_stderr=ps.logdet_stderr)
