@@ -1,4 +1,5 @@
-"""Validation of :class:`~gpscale.ExactGP`'s constructor arguments.
+""":class:`~gpscale.ExactGP`'s constructor arguments: validation, scikit-learn's parameter protocol,
+and the precision policy a fit actually uses.
 
 As in scikit-learn, the constructor only stores its arguments and ``fit`` validates them, so
 ``set_params`` / cloning never see a half-checked object; every error names the argument, what it
