@@ -102,9 +102,10 @@ class PrecisionPolicy:
     refine_steps : int, default 4
         Before falling back, columns that are only inaccurate (not broken down) get up to this many
         cycles of mixed-precision iterative refinement: true residual in ``fallback_product``,
-        correction solved in ``product`` to ``refine_rtol``.  0 disables.
+        correction solved in ``product`` just as tightly as the cycle needs.  0 disables.
     refine_rtol : float, default 0.1
-        Relative tolerance of each refinement's inner solve.
+        Tightest relative tolerance of a refinement's inner solve (a column near its tolerance gets
+        a looser one: half the reduction it still needs, :data:`gpscale.solvers.mixed.REFINE_MARGIN`).
     lowrank_correction : {"auto", True, False}, default "auto"
         With a low-rank preconditioner :math:`P = LL^T + D` (pivoted Cholesky, RPCholesky, Nyström),
         round only the residual kernel :math:`K - LL^T` and add :math:`L(L^T V)` in the state

@@ -308,9 +308,10 @@ def test_lowrank_correction_lets_bfloat16_hold_where_plain_rounding_falls_back()
     assert corr["finished_precision"] == {"bfloat16": 11} and plain["finished_precision"] == {"float32": 11}
     assert corr["num_matmuls"] < 0.6 * plain["num_matmuls"]
     assert abs(v16 - v32) <= 1e-3 * abs(v32)
-    # fp16's default is corrected: fewer products and a log-det closer to float32's than plain fp16
+    # fp16's default is corrected: no more products (26 each since refinement solves only as tightly as
+    # needed; 27 vs 35 before) and a log-det closer to float32's than plain fp16
     (vh, h), (vhp, hp) = out["fp16"], out["fp16 plain"]
-    assert h["num_matmuls"] < hp["num_matmuls"] and abs(vh - v32) < abs(vhp - v32) / 3
+    assert h["num_matmuls"] <= hp["num_matmuls"] and abs(vh - v32) < abs(vhp - v32) / 3
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
