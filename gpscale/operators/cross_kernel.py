@@ -16,6 +16,8 @@ import torch
 
 from .._validation import check_inputs, check_positive_hyper, check_same
 from ..kernels.base import StationaryKernel, floor_sqdist_
+from ..kernels.fused import evaluate as fused_evaluate
+from ..kernels.fused import fused_profile
 from .backends import check_backend_name, fused_products, select_backend
 from .blocking import plan_tiling
 from .expansion import coincidence_threshold
@@ -71,6 +73,8 @@ class CrossKernelOperator:
             # Kernels with a kink at q = 0 (Matérn-1/2): q below the expansion's error bound is set
             # to 0, so repeated inputs get q = 0 exactly (see .expansion).
             self._qsnap = coincidence_threshold(kernel, self._xn, self._zn)
+            # Large operators evaluate their tiles in one compiled pass (gpscale.kernels.fused).
+            self._fused = fused_profile(kernel, X.shape[0] * Z.shape[0])
             # Augmented features: one GEMM of width d+2 yields c*q = c(|x|^2 - 2 x.z + |z|^2)
             # directly (c = kernel.sqdist_scale, -1/2 for RBF), so a tile costs a GEMM write and
             # one in-place elementwise pass instead of four memory passes.
@@ -123,7 +127,7 @@ class CrossKernelOperator:
     def profile_tile(self, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
         """Tile of ``f(q)``: the kernel divided by the outputscale (the hot path of every product)."""
         u = self._Xa[i0:i1] @ self._ZaT[:, j0:j1]
-        return self.kernel.profile_scaled_(self._zero_diagonal(u, i0, i1, j0, j1), snap=self._qsnap)
+        return fused_evaluate(self._fused, self.kernel, self._zero_diagonal(u, i0, i1, j0, j1), self._qsnap)
 
     def _ensure_cache(self) -> None:
         c = self.tiling.cached_rows
