@@ -75,6 +75,7 @@ class CrossKernelOperator:
             self._qsnap = coincidence_threshold(kernel, self._xn, self._zn)
             # Large operators evaluate their tiles in one compiled pass (gpscale.kernels.fused).
             self._fused = fused_profile(kernel, X.shape[0] * Z.shape[0])
+            self._qsnap_t = torch.tensor(self._qsnap, dtype=X.dtype, device=X.device) if self._fused else None
             # Augmented features: one GEMM of width d+2 yields c*q = c(|x|^2 - 2 x.z + |z|^2)
             # directly (c = kernel.sqdist_scale, -1/2 for RBF), so a tile costs a GEMM write and
             # one in-place elementwise pass instead of four memory passes.
@@ -127,7 +128,8 @@ class CrossKernelOperator:
     def profile_tile(self, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
         """Tile of ``f(q)``: the kernel divided by the outputscale (the hot path of every product)."""
         u = self._Xa[i0:i1] @ self._ZaT[:, j0:j1]
-        return fused_evaluate(self._fused, self.kernel, self._zero_diagonal(u, i0, i1, j0, j1), self._qsnap)
+        u = self._zero_diagonal(u, i0, i1, j0, j1)
+        return fused_evaluate(self._fused, self.kernel, u, self._qsnap, self._qsnap_t)
 
     def _ensure_cache(self) -> None:
         c = self.tiling.cached_rows
