@@ -20,24 +20,28 @@ def compile_everything(monkeypatch):
     monkeypatch.setattr(fused, "_FAILED", [])
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("nu", [0.5, 1.5, 2.5])
-def test_compiled_tiles_match_eager_tiles(compile_everything, nu, dtype):
+def test_compiled_tiles_match_eager_tiles(compile_everything, nu, dtype, device):
     g = torch.Generator().manual_seed(0)
-    X = torch.randn(300, 5, generator=g, dtype=dtype)
+    X = torch.randn(300, 5, generator=g, dtype=dtype).to(device)  # CUDA: the compiled pass is a triton kernel
     X[7] = X[3]  # a repeated point: q = 0 off the diagonal, floored like the eager path does
-    k = Matern(nu=nu, lengthscale=torch.linspace(0.5, 2.0, 5))
+    k = Matern(nu=nu, lengthscale=torch.linspace(0.5, 2.0, 5)).to(device)
     op = gpscale.KernelOperator(X, k, noise=0.1, memory_budget=1 << 16, tile=128)  # several tiles, none cached
     assert op._fused is fused._COMPILED[k.name]
     eager = gpscale.KernelOperator(X, k, noise=0.1, memory_budget=1 << 16, tile=128)
     eager._fused = None
-    V = torch.randn(300, 3, generator=g, dtype=dtype)
+    V = torch.randn(300, 3, generator=g, dtype=dtype).to(device)
     got, want = op.matmul(V), eager.matmul(V)
     rtol = 1e-12 if dtype == torch.float64 else 2e-6
     assert float((got - want).abs().max() / want.abs().max()) <= rtol
     torch.testing.assert_close(op.profile_tile(0, 128, 0, 128), eager.profile_tile(0, 128, 0, 128),
                                rtol=rtol, atol=rtol)
-    dense = k(X, X).detach() + 0.1 * torch.eye(300, dtype=dtype)
+    dense = k(X, X).detach() + 0.1 * torch.eye(300, dtype=dtype, device=device)
     assert float((got - dense @ V).abs().max() / (dense @ V).abs().max()) <= 10 * rtol
 
 
