@@ -33,7 +33,7 @@ step tests 120 python3 -m pytest tests/test_cuda_kernels.py tests/test_backends.
 step tests_tcb 70 python3 -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -rf -k tcb --maxfail 20
 #    issue 4's GPU tests (mixed-precision CG, the low-rank-corrected 16-bit operator), CUDA preconditioners and
 #    the compiled (triton) Matérn tile pass that builds the 16-bit cache
-step tests_misc 60 python3 -m pytest tests/test_mixed_precision.py tests/test_precond_suite.py tests/test_fused_profile.py \
+step tests_misc 50 python3 -m pytest tests/test_mixed_precision.py tests/test_precond_suite.py tests/test_fused_profile.py \
     -q -p no:cacheprovider \
     -rf -k cuda
 # 2. issue 5's figure: 1M products for the tensor-core variants and KeOps (tcb last: a fault in its first run
@@ -44,7 +44,7 @@ step km_100k 60 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 
     --backends cuda:tc3 cuda:tc cuda:simt keops cuda:tcb --out "$OUT/kernel_matmul_h100_100k.json"
 # 2b. issue 4: plain fp16 rounding (no low-rank correction) at n = 200k, noise 0.1, beside step 4's
 #     corrected runs: rho extrapolates to ~1 plain and ~0.25 corrected there (docs/precision.md)
-step precision_200k_plain 110 python3 benchmarks/bench_precision.py --device cuda --datasets synthetic \
+step precision_200k_plain 130 python3 benchmarks/bench_precision.py --device cuda --datasets synthetic \
     --max-n 222223 --precisions float16 --lowrank-correction off --fit-iter 0 --timeout 120 --memory-budget 48e9 \
     --repeats 2 --no-markdown --out "$OUT/precision_cuda_200k_plain.json"
 fi
