@@ -8,11 +8,11 @@ take several elementwise passes over the tile (floor, ``sqrt``, scale, ``exp``, 
 nine for ν = 5/2), each reading and writing the whole tile; compiled, they are one pass that reads
 the distance tile and overwrites it with ``f`` (in place, like the eager path: a fresh output tile
 costs its page faults, about as much as the pass).  Measured on the 2-core CI machine, one
-4096 x 4096 float32 tile: Matérn-5/2 90 -> 12 ms (two threads; 140 -> 15 ms on one), Matérn-1/2
-39 -> 11 ms; one uncached 20 000 x 20 000 product with 16 columns (``bench_kernel_matmul.py --device
-cpu --sizes 20000 --backends torch``, two runs each): Matérn-5/2 2.7-3.5 -> 0.50-0.56 s, Matérn-1/2
-1.5-1.7 -> 0.59-0.67 s, RBF 0.55 s either way.  RBF is already one in-place ``exp`` of the GEMM output
-(7 ms per tile; compiled, no faster) and stays eager.
+4096 x 4096 float32 tile, two threads: Matérn-5/2 90 -> 7 ms, Matérn-1/2 41 -> 6 ms; one uncached
+20 000 x 20 000 product with 16 columns (``bench_kernel_matmul.py --device cpu --sizes 20000
+--backends torch``, two runs each): Matérn-5/2 2.7-3.5 -> 0.52-0.54 s, Matérn-1/2 1.5-1.7 -> 0.50 s,
+RBF 0.53-0.55 s either way.  RBF is already one in-place ``exp`` of the GEMM output (7 ms per tile;
+compiled, no faster) and stays eager.
 
 When
 ----
@@ -30,7 +30,8 @@ import warnings
 
 import torch
 
-from .base import SQRT3, SQRT5
+from .matern import Matern
+
 
 #: Kernel entries (rows x columns) from which an operator evaluates its tiles with the compiled profile.
 COMPILE_MIN_ENTRIES = 1 << 28
@@ -44,43 +45,46 @@ class FusedProfileWarning(RuntimeWarning):
     """The compiled tile profile is unavailable; the tiles are evaluated by the eager ops instead."""
 
 
-def _floor(u: torch.Tensor, snap: torch.Tensor) -> torch.Tensor:
-    """``floor_sqdist_``: round-off below 0 -- and, for Matérn-1/2, everything up to ``snap`` -- to 0."""
+def _floored(u: torch.Tensor, snap: torch.Tensor) -> torch.Tensor:
+    """``floor_sqdist_`` out of place: round-off below 0 -- for Matérn-1/2 everything up to ``snap`` -- to 0."""
     return torch.where(u > snap, u, torch.zeros_like(u))
 
 
+# One function per kernel, each calling the kernel's own reference formula (``Matern.profile``), so the
+# compiled pass cannot drift from the definition.  Separate functions, not one closure: dynamo keeps
+# its compiled variants per code object (at most 8), and dtypes x devices x kernels would exceed that.
+_M12, _M32, _M52 = Matern(nu=0.5), Matern(nu=1.5), Matern(nu=2.5)
+
+
 def _matern12(u: torch.Tensor, snap: torch.Tensor) -> torch.Tensor:
-    return u.copy_(torch.exp(-torch.sqrt(_floor(u, snap))))
+    return u.copy_(_M12.profile(_floored(u, snap)))
 
 
 def _matern32(u: torch.Tensor, snap: torch.Tensor) -> torch.Tensor:
-    a = SQRT3 * torch.sqrt(_floor(u, snap))
-    return u.copy_((1.0 + a) * torch.exp(-a))
+    return u.copy_(_M32.profile(_floored(u, snap)))
 
 
 def _matern52(u: torch.Tensor, snap: torch.Tensor) -> torch.Tensor:
-    q = _floor(u, snap)
-    a = SQRT5 * torch.sqrt(q)
-    return u.copy_((1.0 + a + (5.0 / 3.0) * q) * torch.exp(-a))
+    return u.copy_(_M52.profile(_floored(u, snap)))
 
 
-#: The formulas that gain from fusion, by kernel name (``kernel.sqdist_scale`` is 1 for all of them).
-FORMULAS = {"matern12": _matern12, "matern32": _matern32, "matern52": _matern52}
+#: Kernels whose eager tile profile takes several passes (RBF's is one in-place ``exp``: nothing to gain).
+FUSED = {"matern12": _matern12, "matern32": _matern32, "matern52": _matern52}
 
 
 def fused_profile(kernel, entries: int):
     """The compiled ``(u, snap) -> f(u)`` for ``kernel``'s tiles, or ``None`` (evaluate eagerly).
 
-    ``None`` for small operators (``entries < COMPILE_MIN_ENTRIES``), for kernels without a fused
-    formula (:data:`FORMULAS`) and after a compilation failed in this process.
+    ``None`` for small operators (``entries < COMPILE_MIN_ENTRIES``), for kernels not in
+    :data:`FUSED` and after a compilation failed in this process.
     """
     name = getattr(kernel, "name", None)
-    if entries < COMPILE_MIN_ENTRIES or name not in FORMULAS or _FAILED or type(kernel).sqdist_scale != 1.0:
+    if entries < COMPILE_MIN_ENTRIES or name not in FUSED or _FAILED or type(kernel).sqdist_scale != 1.0:
         return None
     with _LOCK:
         if name not in _COMPILED:
             # dynamic: edge tiles have other shapes; snap is a 0-d tensor, so a new value never recompiles
-            _COMPILED[name] = torch.compile(FORMULAS[name], dynamic=True, fullgraph=True)
+            _COMPILED[name] = torch.compile(FUSED[name], dynamic=True, fullgraph=True)
         return _COMPILED[name]
 
 
