@@ -88,18 +88,18 @@ def fused_profile(kernel, entries: int):
         return _COMPILED[name]
 
 
-def evaluate(fn, kernel, u: torch.Tensor, snap: float, snap_t: torch.Tensor | None = None) -> torch.Tensor:
+def evaluate(fn, kernel, u: torch.Tensor, snap: float, snap_t: torch.Tensor | None) -> torch.Tensor:
     """``f(u)`` of a distance tile by the compiled ``fn``, or eagerly if it is ``None`` or fails.
 
-    ``snap_t`` is ``snap`` as a 0-d tensor on ``u``'s device, made once by the caller: building it per
-    tile would copy a scalar to the GPU (a host synchronisation) for every tile.
+    ``snap_t`` is ``snap`` as a 0-d tensor on ``u``'s device (needed with ``fn``), made once by the
+    caller: building it per tile would copy a scalar to the GPU (a host synchronisation) for every tile.
 
     Both paths overwrite ``u`` with the result (the eager one is
     :meth:`~gpscale.kernels.StationaryKernel.profile_scaled_`).
     """
     if fn is not None and not _FAILED:
         try:
-            return fn(u, torch.tensor(snap, dtype=u.dtype, device=u.device) if snap_t is None else snap_t)
+            return fn(u, snap_t)
         except Exception as exc:  # noqa: BLE001 - any compile/runtime failure means: stay eager
             with _LOCK:
                 if not _FAILED:

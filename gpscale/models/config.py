@@ -65,8 +65,10 @@ def training_policy(gp, method: str, n: int) -> PrecisionPolicy | None:
     that claims a check of nothing.  The user asked for low precision and is not getting it: say so.
     """
     policy = as_policy(gp.precision)
-    if policy is None or not policy.low_precision or method != "cholesky":
+    if method != "cholesky":
         return policy
+    if policy is None or not policy.low_precision:
+        return None  # float32/float64 products: what the dense path computes anyway, nothing to say
     why = "method='cholesky'" if gp.method == "cholesky" else f"n={n} <= gpscale.CHOLESKY_CROSSOVER"
     warnings.warn(f"precision={policy.product!r} applies to the CG solves of the iterative method, but this fit is "
                   f"dense Cholesky ({why}) and runs in {gp.dtype}; pass method='iterative' to use the policy",

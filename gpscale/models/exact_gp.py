@@ -238,7 +238,8 @@ class ExactGP(ParamsMixin):
         t_pred = time.perf_counter()
         alpha_stats = self._prepare_prediction()
         self.report_ = FitReport.from_fit(self, out, alpha_stats, fit_seconds=time.perf_counter() - t_start,
-                                          predict_setup_seconds=time.perf_counter() - t_pred)
+                                          predict_setup_seconds=time.perf_counter() - t_pred,
+                                          policy=objective.mll_kwargs.get("precision"))
         if out.cg_failures:
             warnings.warn(f"CG did not converge in {out.cg_failures} of {out.evaluations} objective evaluations "
                           "(see report_.cg_stats); the hyperparameters may be less accurate. Raise the "

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..precision import as_policy
 from .fit import OptimResult
 
 _F64 = torch.float64
@@ -60,7 +59,8 @@ class FitReport:
 
     @classmethod
     def from_fit(cls, gp, out: OptimResult, alpha_stats: dict, *, fit_seconds: float,
-                 predict_setup_seconds: float) -> "FitReport":
+                 predict_setup_seconds: float, policy=None) -> "FitReport":
+        """The report of ``gp``'s fit; ``policy`` is the precision policy its MLL evaluations used."""
         sc, k = gp.scaler_, gp.kernel_
         with torch.no_grad():
             ls = (k.lengthscale.reshape(-1).to(_F64) * sc.x_scale.cpu()).tolist()
@@ -78,7 +78,7 @@ class FitReport:
                    loss_history=list(out.losses), precision_check=out.precision_check, grad_inf=out.grad_inf,
                    low_precision_share=(out.low_precision_columns[0] / out.low_precision_columns[1]
                                         if out.low_precision_columns else None),
-                   precision=_policy_product(gp))
+                   precision=policy.product if policy is not None else None)
 
     def to_dict(self) -> dict:
         """JSON-friendly dict of every field."""
@@ -121,8 +121,3 @@ def _check_text(check: dict | None) -> str:
     verdict = "ok" if check["ok"] else "WARNING"
     return f"   (float32-product check: {check['relative']:.1e} relative, {verdict})"
 
-
-def _policy_product(gp) -> str | None:
-    """The product precision the fit's solves used (dense Cholesky fits use none: ``training_policy``)."""
-    policy = as_policy(gp.precision)
-    return policy.product if policy is not None and gp.method_ == "iterative" else None

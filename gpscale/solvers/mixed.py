@@ -197,7 +197,7 @@ def _refine(cfg, policy, low, full, solve, Bn, r, tol_n, st: _State, cols, inner
     a fixed 0.1 and the duplicate residual product, 48 and 2 now, against float32's 40.
     """
     b, tol = Bn[:, cols], tol_n[cols]
-    x, rn, r = st.x[:, cols].clone(), st.rnorm[cols].clone(), r.clone()
+    x, rn = st.x[:, cols].clone(), st.rnorm[cols].clone()  # r: the caller's R[:, cols], already a copy
     alive = ~(rn <= tol)
     for _ in range(policy.refine_steps):
         idx = alive.nonzero()[:, 0]
