@@ -79,7 +79,12 @@
 #include "profiles.cuh"
 
 #define TCB_WARPS 8
+#ifndef TCB_MT
 #define TCB_MT 2                            // 16-row m-tiles per warp
+#endif
+#ifndef TCB_MINB                            // blocks per SM the register allocation must allow
+#define TCB_MINB 1
+#endif
 #define TCB_ROWS (16 * TCB_MT * TCB_WARPS)  // X rows per block
 #define TCB_BN 64                           // Z rows per tile
 #define TCB_DMAX 32                         // largest d (4 k-steps of 8)
@@ -319,7 +324,7 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
 }
 
 #define GPS_TCB_ENTRY(NAME, KIND, MODE, KS)                                                                  \
-    extern "C" __global__ void __launch_bounds__(32 * TCB_WARPS)                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * TCB_WARPS, TCB_MINB)                                               \
         NAME(const float* X, const float4* Zf, const float* Zn, const uint4* Vf, float* O0, float* O1, int n,   \
              int m, int d, int t, int sym) {                                                                     \
         kmm_tcb<KIND, MODE, KS>(X, Zf, Zn, Vf, O0, O1, n, m, d, t, sym);                                          \

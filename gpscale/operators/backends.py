@@ -34,10 +34,11 @@ BACKENDS = ("auto", "cuda", "keops", "torch")
 MODES = ("f", "f_dq", "d")
 #: Fused backends ``auto`` considers on CUDA, in order of preference: the candidates of the measured
 #: choice (:mod:`gpscale.operators.autotune`; a tie goes to the earlier one) and the static order
-#: where no tuning runs (multi-process runs).  First lent H100 (2026-11-24, n = m = 100k, d = 8,
-#: t = 16, benchmarks/results/kernel_matmul_h100_100k.json): KeOps 0.0213 / 0.0233 s per RBF /
-#: Matérn-5/2 product against 0.0249 / 0.0324 s for gpscale's ``tc3`` at the same accuracy.
-AUTO_ORDER_CUDA = ("keops", "cuda")
+#: where no tuning runs (multi-process runs).  H100, 2026-11-24 (d = 8, t = 16,
+#: benchmarks/results/kernel_matmul_h100_{100k,1m}.json): gpscale's ``tcb`` takes 0.0076 / 0.0108 s per
+#: RBF / Matérn-5/2 product at n = m = 100k against KeOps' 0.0211 / 0.0228 s, and 0.59 / 0.85 s against
+#: 1.98 / 2.11 s at 1M (the earlier ``tc3`` lost to KeOps by 1.2-1.4x, hence the order before).
+AUTO_ORDER_CUDA = ("cuda", "keops")
 #: Kernels the fused backends know (``StationaryKernel.name``); others always run on torch.
 FUSED_KERNELS = ("rbf", "matern12", "matern32", "matern52")
 #: Below this many kernel entries a fused backend's launch/compile overhead is never repaid.

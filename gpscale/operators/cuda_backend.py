@@ -6,8 +6,8 @@ this backend is used, so CPU-only installs never touch NVRTC.
 
 Variant policy (``GPSCALE_CUDA_VARIANT`` overrides it, e.g. for benchmarks):
 
-* float32 -> ``"tc3"``: tensor cores, 3xTF32 split for both the distance and the ``P V`` product
-  (about fp32 accuracy, the default because BBMM's CG needs relative errors <= 1e-4), unless the
+* float32 -> :data:`FLOAT32_VARIANT` (``"tcb"``): tensor cores, 3xTF32 split for the distance and
+  bf16x3 for the ``P V`` product (relative error ~1.5e-5 measured at 1M; BBMM's CG needs <= 1e-4), unless the
   expansion ``q = |x|^2 + |z|^2 - 2 x.z`` would cost more than :data:`EXPANSION_TOL` on some kernel
   entry (:func:`expansion_error`): then ``"simt"``, whose difference-form distances are exact;
 * float64 -> ``"simt"``: the CUDA-core kernel in double precision (exact reference).
@@ -32,10 +32,12 @@ from .expansion import expansion_error, norm_bound
 #: Largest change of one kernel entry (relative to ``f(0) = 1``) the expansion may cause before
 #: the float32 path falls back from ``"tc3"`` to ``"simt"``.
 EXPANSION_TOL = 1e-4
-#: The float32 tensor-core variant: ``"tc3"``, the fastest one verified on a GPU so far.  ``"tcb"``
-#: (fewer instructions per pair by its SASS, never run) takes its place once its GPU tests pass and
-#: it beats ``"tc3"`` at 1M (docs/backends.md); it obeys the same expansion guard.
-FLOAT32_VARIANT = "tc3"
+#: The float32 tensor-core variant.  ``"tcb"`` since its first H100 run (2026-11-24, all 220 GPU tests
+#: against the float64 reference passed): RBF at n = m = 1M, d = 8, t = 16 in 0.57-0.59 s against
+#: ``"tc3"``'s 2.25 s and KeOps' 1.98 s, relative error 1.5e-5 (benchmarks/results/kernel_matmul_h100_1m.json).
+#: It obeys the same expansion guard; ``"tc3"`` (P V in 3xTF32, error ~1e-6) stays selectable through
+#: ``GPSCALE_CUDA_VARIANT``.
+FLOAT32_VARIANT = "tcb"
 
 
 def available(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
@@ -58,7 +60,7 @@ def variant_for(dtype: torch.dtype, kernel=None, mode: str = "f", r2: float = 0.
     """Kernel variant for ``dtype`` (see the module docstring).
 
     With ``kernel`` given, float32 products whose :func:`expansion_error` exceeds
-    :data:`EXPANSION_TOL` run on ``"simt"`` instead of ``"tc3"``.
+    :data:`EXPANSION_TOL` run on ``"simt"`` instead of :data:`FLOAT32_VARIANT`.
     """
     forced = os.environ.get("GPSCALE_CUDA_VARIANT", "").strip()
     if forced:
