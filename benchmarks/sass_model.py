@@ -35,7 +35,7 @@ issue (16 exps per SM clock) is ``mufu`` alone.
 Usage::
 
     python benchmarks/sass_model.py --out benchmarks/results/sass_model_sm90.json \\
-        --measured benchmarks/results/kernel_matmul_h100_100k.json
+        --measured benchmarks/results/kernel_matmul_h100_100k_first_run.json
 
 nvdisasm is not part of nvcc's install: ``pip download nvidia-cuda-nvdisasm`` and unzip it, then
 pass ``--nvdisasm`` (or put it on PATH).
