@@ -1,9 +1,11 @@
-"""Sweep the ``tcb`` kernel's compile-time block shape on a GPU (csrc/kmm_tcb.cu: TCB_MT, TCB_MINB).
+"""Sweep the ``tcb`` kernel's compile-time options on a GPU (csrc/kmm_tcb.cu: TCB_MT, TCB_MINB, TCB_EMU).
 
 ``TCB_MT`` is the number of 16-row m-tiles a warp owns (they share every B fragment read from shared
 memory: more means fewer loads per pair but more registers); ``TCB_MINB`` the blocks per SM that
 ``__launch_bounds__`` asks the register allocator to allow (more resident warps hide the
-``mma.sync`` and ``ex2`` latencies, fewer registers per thread may spill).  Each configuration is
+``mma.sync`` and ``ex2`` latencies, fewer registers per thread may spill); ``TCB_EMU`` how many of a
+thread's 4 accumulator entries per fragment take their exp on the FMA pipes (``gps_ex2_poly``) rather
+than the special-function unit.  Each configuration is
 compiled from the k1 (d <= 8) entry points with NVRTC, timed on the issue's product (n = m = 1M,
 d = 8, t = 16, uniform inputs, lengthscale 0.5 as in bench_kernel_matmul.py) and checked against a
 float64 reference on a subset of rows.
@@ -26,7 +28,9 @@ from gpscale._ext.compiler import OPTIONS
 from gpscale._ext.sources import read_source
 from gpscale._ext.tcb_pack import pack_v, pack_z
 
-CONFIGS = [(2, 1), (2, 3), (1, 3), (1, 4), (4, 1)]  # (TCB_MT, TCB_MINB); (2, 1) is the shipped one
+#: (TCB_MT, TCB_MINB, TCB_EMU); (2, 1, 0) is the shipped one.  The first sweep (block shapes, EMU 0:
+#: (2, 3), (1, 3), (1, 4), (4, 1)) is benchmarks/results/tune_tcb_h100.json.
+CONFIGS = [(2, 1, 0), (2, 1, 1), (2, 1, 2), (2, 1, 3), (2, 1, 4), (1, 4, 2)]
 KERNELS = ("rbf", "matern52")
 
 
@@ -45,15 +49,15 @@ def reference(Xs, Zs, V, kernel, rows):
     return torch.cat(out)
 
 
-def build(mt: int, minb: int):
+def build(mt: int, minb: int, emu: int):
     text = read_source("kmm_tcb.cu")
     keep = [ln for ln in text.splitlines() if not ln.startswith(("GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb_k2",
                                                                 "GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb_k3",
                                                                 "GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb_k4"))]
     major, minor = torch.cuda.get_device_capability()
-    opts = (*OPTIONS, f"-DTCB_MT={mt}", f"-DTCB_MINB={minb}")
+    opts = (*OPTIONS, f"-DTCB_MT={mt}", f"-DTCB_MINB={minb}", f"-DTCB_EMU={emu}")
     t0 = time.perf_counter()
-    cubin = nvrtc.compile_cubin("\n".join(keep), f"{major}{minor}", opts, f"tcb_{mt}_{minb}.cu")
+    cubin = nvrtc.compile_cubin("\n".join(keep), f"{major}{minor}", opts, f"tcb_{mt}_{minb}_{emu}.cu")
     from torch.cuda._utils import _cuda_load_module  # noqa: PLC0415
 
     names = [f"gpscale_kmm_tcb_k1_{k}_f" for k in KERNELS]
@@ -85,11 +89,11 @@ def main():
     Vf = pack_v(V)
     refs = {k: reference(Xs, Zs, V, k, a.ref_rows) for k in KERNELS}
     results = []
-    for mt, minb in CONFIGS:
+    for mt, minb, emu in CONFIGS:
         try:
-            mod, secs = build(mt, minb)
+            mod, secs = build(mt, minb, emu)
         except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is a result too
-            results.append({"mt": mt, "minb": minb, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            results.append({"mt": mt, "minb": minb, "emu": emu, "error": f"{type(exc).__name__}: {exc}"[:500]})
             print(results[-1], flush=True)
             continue
         for k in KERNELS:
@@ -104,7 +108,7 @@ def main():
                 ts.append(time.perf_counter() - t0)
             ref = refs[k]
             err = ((O[: a.ref_rows].double() - ref).norm() / ref.norm()).item()
-            results.append({"mt": mt, "minb": minb, "kernel": k, "seconds": min(ts), "seconds_all": ts,
+            results.append({"mt": mt, "minb": minb, "emu": emu, "kernel": k, "seconds": min(ts), "seconds_all": ts,
                             "rel_err": err, "compile_s": secs})
             print(json.dumps(results[-1]), flush=True)
         with open(a.out, "w") as f:

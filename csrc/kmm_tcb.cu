@@ -82,6 +82,9 @@
 #ifndef TCB_MT
 #define TCB_MT 2                            // 16-row m-tiles per warp
 #endif
+#ifndef TCB_EMU  // of a thread's 4 accumulator entries per fragment, how many take the FMA-pipe exp (gps_ex2_poly)
+#define TCB_EMU 0
+#endif
 #ifndef TCB_MINB                            // blocks per SM the register allocation must allow
 #define TCB_MINB 1
 #endif
@@ -227,14 +230,18 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
             const bool diag = sym && row0 + mt * 16 + g + (u >> 1) * 8 == jt + nt * 8 + 2 * c + (u & 1);
             if (fold) {  // exp(-q / 2) = 2^(C q), q = s + |x|^2
                 constexpr float C = -0.5f * 1.4426950408889634f;
-                const float e = gps_ex2(diag ? 0.f : fmaf(q[mt][u], C, (u < 2 ? na[mt] : nb[mt]) * C));
+                const float arg = diag ? 0.f : fmaf(q[mt][u], C, (u < 2 ? na[mt] : nb[mt]) * C);
+                const float e = u < TCB_EMU ? gps_ex2_poly(arg) : gps_ex2(arg);  // u is unrolled: no branch
                 p0[mt][u] = MODE == GPS_MODE_D ? -0.5f * e : e;
                 continue;
             }
             // The clamp only guards the Matern sqrt: RBF takes a rounding-small negative q as it is.
             float qq = KIND == GPS_RBF ? q[mt][u] : fmaxf(q[mt][u], 0.f);
             if (diag) qq = 0.f;
-            gps_profile<KIND, MODE, 2>(qq, p0[mt][u], p1[mt][u]);
+            if (u < TCB_EMU)
+                gps_profile<KIND, MODE, 3>(qq, p0[mt][u], p1[mt][u]);
+            else
+                gps_profile<KIND, MODE, 2>(qq, p0[mt][u], p1[mt][u]);
         }
 }
 

@@ -45,8 +45,35 @@ __device__ __forceinline__ float gps_ex2(float x) {  // 2^x, results below 2^-12
 #endif
     return y;
 }
+// 2^x on the FMA and integer pipes instead of the special-function unit (FlashAttention-4's device on
+// Blackwell, where MUFU is as scarce as here).  x = j + f with j = rint(x) by the 1.5 * 2^23
+// magic-number add and f in [-1/2, 1/2]; 2^f by a degree-4 polynomial (relative-error minimax, 2.7e-6:
+// well inside the 1e-4 target, below the bf16x3 P V split's 5e-5); 2^j added to the exponent field as
+// an integer.  Arguments below -125 are clamped there (a result of ~2^-125 instead of 0: an absolute
+// 2e-38, nothing at the 1e-4 target), which keeps the exponent field from wrapping.  10 instructions
+// against MUFU.EX2's one, all on pipes an exp-bound kernel leaves idle: worth it for a share of a
+// tile's exps (TCB_EMU in kmm_tcb.cu), not for all of them.
+__device__ __forceinline__ float gps_ex2_poly(float x) {
+    x = fmaxf(x, -125.f);
+    const float magic = 12582912.f;  // 1.5 * 2^23: t's low mantissa bits hold rint(x) + 2^22
+    const float t = x + magic;
+    const float f = x - (t - magic);
+    float p = 0.009569993242621422f;
+    p = fmaf(p, f, 0.055917542427778244f);
+    p = fmaf(p, f, 0.240247443318367f);
+    p = fmaf(p, f, 0.6931218504905701f);
+    p = fmaf(p, f, 0.9999992847442627f);
+    // (bits(t) << 23) is rint(x) << 23 mod 2^32: the magic's own bits above the low 9 shift out
+    return __uint_as_float(__float_as_uint(p) + (__float_as_uint(t) << 23));
+}
+__device__ __forceinline__ double gps_ex2_poly(double x) { return exp2(x); }
 __device__ __forceinline__ float gps_ex2_scaled(float x, float c) { return gps_ex2(x * (c * 1.4426950408889634f)); }
 __device__ __forceinline__ double gps_ex2_scaled(double x, double c) { return exp(c * x); }
+// FAST = 3: gps_ex2_scaled with the exp on the FMA pipes (gps_ex2_poly); sqrt stays on MUFU.
+template <int FAST, typename T>
+__device__ __forceinline__ T gps_ex2_scaled_t(T x, T c) {
+    return FAST == 3 ? gps_ex2_poly(x * (c * T(1.4426950408889634))) : gps_ex2_scaled(x, c);
+}
 __device__ __forceinline__ float gps_sqrt_approx(float x) {
     float y;
 #ifdef GPS_HOST_EMULATION  // tests/emu/cuda_emu.h runs the kernels on the CPU (one fiber per thread)
@@ -63,14 +90,14 @@ __device__ __forceinline__ double gps_sqrt_approx(double x) { return sqrt(x); }
 template <int KIND, int MODE, int FAST, typename T>
 __device__ __forceinline__ void gps_profile(T q, T& p0, T& p1) {
     if (KIND == GPS_RBF) {
-        const T e = FAST == 2 ? gps_ex2_scaled(q, T(-0.5)) : gps_exp<FAST>(T(-0.5) * q);
+        const T e = FAST >= 2 ? gps_ex2_scaled_t<FAST>(q, T(-0.5)) : gps_exp<FAST>(T(-0.5) * q);
         p0 = (MODE == GPS_MODE_D) ? T(-0.5) * e : e;
         p1 = T(-0.5) * e * q;
         return;
     }
-    const T r = FAST == 2 ? gps_sqrt_approx(q) : gps_sqrt(q);
+    const T r = FAST >= 2 ? gps_sqrt_approx(q) : gps_sqrt(q);
     if (KIND == GPS_M12) {
-        const T e = FAST == 2 ? gps_ex2_scaled(r, T(-1)) : gps_exp<FAST>(-r);
+        const T e = FAST >= 2 ? gps_ex2_scaled_t<FAST>(r, T(-1)) : gps_exp<FAST>(-r);
         // f' = -e / (2 r) diverges at r = 0 but every use multiplies it by a squared difference
         // <= q, whose product tends to 0: gpscale defines it as 0 there (gpscale.kernels.Matern).
         p0 = (MODE == GPS_MODE_D) ? (r > T(0) ? T(-0.5) * e / r : T(0)) : e;
@@ -79,13 +106,13 @@ __device__ __forceinline__ void gps_profile(T q, T& p0, T& p1) {
     }
     if (KIND == GPS_M32) {
         const T a = T(1.7320508075688772) * r;
-        const T e = FAST == 2 ? gps_ex2_scaled(r, T(-1.7320508075688772)) : gps_exp<FAST>(-a);
+        const T e = FAST >= 2 ? gps_ex2_scaled_t<FAST>(r, T(-1.7320508075688772)) : gps_exp<FAST>(-a);
         p0 = (MODE == GPS_MODE_D) ? T(-1.5) * e : (T(1) + a) * e;
         p1 = T(-1.5) * e * q;
         return;
     }
     const T a = T(2.23606797749979) * r;  // Matern 5/2
-    const T e = FAST == 2 ? gps_ex2_scaled(r, T(-2.23606797749979)) : gps_exp<FAST>(-a);
+    const T e = FAST >= 2 ? gps_ex2_scaled_t<FAST>(r, T(-2.23606797749979)) : gps_exp<FAST>(-a);
     const T fp = T(-5.0 / 6.0) * (T(1) + a) * e;
     p0 = (MODE == GPS_MODE_D) ? fp : (T(1) + a + T(5.0 / 3.0) * q) * e;
     p1 = fp * q;

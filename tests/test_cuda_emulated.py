@@ -32,13 +32,13 @@ EMU = Path(__file__).resolve().parent / "emu"
 RTOL = 1e-4  # the GPU tests' tolerance for tcb
 
 
-def _build(tmp_path_factory, harness: str):
+def _build(tmp_path_factory, harness: str, *defines: str):
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no host C++ compiler (g++) to build the CPU emulation of the CUDA kernels")
     lib = tmp_path_factory.mktemp("emu") / f"{harness}.so"
     subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-include", str(EMU / "cuda_emu.h"),
-                    "-DGPS_HOST_EMULATION", f"-I{ROOT / 'csrc'}", f"-I{EMU}", str(EMU / f"{harness}.cpp"), "-o",
+                    "-DGPS_HOST_EMULATION", *defines, f"-I{ROOT / 'csrc'}", f"-I{EMU}", str(EMU / f"{harness}.cpp"), "-o",
                     str(lib)], check=True, capture_output=True, text=True)
     return ctypes.CDLL(str(lib))
 
@@ -46,6 +46,12 @@ def _build(tmp_path_factory, harness: str):
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
     return _build(tmp_path_factory, "tcb_harness")
+
+
+@pytest.fixture(scope="module")
+def emulated_poly(tmp_path_factory):
+    """tcb with every exp on the FMA pipes (TCB_EMU = 4: gps_ex2_poly in csrc/profiles.cuh)."""
+    return _build(tmp_path_factory, "tcb_harness", "-DTCB_EMU=4")
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +97,39 @@ def test_emulated_tcb_matches_the_float64_reference(emulated, kernel, mode, size
     Xs, Zs, V = (A.float().double() for A in make_data(*size, ls, seed=sum(size)))
     got = run_tcb(emulated, Xs, Zs, V, kernel, mode, schedule=schedule)
     assert_products(got, reference(Xs, Zs, V, kernel, mode, expansion=True), RTOL, mode)
+
+
+@pytest.mark.parametrize("kernel,mode,size,ls", CASES, ids=[f"{k}-{m}-{'x'.join(map(str, s))}-l{ls}"
+                                                             for k, m, s, ls in CASES])
+def test_emulated_tcb_with_the_polynomial_exp_matches_the_reference(emulated_poly, emulated, kernel, mode, size, ls):
+    # the FMA-pipe exp (TCB_EMU) is a speed option: it must keep every kernel and mode at the GPU
+    # tests' tolerance, and stay within its own 2.7e-6 (+ rounding) of the MUFU build's products
+    Xs, Zs, V = (A.float().double() for A in make_data(*size, ls, seed=sum(size)))
+    got = run_tcb(emulated_poly, Xs, Zs, V, kernel, mode)
+    assert_products(got, reference(Xs, Zs, V, kernel, mode, expansion=True), RTOL, mode)
+    mufu = run_tcb(emulated, Xs, Zs, V, kernel, mode)
+    outs, mufus = (got, mufu) if mode == "f_dq" else ((got,), (mufu,))
+    assert not all(torch.equal(a, b) for a, b in zip(outs, mufus)), "TCB_EMU=4 built the MUFU kernel"
+    ref = reference(Xs, Zs, V, kernel, mode, expansion=True)
+    for a, b, (_, absprod, _) in zip(outs, mufus, ref):  # scale: sum |F| |V| per row, as the GPU tests
+        assert (a - b).double().abs().max() <= 1e-5 * absprod.max()
+
+
+def test_the_polynomial_exp2_is_accurate_over_the_whole_float_range(emulated_poly):
+    # through the kernel: one point pair at squared distance q gives exp(-q / 2) (RBF, V = 1)
+    q = torch.tensor([0.0, 1e-6, 0.3, 1.0, 2.0, 7.5, 40.0, 170.0, 172.0, 240.0, 1e4, 1e30])
+    X = torch.zeros(len(q), 1)
+    Z = q.sqrt().unsqueeze(1)
+    got = torch.stack([run_tcb(emulated_poly, X[i:i + 1], Z[i:i + 1], torch.ones(1, 1), "rbf", "f")[0, 0]
+                       for i in range(len(q))]).double()
+    want = torch.exp(-0.5 * q.double())
+    assert torch.all(torch.isfinite(got)) and torch.all(got >= 0), got
+    # below 2^-124 the argument is clamped (a result of ~2^-125 rather than 0, or bits lost to
+    # subnormals): an absolute error below 1e-37 where every kernel value is negligible
+    assert torch.all((got - want).abs() < 1e-37 + 7e-5 * want), got
+    # elsewhere relative: the polynomial's 2.7e-6 plus the truncated bf16 split of P (< 2^-14)
+    normal = want > 1e-30
+    assert torch.all(((got - want) / want).abs()[normal] < 7e-5), (got - want) / want
 
 
 def test_emulated_tcb_keeps_the_symmetric_diagonal_exact(emulated):
