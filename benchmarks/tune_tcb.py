@@ -1,11 +1,12 @@
-"""Sweep the ``tcb`` kernel's compile-time options on a GPU (csrc/kmm_tcb.cu: TCB_MT, TCB_MINB, TCB_EMU).
+"""Sweep the ``tcb`` kernel's compile-time options on a GPU (csrc/kmm_tcb.cu: TCB_MT, TCB_MINB, TCB_EMU, TCB_ACC1).
 
 ``TCB_MT`` is the number of 16-row m-tiles a warp owns (they share every B fragment read from shared
 memory: more means fewer loads per pair but more registers); ``TCB_MINB`` the blocks per SM that
 ``__launch_bounds__`` asks the register allocator to allow (more resident warps hide the
 ``mma.sync`` and ``ex2`` latencies, fewer registers per thread may spill); ``TCB_EMU`` how many of a
 thread's 4 accumulator entries per fragment take their exp on the FMA pipes (``gps_ex2_poly``) rather
-than the special-function unit.  Each configuration is
+than the special-function unit; ``TCB_ACC1`` accumulates ``P V`` straight into the totals (16 fewer
+live floats per output set).  Each configuration is
 compiled from the k1 (d <= 8) entry points with NVRTC, timed on the issue's product (n = m = 1M,
 d = 8, t = 16, uniform inputs, lengthscale 0.5 as in bench_kernel_matmul.py) and checked against a
 float64 reference on a subset of rows.
@@ -28,9 +29,11 @@ from gpscale._ext.compiler import OPTIONS
 from gpscale._ext.sources import read_source
 from gpscale._ext.tcb_pack import pack_v, pack_z
 
-#: (TCB_MT, TCB_MINB, TCB_EMU); (2, 1, 0) is the shipped one.  The first sweep (block shapes, EMU 0:
-#: (2, 3), (1, 3), (1, 4), (4, 1)) is benchmarks/results/tune_tcb_h100.json.
-CONFIGS = [(2, 1, 0), (2, 1, 1), (2, 1, 2), (2, 1, 3), (2, 1, 4), (1, 4, 2)]
+#: (TCB_MT, TCB_MINB, TCB_EMU, TCB_ACC1); (2, 1, 0, 0) is the shipped one.  Measured on the second lent
+#: H100: block shapes (results/tune_tcb_h100.json) and EMU 1-4 (tune_tcb_emu_h100.json), neither
+#: faster.  Next: one-level accumulation, which lets ptxas fit the f kernels in 80 registers without
+#: spills (3 blocks = 24 warps per SM; ncu found the shipped kernel latency-bound at 16).
+CONFIGS = [(2, 1, 0, 0), (2, 1, 0, 1), (2, 3, 0, 1), (2, 2, 0, 1), (1, 4, 0, 1)]
 KERNELS = ("rbf", "matern52")
 
 
@@ -49,16 +52,16 @@ def reference(Xs, Zs, V, kernel, rows):
     return torch.cat(out)
 
 
-def build(mt: int, minb: int, emu: int):
+def build(mt: int, minb: int, emu: int = 0, acc1: int = 0):
     text = read_source("kmm_tcb.cu")
     keep = [ln for ln in text.splitlines() if not ln.startswith(("GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb_k2",
                                                                 "GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb_k3",
                                                                 "GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb_k4"))]
     major, minor = torch.cuda.get_device_capability()
-    opts = (*OPTIONS, f"-DTCB_MT={mt}", f"-DTCB_MINB={minb}", f"-DTCB_EMU={emu}")
+    opts = (*OPTIONS, f"-DTCB_MT={mt}", f"-DTCB_MINB={minb}", f"-DTCB_EMU={emu}", f"-DTCB_ACC1={acc1}")
     t0 = time.perf_counter()
-    cubin = nvrtc.compile_cubin("\n".join(keep), f"{major}{minor}", opts, f"tcb_{mt}_{minb}_{emu}.cu")
-    from torch.cuda._utils import _cuda_load_module  # noqa: PLC0415
+    cubin = nvrtc.compile_cubin("\n".join(keep), f"{major}{minor}", opts, f"tcb_{mt}_{minb}_{emu}_{acc1}.cu")
+    from torch.cuda._utils import _cuda_load_module
 
     names = [f"gpscale_kmm_tcb_k1_{k}_f" for k in KERNELS]
     return _cuda_load_module(cubin, names), time.perf_counter() - t0
@@ -71,47 +74,64 @@ def run(fn, mt, Xs, Zf, Zn, Vf, n, m, d, t):
     return O
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--d", type=int, default=8)
     p.add_argument("--t", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ref-rows", type=int, default=512)
+    p.add_argument("--configs", nargs="+", default=None, metavar="MT,MINB,EMU,ACC1",
+                   help="configurations to run instead of CONFIGS, e.g. 2,1,0,0 2,3,0,1")
     p.add_argument("--out", default="tune_tcb.json")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    a.configs = [tuple(int(v) for v in c.split(",")) for c in a.configs] if a.configs else CONFIGS
+    if any(len(c) != 4 for c in a.configs):
+        p.error("each --configs entry is MT,MINB,EMU,ACC1 (four integers)")
+    return a
+
+
+def time_config(cfg, data, refs, a) -> list[dict]:
+    """Compile one configuration and time (and check) every kernel of KERNELS on it."""
+    mt, minb, emu, acc1 = cfg
+    tag = {"mt": mt, "minb": minb, "emu": emu, "acc1": acc1}
+    try:
+        mod, secs = build(mt, minb, emu, acc1)
+    except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is a result too
+        return [{**tag, "error": f"{type(exc).__name__}: {exc}"[:500]}]
+    out = []
+    for k in KERNELS:
+        fn = mod[f"gpscale_kmm_tcb_k1_{k}_f"]
+        O = run(fn, mt, *data, a.n, a.n, a.d, a.t)
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            run(fn, mt, *data, a.n, a.n, a.d, a.t)
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        err = ((O[: a.ref_rows].double() - refs[k]).norm() / refs[k].norm()).item()
+        out.append({**tag, "kernel": k, "seconds": min(ts) if ts else None, "seconds_all": ts, "rel_err": err,
+                    "compile_s": secs})
+    return out
+
+
+def main(argv=None):
+    a = parse_args(argv)
     g = torch.Generator().manual_seed(0)
     X, Z = (torch.rand(a.n, a.d, generator=g).cuda() for _ in range(2))
     V = torch.randn(a.n, a.t, generator=g).cuda()
     c = X.mean(0)
     Xs, Zs = (X - c) / 0.5, (Z - c) / 0.5
     Zf, Zn = pack_z(Zs, 1)
-    Vf = pack_v(V)
+    data = (Xs, Zf, Zn, pack_v(V))
     refs = {k: reference(Xs, Zs, V, k, a.ref_rows) for k in KERNELS}
     results = []
-    for mt, minb, emu in CONFIGS:
-        try:
-            mod, secs = build(mt, minb, emu)
-        except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is a result too
-            results.append({"mt": mt, "minb": minb, "emu": emu, "error": f"{type(exc).__name__}: {exc}"[:500]})
-            print(results[-1], flush=True)
-            continue
-        for k in KERNELS:
-            fn = mod[f"gpscale_kmm_tcb_k1_{k}_f"]
-            O = run(fn, mt, Xs, Zf, Zn, Vf, a.n, a.n, a.d, a.t)
-            torch.cuda.synchronize()
-            ts = []
-            for _ in range(a.repeats):
-                t0 = time.perf_counter()
-                run(fn, mt, Xs, Zf, Zn, Vf, a.n, a.n, a.d, a.t)
-                torch.cuda.synchronize()
-                ts.append(time.perf_counter() - t0)
-            ref = refs[k]
-            err = ((O[: a.ref_rows].double() - ref).norm() / ref.norm()).item()
-            results.append({"mt": mt, "minb": minb, "emu": emu, "kernel": k, "seconds": min(ts), "seconds_all": ts,
-                            "rel_err": err, "compile_s": secs})
-            print(json.dumps(results[-1]), flush=True)
-        with open(a.out, "w") as f:
+    for cfg in a.configs:
+        for r in time_config(cfg, data, refs, a):
+            results.append(r)
+            print(json.dumps(r), flush=True)
+        with open(a.out, "w") as f:  # after every configuration: a cut-off sweep keeps what it measured
             json.dump({"n": a.n, "d": a.d, "t": a.t, "device": torch.cuda.get_device_name(),
                        "results": results}, f, indent=1)
 

@@ -1,10 +1,12 @@
 // Fused kernel product O = F(X, Z) V on tensor cores with a bf16x3 P V product ("tcb").
 //
 // Status: written after the first H100 measurement of kmm_tc.cu (2026-11-24: "tc3" 0.025 s per
-// product at n = m = 100k, d = 8, t = 16 -- 10x the exp bound and slower than KeOps), compiled in
-// CI, NOT yet run on a GPU: it is opt-in (variant="tcb" / GPSCALE_CUDA_VARIANT=tcb) until the GPU
-// tests pass on a lent machine.  Its source does run in CI, on the CPU: tests/test_cuda_emulated.py
-// (every thread a fiber, mma.sync from the PTX ISA's fragment tables, cp.async landing late or early).  Why kmm_tc.cu is slow, counted per pair: ~5 cvt.rna.tf32
+// product at n = m = 100k, d = 8, t = 16 -- 10x the exp bound and slower than KeOps) without a GPU;
+// on the second lent H100 all its GPU tests passed and it ran RBF at 1M in 0.57-0.59 s (3.4x KeOps,
+// 2.45x the exp bound), Matern within 1.8x of theirs: the float32 default since (docs/backends.md,
+// where the ncu profile and the TCB_MT / TCB_MINB / TCB_EMU sweep are).  Its source also runs in
+// CI, on the CPU: tests/test_cuda_emulated.py (every thread a fiber, mma.sync from the PTX ISA's
+// fragment tables, cp.async landing late or early).  Why kmm_tc.cu is slow, counted per pair: ~5 cvt.rna.tf32
 // conversions (each warp re-splits the shared Z and V tiles; 16/clk/SM like the exp itself) and
 // ~2.5 shared-memory wavefronts with one 16-row m-tile per warp.  This file removes both: splits
 // are integer round-and-mask (no cvt), Z and V are split once per product (host side), every warp
@@ -81,6 +83,9 @@
 #define TCB_WARPS 8
 #ifndef TCB_MT
 #define TCB_MT 2                            // 16-row m-tiles per warp
+#endif
+#ifndef TCB_ACC1  // 1: accumulate P V straight into the per-thread totals (fewer registers, see kmm_tcb)
+#define TCB_ACC1 0
 #endif
 #ifndef TCB_EMU  // of a thread's 4 accumulator entries per fragment, how many take the FMA-pipe exp (gps_ex2_poly)
 #define TCB_EMU 0
@@ -305,7 +310,12 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
         cp_async_wait_all_but_one();  // this thread's copies of tile i have landed ...
         __syncthreads();              // ... and everyone's
         const TcbTile<KS>& s = buf[i & 1];
+#if TCB_ACC1  // one level: the MMAs accumulate into the totals (16 fewer live floats per output set)
+        float(&acc0)[TCB_MT][2][4] = tot0;
+        float(&acc1)[TCB_MT][2][4] = tot1;
+#else
         float acc0[TCB_MT][2][4] = {}, acc1[TCB_MT][2][4] = {};
+#endif
 #pragma unroll
         for (int kk = 0; kk < TCB_BN / 16; ++kk) {
             float p0[2][TCB_MT][4], p1[2][TCB_MT][4];
@@ -315,10 +325,12 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
             tcb_pv<KS>(acc0, p0, s, kk);
             if (MODE == GPS_MODE_FDQ) tcb_pv<KS>(acc1, p1, s, kk);
         }
+#if !TCB_ACC1
         tcb_each_output([&](int mt, int vn, int u) {
             tot0[mt][vn][u] += acc0[mt][vn][u];
             if (MODE == GPS_MODE_FDQ) tot1[mt][vn][u] += acc1[mt][vn][u];
         });
+#endif
         __syncthreads();  // buf[i & 1] is consumed before iteration i + 1 copies tile i + 2 into it
     }
     tcb_each_output([&](int mt, int vn, int u) {

@@ -21,6 +21,7 @@ sys.path.insert(0, str(BENCH))
 import bench_kernel_matmul as bkm  # noqa: E402
 import bench_precision as bp  # noqa: E402
 import lowp_perturbation as lp  # noqa: E402
+import tune_tcb  # noqa: E402
 
 
 def _session_commands() -> list[list[str]]:
@@ -37,11 +38,14 @@ def _session_commands() -> list[list[str]]:
 def test_gpu_session_script_is_valid_bash_and_its_commands_parse():
     subprocess.run(["bash", "-n", str(BENCH / "gpu_session.sh")], check=True)
     cmds = _session_commands()
-    assert {c[0] for c in cmds} == {"benchmarks/bench_kernel_matmul.py", "benchmarks/bench_precision.py"}
+    assert {c[0] for c in cmds} == {"benchmarks/bench_kernel_matmul.py", "benchmarks/bench_precision.py",
+                                    "benchmarks/tune_tcb.py"}
     for script, *argv in cmds:
         if script.endswith("bench_kernel_matmul.py"):
             args = bkm.parse_args(argv)
             assert args.device == "cuda"
+        elif script.endswith("tune_tcb.py"):
+            assert all(len(c) == 4 for c in tune_tcb.parse_args(argv).configs)
         else:
             args = bp.parse_args(argv)
             assert args.device == "cuda" and args.datasets == ["synthetic"]

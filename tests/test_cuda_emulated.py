@@ -1,6 +1,7 @@
 """gpscale's tensor-core CUDA kernels run on the CPU by the emulation of tests/emu/cuda_emu.h.
 
-``tcb`` (csrc/kmm_tcb.cu) has not yet run on a GPU.  Its arithmetic is emulated in ``test_tcb_arithmetic.py`` and its
+``tcb`` (csrc/kmm_tcb.cu) was written without a GPU; it passed its GPU tests on the second lent H100,
+which these emulated runs had predicted, so they now check changes to it between GPUs.  Its arithmetic is emulated in ``test_tcb_arithmetic.py`` and its
 host-side packing in ``test_tcb_pack.py``; this file runs the kernel's own source -- index
 expressions, fragment reads, the cp.async double buffer and its barriers, the symmetric diagonal,
 padding, every k-step specialisation and product mode -- with every thread a fiber and the tensor-core
@@ -52,6 +53,12 @@ def emulated(tmp_path_factory):
 def emulated_poly(tmp_path_factory):
     """tcb with every exp on the FMA pipes (TCB_EMU = 4: gps_ex2_poly in csrc/profiles.cuh)."""
     return _build(tmp_path_factory, "tcb_harness", "-DTCB_EMU=4")
+
+
+@pytest.fixture(scope="module")
+def emulated_acc1(tmp_path_factory):
+    """tcb with one-level accumulation (TCB_ACC1 = 1: fewer registers, for more resident warps)."""
+    return _build(tmp_path_factory, "tcb_harness", "-DTCB_ACC1=1")
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +120,14 @@ def test_emulated_tcb_with_the_polynomial_exp_matches_the_reference(emulated_pol
     ref = reference(Xs, Zs, V, kernel, mode, expansion=True)
     for a, b, (_, absprod, _) in zip(outs, mufus, ref):  # scale: sum |F| |V| per row, as the GPU tests
         assert (a - b).double().abs().max() <= 1e-5 * absprod.max()
+
+
+@pytest.mark.parametrize("kernel,mode,size,ls", CASES, ids=[f"{k}-{m}-{'x'.join(map(str, s))}-l{ls}"
+                                                             for k, m, s, ls in CASES])
+def test_emulated_tcb_with_one_level_accumulation_matches_the_reference(emulated_acc1, kernel, mode, size, ls):
+    Xs, Zs, V = (A.float().double() for A in make_data(*size, ls, seed=sum(size)))
+    got = run_tcb(emulated_acc1, Xs, Zs, V, kernel, mode, schedule="early-greedy")
+    assert_products(got, reference(Xs, Zs, V, kernel, mode, expansion=True), RTOL, mode)
 
 
 def test_the_polynomial_exp2_is_accurate_over_the_whole_float_range(emulated_poly):

@@ -1,6 +1,6 @@
-"""The arithmetic of the experimental ``tcb`` CUDA variant (csrc/kmm_tcb.cu), emulated on the CPU.
+"""The arithmetic of the ``tcb`` CUDA variant (csrc/kmm_tcb.cu), emulated on the CPU.
 
-``tcb`` has not yet run on a GPU (issue 5).  Its fragment layouts need a GPU to test, but its
+``tcb`` was written without a GPU (it passed its GPU tests on the second lent H100 since).  Its fragment layouts need a GPU to test, but its
 *numerics* do not: the integer round-and-mask splits, the tensor core dropping the 13 low bits of a
 tf32 operand, the bf16 packing that truncates the low half, and the two-level fp32 accumulation are
 all bit manipulations numpy can reproduce.  These tests check the design claims of the file's
