@@ -51,8 +51,10 @@ __device__ __forceinline__ float gps_ex2(float x) {  // 2^x, results below 2^-12
 // well inside the 1e-4 target, below the bf16x3 P V split's 5e-5); 2^j added to the exponent field as
 // an integer.  Arguments below -125 are clamped there (a result of ~2^-125 instead of 0: an absolute
 // 2e-38, nothing at the 1e-4 target), which keeps the exponent field from wrapping.  10 instructions
-// against MUFU.EX2's one, all on pipes an exp-bound kernel leaves idle: worth it for a share of a
-// tile's exps (TCB_EMU in kmm_tcb.cu), not for all of them.
+// against MUFU.EX2's one, on pipes an exp-bound kernel leaves idle.  tcb is not exp-bound (ncu on an
+// H100: latency-bound at 16 warps per SM), so there each quarter of its exps moved here cost 0.06 s
+// per 1M product (benchmarks/results/tune_tcb_emu_h100.json): TCB_EMU stays 0, kept for kernels
+// that are (and for the next GPU's sweep).
 __device__ __forceinline__ float gps_ex2_poly(float x) {
     x = fmaxf(x, -125.f);
     const float magic = 12582912.f;  // 1.5 * 2^23: t's low mantissa bits hold rint(x) + 2^22
