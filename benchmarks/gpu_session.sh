@@ -38,7 +38,9 @@ step tests_misc 50 python3 -m pytest tests/test_mixed_precision.py tests/test_pr
     -rf -k cuda
 # 2. issue 5's open figure, RBF <= 0.5 s at 1M: the tcb options sweep (one-level accumulation fits the
 #    f kernels in 80 registers without spills: 24 warps per SM instead of 16; ncu found the shipped
-#    kernel latency-bound), then the products at 1M and 100k (every backend)
+#    kernel latency-bound), then the products at 1M and 100k (every backend).  If a configuration
+#    wins at rel. error <= 1e-4: set its TCB_ACC1 / TCB_MINB defaults in csrc/kmm_tcb.cu (TCB_MINB
+#    applies to mode f only), re-run tests_tcb and km_1m in a second call.
 step tune 150 python3 benchmarks/tune_tcb.py --out "$OUT/tune_tcb_acc1_h100.json"
 step km_1m 150 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --repeats 2 \
     --backends cuda:tcb keops cuda:tc3 --out "$OUT/kernel_matmul_h100_1m.json"

@@ -90,7 +90,8 @@
 #ifndef TCB_EMU  // of a thread's 4 accumulator entries per fragment, how many take the FMA-pipe exp (gps_ex2_poly)
 #define TCB_EMU 0
 #endif
-#ifndef TCB_MINB                            // blocks per SM the register allocation must allow
+#ifndef TCB_MINB  // blocks per SM the register allocation must allow, for mode F (the CG product) only:
+                  // the f_dq kernels hold twice the accumulators and spill at 80 registers
 #define TCB_MINB 1
 #endif
 #define TCB_ROWS (16 * TCB_MT * TCB_WARPS)  // X rows per block
@@ -343,7 +344,7 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
 }
 
 #define GPS_TCB_ENTRY(NAME, KIND, MODE, KS)                                                                  \
-    extern "C" __global__ void __launch_bounds__(32 * TCB_WARPS, TCB_MINB)                                               \
+    extern "C" __global__ void __launch_bounds__(32 * TCB_WARPS, MODE == GPS_MODE_F ? TCB_MINB : 1)                      \
         NAME(const float* X, const float4* Zf, const float* Zn, const uint4* Vf, float* O0, float* O1, int n,   \
              int m, int d, int t, int sym) {                                                                     \
         kmm_tcb<KIND, MODE, KS>(X, Zf, Zn, Vf, O0, O1, n, m, d, t, sym);                                          \
