@@ -21,6 +21,7 @@ from gpscale import CGStatus, KernelOperator, PrecisionPolicy, cg, mll_estimate
 from gpscale.kernels import RBF, Matern
 from gpscale.logdet.slq import slq_logdet
 from gpscale.precision import as_policy, round_to
+from gpscale.models.fit import LOW_PRECISION_GIVE_UP
 from gpscale.precond import PivotedCholesky
 from gpscale.solvers.stability import StallDetector
 
@@ -427,9 +428,11 @@ def test_fit_reports_how_many_solves_stayed_in_low_precision_and_warns_when_none
     kw = dict(kernel="rbf", method="iterative", max_iter=1, dtype=torch.float32, seed=0,
               preconditioner=PivotedCholesky(rank=20), precision="bfloat16")
     # noise 1e-3 on a smooth kernel, plain rounding: the bf16 kernel is indefinite, every solve falls back
+    # (one Adam step: one evaluation, below the give-up streak of the next test)
     plain = PrecisionPolicy("bfloat16", lowrank_correction=False)
     with pytest.warns(gpscale.PrecisionWarning, match=r"only 0 of \d+ CG solves of this fit finished in bfloat16"):
-        gp = gpscale.ExactGP(noise_init=1e-3, noise_floor=1e-4, **{**kw, "precision": plain}).fit(X[:400], y[:400])
+        gp = gpscale.ExactGP(noise_init=1e-3, noise_floor=1e-4, optimizer="adam",
+                             **{**kw, "precision": plain}).fit(X[:400], y[:400])
     assert gp.report_.low_precision_share == 0.0
     assert "0% of solves finished in bfloat16" in str(gp.report_) and gp.report_.precision == "bfloat16"
     # noise 1: the rounding is harmless, the solves stay in bf16 and nothing is said about it
@@ -439,3 +442,29 @@ def test_fit_reports_how_many_solves_stayed_in_low_precision_and_warns_when_none
     assert not [w for w in caught if "CG solves of this fit" in str(w.message)]
     assert gp.report_.low_precision_share > 0.5
     assert gpscale.ExactGP(**{**kw, "precision": None}).fit(X[:400], y[:400]).report_.low_precision_share is None
+
+
+def test_a_fit_drops_a_low_precision_policy_whose_every_solve_falls_back(regression, tmp_path):
+    X, y = regression
+    plain = PrecisionPolicy("bfloat16", lowrank_correction=False)  # indefinite at noise 1e-3: all fall back
+    kw = dict(kernel="rbf", method="iterative", dtype=torch.float32, seed=0, noise_init=1e-3, noise_floor=1e-4,
+              preconditioner=PivotedCholesky(rank=20), precision=plain, optimizer="adam")
+    ckpt = tmp_path / "fit.pt"
+    with pytest.warns(gpscale.PrecisionWarning, match="fell back from bfloat16 to float32: the rest of this fit"):
+        gp = gpscale.ExactGP(max_iter=4, checkpoint=ckpt, **kw).fit(X[:400], y[:400])
+    rep = gp.report_
+    assert rep.low_precision_given_up == LOW_PRECISION_GIVE_UP == 2  # after the second evaluation
+    assert "precision" not in rep.cg_stats  # evaluations 3 and 4 ran without the policy
+    assert rep.low_precision_share == 0.0 and rep.precision == "bfloat16"
+    assert "dropped after evaluation 2" in str(rep)
+    assert rep.precision_check is None  # the final evaluations were float32 already: nothing to re-check
+    # resumed from the checkpoint, the fit stays without the policy, silently
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gp2 = gpscale.ExactGP(max_iter=6, checkpoint=ckpt, **kw).fit(X[:400], y[:400])
+    assert gp2.report_.resumed_from == 4 and gp2.report_.low_precision_given_up == 2
+    assert "precision" not in gp2.report_.cg_stats
+    assert not [w for w in caught if issubclass(w.category, gpscale.PrecisionWarning)]
+    # solves that do finish in low precision reset the streak: noise 1, nothing is dropped
+    gp3 = gpscale.ExactGP(max_iter=4, **{**kw, "noise_init": 1.0, "precision": "bfloat16"}).fit(X[:400], y[:400])
+    assert gp3.report_.low_precision_given_up is None and gp3.report_.cg_stats["precision"] == "bfloat16"

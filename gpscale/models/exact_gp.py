@@ -211,7 +211,7 @@ class ExactGP(ParamsMixin):
         fp = fingerprint(X, y, self._fingerprint_config(method))
         state = dist_fit.from_writer(lambda: self._load_state(fp))
         theta0 = self._start_vector(state, Xs, ys, params, mll_kwargs)
-        objective = Objective(Xs, ys, params, mll_kwargs)
+        objective = Objective(Xs, ys, params, mll_kwargs)  # its mll_kwargs may drop the policy mid-fit
         max_iter = self._resolved_max_iter()
         session = FitSession(objective, optimizer=self.optimizer, max_iter=max_iter,
                              checkpoint=self.checkpoint if dist_fit.writer else None, fingerprint=fp,
@@ -221,14 +221,15 @@ class ExactGP(ParamsMixin):
         else:
             out = run_adam(session, theta0, max_iter=max_iter, lr=self.lr, seed=self.seed, state=state)
         out.theta = dist_fit.agree(out.theta)
-        return self._finish_fit(objective, out, method, t_start)
+        return self._finish_fit(objective, out, method, t_start, mll_kwargs["precision"])
 
-    def _finish_fit(self, objective: Objective, out, method: str, t_start: float) -> "ExactGP":
+    def _finish_fit(self, objective: Objective, out, method: str, t_start: float, mll_policy) -> "ExactGP":
         """Checks of the optimum, the fitted attributes, the cached predictor and ``report_``."""
         # L-BFGS-B's final value was computed at out.theta with self.seed (Adam's was not: per-step seeds).
         own = out.loss if self.optimizer == "lbfgs" else None
         out.precision_check = precision_check(objective, out.theta, self.seed, own_loss=own)
-        check_low_precision_use(objective, out.low_precision_columns)
+        if out.low_precision_given_up is None:  # a fit that dropped its policy has warned already
+            check_low_precision_use(objective, out.low_precision_columns)
         params = objective.params
         params.set_vector(out.theta)
         self._params, self.method_, self.n_features_in_ = params, method, objective.X.shape[1]
@@ -239,7 +240,7 @@ class ExactGP(ParamsMixin):
         alpha_stats = self._prepare_prediction()
         self.report_ = FitReport.from_fit(self, out, alpha_stats, fit_seconds=time.perf_counter() - t_start,
                                           predict_setup_seconds=time.perf_counter() - t_pred,
-                                          policy=objective.mll_kwargs.get("precision"))
+                                          policy=mll_policy)
         if out.cg_failures:
             warnings.warn(f"CG did not converge in {out.cg_failures} of {out.evaluations} objective evaluations "
                           "(see report_.cg_stats); the hyperparameters may be less accurate. Raise the "

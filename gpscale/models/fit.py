@@ -151,6 +151,9 @@ class OptimResult:
     precision_check: dict | None = None
     #: ``(columns finished in the low precision, all columns)`` over the fit's CG solves, or None
     low_precision_columns: tuple | None = None
+    #: the evaluation after which the fit dropped its low-precision policy (every column of
+    #: :data:`LOW_PRECISION_GIVE_UP` evaluations in a row fell back), or None
+    low_precision_given_up: int | None = None
 
 
 #: Relative difference between a low-precision fit's own loss and the float32-product loss at the
@@ -221,6 +224,11 @@ def check_low_precision_use(objective: Objective, columns: tuple | None) -> None
                       "PrecisionPolicy('float16') (8x smaller rounding than bfloat16)", PrecisionWarning, stacklevel=3)
 
 
+#: consecutive evaluations in which every CG column fell back to the fallback precision, after which a
+#: fit runs its remaining evaluations without the low-precision policy
+LOW_PRECISION_GIVE_UP = 2
+
+
 class FitSession:
     """Bookkeeping shared by both optimisers: timing, CG failures, progress bar and checkpoints."""
 
@@ -234,6 +242,7 @@ class FitSession:
         self.step_seconds: list[float] = []
         self.last_stats: dict = {}
         self.low_columns = self.columns = 0  # CG columns finished in low precision / all (policy fits)
+        self.fell_back_streak, self.low_precision_given_up = 0, None
         self.pbar = tqdm(total=max_iter, disable=not verbose, desc=f"{desc} ({optimizer})", unit="it",
                          dynamic_ncols=True)
 
@@ -245,6 +254,8 @@ class FitSession:
         self.last_stats = dict(state.get("last_stats", {}))
         self.low_columns = int(state.get("low_columns", 0))
         self.columns = int(state.get("columns", 0))
+        if state.get("low_precision_given_up") is not None:  # the checkpointed fit had dropped its policy
+            self._drop_low_precision(int(state["low_precision_given_up"]), warn=False)
 
     def evaluate(self, theta, seed: int) -> tuple[float, np.ndarray | None, dict]:
         """One real objective evaluation; ``(nan, None, stats)`` when the solver failed outright."""
@@ -262,12 +273,40 @@ class FitSession:
         self.last_stats = stats
         self.columns += int(stats.get("columns", 0))
         self.low_columns += int(stats.get("low_precision_columns", 0))
+        self._watch_low_precision(stats)
         if math.isfinite(f):
             self.best_value = min(self.best_value, f)
         # At large n one iteration takes minutes: show every evaluation, not only finished iterations.
         self.pbar.set_postfix(loss=f"{f:.5f}", evals=self.evaluations, cg_iters=stats.get("iterations_max", "-"),
                               step=f"{self.step_seconds[-1]:.1f}s")
         return f, g, stats
+
+    def _watch_low_precision(self, stats: dict) -> None:
+        """Drop the low-precision policy once it only costs time.
+
+        Past ``||A^-1 E|| ~ 1/2`` (large n, small noise: docs/precision.md) every column of a
+        low-precision solve stagnates and is redone in float32, so each evaluation pays for both;
+        measured on an H100 at n = 200k, 1.6x float32's time.  The hyperparameters move slowly
+        between evaluations, so two such evaluations in a row predict the rest.  The values do not
+        jump: a column that fell back was finished in float32 anyway.
+        """
+        policy = self.objective.mll_kwargs.get("precision")
+        if policy is None or not policy.low_precision or not stats.get("columns"):
+            return
+        self.fell_back_streak = self.fell_back_streak + 1 if not stats.get("low_precision_columns") else 0
+        if self.fell_back_streak >= LOW_PRECISION_GIVE_UP:
+            self._drop_low_precision(self.evaluations, warn=True)
+
+    def _drop_low_precision(self, evaluation: int, *, warn: bool) -> None:
+        policy = self.objective.mll_kwargs.get("precision")
+        self.objective.mll_kwargs = {**self.objective.mll_kwargs, "precision": None}
+        self.low_precision_given_up = evaluation
+        if warn and policy is not None:
+            warnings.warn(f"every CG column of the last {LOW_PRECISION_GIVE_UP} evaluations fell back from "
+                          f"{policy.product} to {policy.fallback_product}: the rest of this fit runs without the "
+                          "low-precision policy (at this n and noise the rounded kernel is too far from "
+                          "K + noise I; docs/precision.md). report_.low_precision_given_up records where.",
+                          PrecisionWarning, stacklevel=6)
 
     def end_iteration(self, loss: float) -> None:
         self.iteration += 1
@@ -282,6 +321,7 @@ class FitSession:
                  "theta": torch.as_tensor(theta, dtype=_F64).clone(), "iteration": self.iteration,
                  "best_value": self.best_value, "losses": list(self.losses), "cg_failures": self.cg_failures,
                  "last_stats": self.last_stats, "low_columns": self.low_columns, "columns": self.columns,
+                 "low_precision_given_up": self.low_precision_given_up,
                  "hyperparameters": self.objective.params.hyperparameters(),
                  "finished": finished, "message": message}
         state.update(extra)
@@ -293,4 +333,5 @@ class FitSession:
         return OptimResult(torch.as_tensor(theta, dtype=_F64).clone(), float(loss), self.iteration,
                            self.evaluations, bool(converged), str(message), self.losses, self.step_seconds,
                            self.last_stats, self.cg_failures, self.resumed_from, grad_inf,
-                           low_precision_columns=(self.low_columns, self.columns) if self.columns else None)
+                           low_precision_columns=(self.low_columns, self.columns) if self.columns else None,
+                           low_precision_given_up=self.low_precision_given_up)

@@ -56,6 +56,8 @@ class FitReport:
     low_precision_share: float | None = None
     #: the product precision of the fit's policy (``"float16"`` ...); None without one or when dense
     precision: str | None = None
+    #: the evaluation after which the fit dropped its low-precision policy (every column fell back), or None
+    low_precision_given_up: int | None = None
 
     @classmethod
     def from_fit(cls, gp, out: OptimResult, alpha_stats: dict, *, fit_seconds: float,
@@ -78,7 +80,8 @@ class FitReport:
                    loss_history=list(out.losses), precision_check=out.precision_check, grad_inf=out.grad_inf,
                    low_precision_share=(out.low_precision_columns[0] / out.low_precision_columns[1]
                                         if out.low_precision_columns else None),
-                   precision=policy.product if policy is not None else None)
+                   precision=policy.product if policy is not None else None,
+                   low_precision_given_up=out.low_precision_given_up)
 
     def to_dict(self) -> dict:
         """JSON-friendly dict of every field."""
@@ -97,6 +100,8 @@ class FitReport:
                 solver += f" (auto timed {cg['backend_tuning']})"
             if self.low_precision_share is not None:
                 solver += f", {self.low_precision_share:.0%} of solves finished in {self.precision or 'low precision'}"
+            if self.low_precision_given_up is not None:
+                solver += f" (dropped after evaluation {self.low_precision_given_up}: every column fell back)"
         else:
             solver = "dense Cholesky"
         resumed = f" (resumed at iteration {self.resumed_from})" if self.resumed_from else ""
