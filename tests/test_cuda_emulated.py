@@ -1,7 +1,8 @@
 """gpscale's tensor-core CUDA kernels run on the CPU by the emulation of tests/emu/cuda_emu.h.
 
 ``tcb`` (csrc/kmm_tcb.cu) was written without a GPU; it passed its GPU tests on the second lent H100,
-which these emulated runs had predicted, so they now check changes to it between GPUs.  Its arithmetic is emulated in ``test_tcb_arithmetic.py`` and its
+which these emulated runs had predicted, so they now check changes to it between GPUs.  Its
+arithmetic is emulated in ``test_tcb_arithmetic.py`` and its
 host-side packing in ``test_tcb_pack.py``; this file runs the kernel's own source -- index
 expressions, fragment reads, the cp.async double buffer and its barriers, the symmetric diagonal,
 padding, every k-step specialisation and product mode -- with every thread a fiber and the tensor-core
@@ -39,7 +40,8 @@ def _build(tmp_path_factory, harness: str, *defines: str):
         pytest.skip("no host C++ compiler (g++) to build the CPU emulation of the CUDA kernels")
     lib = tmp_path_factory.mktemp("emu") / f"{harness}.so"
     subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-include", str(EMU / "cuda_emu.h"),
-                    "-DGPS_HOST_EMULATION", *defines, f"-I{ROOT / 'csrc'}", f"-I{EMU}", str(EMU / f"{harness}.cpp"), "-o",
+                    "-DGPS_HOST_EMULATION", *defines, f"-I{ROOT / 'csrc'}", f"-I{EMU}",
+                    str(EMU / f"{harness}.cpp"), "-o",
                     str(lib)], check=True, capture_output=True, text=True)
     return ctypes.CDLL(str(lib))
 

@@ -308,6 +308,28 @@ def test_low_precision_training_loss_matches_float32(product):
         BackendOptions(precision="float8")
 
 
+def test_low_precision_option_is_dropped_once_every_training_solve_falls_back():
+    # plain bf16 rounding of a smooth kernel at noise 1e-3 is indefinite: every column stagnates in
+    # bf16 and is redone in float32, so the option only costs time -- the backend stops trying after two
+    X, y, _ = _data(n=1200)
+    model, lik = _model("rbf", X.float(), y.float())
+    model, lik = model.float(), lik.float()
+    with torch.no_grad():
+        lik.noise = 1e-3
+    plain_bf16 = gpscale.PrecisionPolicy("bfloat16", lowrank_correction=False)
+    use_gpscale(model, method="iterative", seed=0, precision=plain_bf16,
+                preconditioner=gpscale.precond.PivotedCholesky(rank=20))
+    _loss_and_grads(model, lik, X.float(), y.float())
+    first = backend_stats(model)
+    assert first["last"]["inv_quad_logdet"]["low_precision_columns"] == 0 and first["low_precision_dropped_at"] is None
+    with pytest.warns(gpscale.PrecisionWarning, match="fell back from .* to float32; the following solves"):
+        _loss_and_grads(model, lik, X.float(), y.float())
+    assert backend_stats(model)["low_precision_dropped_at"] == 2
+    loss, _ = _loss_and_grads(model, lik, X.float(), y.float())
+    third = backend_stats(model)["last"]["inv_quad_logdet"]
+    assert "low_precision_columns" not in third and third["status"] == "CONVERGED" and torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("where", ["X", "y", "Xs"])
 def test_nan_inputs_raise_clear_error(where):
     X, y, Xs = _data()

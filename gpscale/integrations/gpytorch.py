@@ -267,9 +267,14 @@ def gpscale_backend(model, options: BackendOptions | None = None, **kwargs):
 
 
 def backend_stats(model) -> dict:
-    """What the backend last did: ``{"last": {what: CG stats}, "counts": {what: calls}}`` (empty if off)."""
+    """What the backend last did: ``{"last": {what: CG stats}, "counts": {what: calls}}`` (empty if off).
+
+    ``"low_precision_dropped_at"``: the training-loss call after which a ``precision`` option was
+    dropped because every column of two solves in a row fell back to float32 (None: never).
+    """
     kernel = getattr(model, "covar_module", None)
     if not isinstance(kernel, _GpscaleKernelMixin):
         return {}
     st = kernel._gpscale_state
-    return {"last": dict(st.last), "counts": dict(st.counts), "options": kernel._gpscale_options}
+    return {"last": dict(st.last), "counts": dict(st.counts), "options": kernel._gpscale_options,
+            "low_precision_dropped_at": st.low_precision_dropped_at}
