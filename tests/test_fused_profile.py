@@ -68,3 +68,27 @@ def test_a_failing_compilation_falls_back_to_eager_once(compile_everything):
     torch.testing.assert_close(got, (k(X, X).detach() + 0.1 * torch.eye(150, dtype=torch.float64)) @ V)
     assert fused.status().startswith("eager (RuntimeError: InductorError")
     assert fused.fused_profile(k, 1 << 30) is None  # the process stays eager
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kernel", ["rbf", "matern12", "matern32", "matern52"])
+@pytest.mark.parametrize("ard", [True, False])
+def test_compiled_gradient_tiles_match_eager_ones(compile_everything, kernel, ard, dtype, device):
+    from gpscale.operators.derivatives import bilinear_derivative
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(260, 4, generator=g, dtype=dtype).to(device)
+    X[9] = X[2]  # q = 0 off the diagonal: f'(0) of Matérn-1/2 is defined as 0 on both paths
+    ls = torch.linspace(0.6, 1.8, 4) if ard else 1.1
+    k = (RBF(lengthscale=ls) if kernel == "rbf" else
+         Matern(nu={"matern12": 0.5, "matern32": 1.5, "matern52": 2.5}[kernel], lengthscale=ls)).to(device)
+    A, B = (torch.randn(260, 3, generator=g, dtype=dtype).to(device) for _ in range(2))
+    op = gpscale.KernelOperator(X, k, noise=0.1, memory_budget=1 << 16, tile=96, backend="torch")
+    got = bilinear_derivative(op, A, B)
+    assert ("weighted", kernel) in fused._COMPILED and not fused._FAILED  # the compiled pass really ran
+    fused._FAILED.append("eager reference")  # the same call, eagerly (the fixture resets it)
+    want = bilinear_derivative(op, A, B)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-4
+    for name in ("lengthscale", "outputscale", "noise"):
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=rtol * float(want[name].abs().max()))

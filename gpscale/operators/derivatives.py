@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.fused import fused_weighted, weighted_tile
 from .fused_derivatives import fused_bilinear, fused_derivative_matmul
 from .kernel_operator import KernelOperator
 
@@ -173,11 +174,11 @@ def _weighted_sums(op: KernelOperator, weights) -> dict[str, torch.Tensor]:
     acc_s = torch.zeros((), dtype=Xs.dtype, device=Xs.device)
     acc_l = torch.zeros(Xs.shape[1] if ard else (), dtype=Xs.dtype, device=Xs.device)
     X2 = Xs.pow(2)
+    fn = fused_weighted(op.kernel, op.shape[0] * op.shape[1])  # one compiled pass per tile, or None
     for i0, i1, j0, j1 in op._tiles:  # the upper triangle (or a distributed rank's share of it)
-        q, f, fp = _tile_profile(op, i0, i1, j0, j1)
-        M = weights(i0, i1, j0, j1)
-        acc_s += (M * f).sum()
-        G = M.mul_(fp)
+        q = op.scaled_sqdist(i0, i1, j0, j1)
+        G = weights(i0, i1, j0, j1)
+        acc_s += weighted_tile(fn, op.kernel, q, G)  # G is now M o f'(q)
         if not ard:
             acc_l += (G * q).sum()
             continue
