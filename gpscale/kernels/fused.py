@@ -86,32 +86,28 @@ FUSED = {"matern12": _matern12, "matern32": _matern32, "matern52": _matern52}
 _RBF_REF = RBF()
 
 
-def _ws_rbf(q: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    f, fp = _RBF_REF.profile_and_derivative(q)
+def _weighted(ref, q: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    f, fp = ref.profile_and_derivative(q)
     s = (M * f).sum()
     M.copy_(M * fp)
     return s
+
+
+# Thin per-kernel entry points (their own code objects, see above); dynamo inlines _weighted into each.
+def _ws_rbf(q: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    return _weighted(_RBF_REF, q, M)
 
 
 def _ws_matern12(q: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    f, fp = _M12.profile_and_derivative(q)
-    s = (M * f).sum()
-    M.copy_(M * fp)
-    return s
+    return _weighted(_M12, q, M)
 
 
 def _ws_matern32(q: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    f, fp = _M32.profile_and_derivative(q)
-    s = (M * f).sum()
-    M.copy_(M * fp)
-    return s
+    return _weighted(_M32, q, M)
 
 
 def _ws_matern52(q: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    f, fp = _M52.profile_and_derivative(q)
-    s = (M * f).sum()
-    M.copy_(M * fp)
-    return s
+    return _weighted(_M52, q, M)
 
 
 #: The gradient tile pass per kernel (RBF too: its eager pass is three, the exp and two over M).
