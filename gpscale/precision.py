@@ -237,6 +237,34 @@ def as_policy(precision) -> PrecisionPolicy | None:
                     f"{type(precision).__name__}")
 
 
+#: consecutive solves in which every CG column fell back after which a caller (``ExactGP.fit``, the
+#: GPyTorch backend) stops using its low-precision policy
+LOW_PRECISION_GIVE_UP = 2
+
+
+class FallbackStreak:
+    """Counts consecutive low-precision solves whose every column fell back to the fallback precision.
+
+    Past ``||A^-1 E|| ~ 1/2`` (large n, small noise: docs/precision.md) every column stagnates in 16
+    bits and is redone in float32, so each solve pays for both (measured on an H100 at n = 200k: 1.6x
+    float32's time).  Hyperparameters move slowly between a training run's solves, so
+    :data:`LOW_PRECISION_GIVE_UP` such solves in a row predict the rest.
+    """
+
+    def __init__(self):
+        self.count = 0
+
+    def update(self, policy: PrecisionPolicy | None, stats: dict) -> bool:
+        """Record one solve's CG ``stats``; ``True`` once ``policy`` has only cost time.
+
+        Solves without a low-precision policy (none, float32, float64) never count.
+        """
+        if policy is None or not policy.low_precision or not stats.get("columns"):
+            return False
+        self.count = 0 if stats.get("low_precision_columns") else self.count + 1
+        return self.count >= LOW_PRECISION_GIVE_UP
+
+
 # ---------------------------------------------------------------------- low-precision GEMM
 def round_to(t: torch.Tensor, name: str) -> torch.Tensor:
     """``t`` rounded to the product precision ``name`` (bf16/fp16 tensors; tf32 as float32 values)."""

@@ -328,6 +328,16 @@ def test_low_precision_option_is_dropped_once_every_training_solve_falls_back():
     loss, _ = _loss_and_grads(model, lik, X.float(), y.float())
     third = backend_stats(model)["last"]["inv_quad_logdet"]
     assert "low_precision_columns" not in third and third["status"] == "CONVERGED" and torch.isfinite(loss)
+    # a float32 "policy" finishes no column in low precision by definition: that is not a fallback
+    model, lik = _model("rbf", X.float(), y.float())
+    model, lik = model.float(), lik.float()
+    use_gpscale(model, method="iterative", seed=0, precision="float32",
+                preconditioner=gpscale.precond.PivotedCholesky(rank=20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gpscale.PrecisionWarning)
+        for _ in range(3):
+            _loss_and_grads(model, lik, X.float(), y.float())
+    assert backend_stats(model)["low_precision_dropped_at"] is None
 
 
 @pytest.mark.parametrize("where", ["X", "y", "Xs"])

@@ -21,7 +21,7 @@ from gpscale import CGStatus, KernelOperator, PrecisionPolicy, cg, mll_estimate
 from gpscale.kernels import RBF, Matern
 from gpscale.logdet.slq import slq_logdet
 from gpscale.precision import as_policy, round_to
-from gpscale.models.fit import LOW_PRECISION_GIVE_UP
+from gpscale.precision import LOW_PRECISION_GIVE_UP, FallbackStreak
 from gpscale.precond import PivotedCholesky
 from gpscale.solvers.stability import StallDetector
 
@@ -468,3 +468,16 @@ def test_a_fit_drops_a_low_precision_policy_whose_every_solve_falls_back(regress
     # solves that do finish in low precision reset the streak: noise 1, nothing is dropped
     gp3 = gpscale.ExactGP(max_iter=4, **{**kw, "noise_init": 1.0, "precision": "bfloat16"}).fit(X[:400], y[:400])
     assert gp3.report_.low_precision_given_up is None and gp3.report_.cg_stats["precision"] == "bfloat16"
+
+
+def test_fallback_streak_counts_only_low_precision_solves_that_fell_back_entirely():
+    bf16, f32 = PrecisionPolicy("bfloat16"), PrecisionPolicy("float32")
+    none_low = {"columns": 11, "low_precision_columns": 0}
+    streak = FallbackStreak()
+    assert not streak.update(bf16, none_low)
+    assert not streak.update(bf16, {"columns": 11, "low_precision_columns": 1})  # one column held: reset
+    assert not streak.update(bf16, none_low) and streak.update(bf16, none_low)  # two in a row
+    for policy in (None, f32):  # no low precision asked for: never a fallback
+        other = FallbackStreak()
+        assert not any(other.update(policy, none_low) for _ in range(2 * LOW_PRECISION_GIVE_UP))
+    assert not FallbackStreak().update(bf16, {})  # a failed solve reports no columns: not counted

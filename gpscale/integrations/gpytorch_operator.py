@@ -39,7 +39,7 @@ from ..logdet.slq import build_preconditioner, probe_solve
 from ..logdet.trace import derivative_width, trace_pairs
 from ..operators import CrossKernelOperator, KernelOperator
 from ..operators.derivatives import bilinear_derivative
-from ..precision import PrecisionWarning
+from ..precision import LOW_PRECISION_GIVE_UP, FallbackStreak, PrecisionWarning
 from ..solvers.cg import CGWarning, ConjugateGradients
 
 
@@ -75,10 +75,11 @@ class _InvQuadLogdet(torch.autograd.Function):
         op, opts, state = cfg
         t = opts.num_probes
         gen = None if opts.seed is None else torch.Generator(device=rhs.device).manual_seed(int(opts.seed))
-        solver = ConjugateGradients(rtol=opts.rtol, max_iter=opts.max_iter, precision=state.training_precision(opts))
+        policy = state.training_precision(opts)
+        solver = ConjugateGradients(rtol=opts.rtol, max_iter=opts.max_iter, precision=policy)
         ps = probe_solve(op, rhs if rhs.shape[1] else None, t, solver, opts.preconditioner, gen)
         alpha = ps.cg.x[:, t:]
-        state.record("inv_quad_logdet", ps.cg, logdet_stderr=ps.logdet_stderr)
+        state.record("inv_quad_logdet", ps.cg, policy=policy, logdet_stderr=ps.logdet_stderr)
         ctx.op, ctx.alpha, ctx.ps = op, alpha, ps
         ctx.shapes = [(v.shape, v.dtype) for v in (ls, s, noise)]
         ctx.kernel_trace = rhs.shape[0] * float(s)  # stationary: k(x, x) = s
@@ -142,15 +143,11 @@ def _chunked_cg(op, P, B, opts, state, what: str) -> torch.Tensor:
 class BackendState:
     """Mutable per-model record of what the backend did (the options object itself is frozen)."""
 
-    #: consecutive training-loss solves in which every column fell back, after which the backend
-    #: stops trying the low precision (as ``ExactGP.fit`` does: gpscale.models.fit.LOW_PRECISION_GIVE_UP)
-    GIVE_UP = 2
-
     def __init__(self):
         self.last: dict = {}
         self.counts: dict = {}
         self._warned: set = set()
-        self.fell_back_streak = 0
+        self.fell_back = FallbackStreak()
         #: the training-loss call after which the low-precision policy was dropped, or None
         self.low_precision_dropped_at: int | None = None
 
@@ -158,26 +155,24 @@ class BackendState:
         """The policy for the training loss's solve: the options', until it has only cost time."""
         return opts.precision if self.low_precision_dropped_at is None else None
 
-    def record(self, what: str, res, **extra) -> None:
+    def record(self, what: str, res, policy=None, **extra) -> None:
         s = _stats_of(res)
         s.update(extra)
         self.last[what] = s
         self.counts[what] = self.counts.get(what, 0) + 1
-        if what == "inv_quad_logdet" and s.get("columns") and "low_precision_columns" in s:
-            self._watch_low_precision(s)
+        if what == "inv_quad_logdet" and self.low_precision_dropped_at is None:
+            self._watch_low_precision(s, policy)
         if not res.converged:
             warnings.warn(f"gpscale backend ({what}): CG ended with status {res.status.name} "
                           f"(max relative residual {s['relative_residual_max']:.2e}); {res.message}",
                           CGWarning, stacklevel=4)
 
-    def _watch_low_precision(self, s: dict) -> None:
-        # Every column stagnated in 16 bits and was redone in float32: that solve cost both.  Two in a
-        # row predict the rest of the training run (docs/precision.md, the n = 200k H100 figure).
-        self.fell_back_streak = 0 if s["low_precision_columns"] else self.fell_back_streak + 1
-        if self.fell_back_streak >= self.GIVE_UP and self.low_precision_dropped_at is None:
+    def _watch_low_precision(self, s: dict, policy) -> None:
+        # as ExactGP.fit does (gpscale.precision.FallbackStreak): stop paying for 16 bits that never finish
+        if self.fell_back.update(policy, s):
             self.low_precision_dropped_at = self.counts["inv_quad_logdet"]
-            warnings.warn(f"gpscale backend: every CG column of the last {self.GIVE_UP} training-loss solves fell "
-                          f"back from {s.get('precision', 'low precision')} to float32; the following solves "
+            warnings.warn(f"gpscale backend: every CG column of the last {LOW_PRECISION_GIVE_UP} training-loss solves "
+                          f"fell back from {policy.product} to {policy.fallback_product}; the following solves "
                           "run without the precision option (the rounded kernel is too far from K + noise I at "
                           "this n and noise; docs/precision.md). backend_stats(model) records where.",
                           PrecisionWarning, stacklevel=4)

@@ -87,9 +87,10 @@ _RBF_REF = RBF()
 
 
 def _weighted(ref, q: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``sum(M o f(q))``, leaving ``M o f'(q)`` in ``M``; compiled (per kernel, below) or eager."""
     f, fp = ref.profile_and_derivative(q)
     s = (M * f).sum()
-    M.copy_(M * fp)
+    M.mul_(fp)
     return s
 
 
@@ -119,15 +120,8 @@ def fused_weighted(kernel, entries: int):
 
     Same rules as :func:`fused_profile`: large operators only, known kernels, nothing after a failure.
     """
-    name = getattr(kernel, "name", None)
-    # exact classes only: a subclass may redefine the profile the reference functions call
-    if entries < COMPILE_MIN_ENTRIES or type(kernel) not in (RBF, Matern) or name not in FUSED_WEIGHTED or _FAILED:
-        return None
-    key = ("weighted", name)
-    with _LOCK:
-        if key not in _COMPILED:
-            _COMPILED[key] = torch.compile(FUSED_WEIGHTED[name], dynamic=True, fullgraph=True)
-        return _COMPILED[key]
+    name = _eligible(kernel, entries, FUSED_WEIGHTED)
+    return None if name is None else _compiled(("weighted", name), FUSED_WEIGHTED[name])
 
 
 def weighted_tile(fn, kernel, q: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -137,26 +131,35 @@ def weighted_tile(fn, kernel, q: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
             return fn(q, M)
         except Exception as exc:  # noqa: BLE001 - any compile/runtime failure means: stay eager
             _fail(exc)
-    f, fp = kernel.profile_and_derivative(q)
-    s = (M * f).sum()
-    M.mul_(fp)
-    return s
+    return _weighted(kernel, q, M)
 
 
 def fused_profile(kernel, entries: int):
     """The compiled ``(u, snap) -> f(u)`` for ``kernel``'s tiles, or ``None`` (evaluate eagerly).
 
     ``None`` for small operators (``entries < COMPILE_MIN_ENTRIES``), for kernels not in
-    :data:`FUSED` and after a compilation failed in this process.
+    :data:`FUSED` (or subclasses of gpscale's) and after a compilation failed in this process.
     """
+    name = _eligible(kernel, entries, FUSED)
+    return None if name is None else _compiled(name, FUSED[name])
+
+
+def _eligible(kernel, entries: int, table: dict) -> str | None:
+    """``kernel``'s name when its tiles should take a compiled function of ``table``, else ``None``."""
     name = getattr(kernel, "name", None)
-    if entries < COMPILE_MIN_ENTRIES or name not in FUSED or _FAILED or type(kernel).sqdist_scale != 1.0:
+    # exact classes only: a subclass may redefine the formulas the reference functions call
+    if entries < COMPILE_MIN_ENTRIES or type(kernel) not in (RBF, Matern) or name not in table or _FAILED:
         return None
+    return name
+
+
+def _compiled(key, fn):
+    """``torch.compile(fn)``, once per key and process."""
     with _LOCK:
-        if name not in _COMPILED:
-            # dynamic: edge tiles have other shapes; snap is a 0-d tensor, so a new value never recompiles
-            _COMPILED[name] = torch.compile(FUSED[name], dynamic=True, fullgraph=True)
-        return _COMPILED[name]
+        if key not in _COMPILED:
+            # dynamic: edge tiles have other shapes (and snap is a 0-d tensor: a new value never recompiles)
+            _COMPILED[key] = torch.compile(fn, dynamic=True, fullgraph=True)
+        return _COMPILED[key]
 
 
 def evaluate(fn, kernel, u: torch.Tensor, snap: float, snap_t: torch.Tensor | None) -> torch.Tensor:

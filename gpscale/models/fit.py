@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..kernels.base import StationaryKernel, to_positive, to_raw
 from ..likelihood.api import mll_estimate
-from ..precision import PrecisionWarning
+from ..precision import LOW_PRECISION_GIVE_UP, FallbackStreak, PrecisionWarning
 from .checkpoint import FORMAT_VERSION, save_checkpoint
 
 _F64 = torch.float64
@@ -224,11 +224,6 @@ def check_low_precision_use(objective: Objective, columns: tuple | None) -> None
                       "PrecisionPolicy('float16') (8x smaller rounding than bfloat16)", PrecisionWarning, stacklevel=3)
 
 
-#: consecutive evaluations in which every CG column fell back to the fallback precision, after which a
-#: fit runs its remaining evaluations without the low-precision policy
-LOW_PRECISION_GIVE_UP = 2
-
-
 class FitSession:
     """Bookkeeping shared by both optimisers: timing, CG failures, progress bar and checkpoints."""
 
@@ -242,7 +237,7 @@ class FitSession:
         self.step_seconds: list[float] = []
         self.last_stats: dict = {}
         self.low_columns = self.columns = 0  # CG columns finished in low precision / all (policy fits)
-        self.fell_back_streak, self.low_precision_given_up = 0, None
+        self.fell_back, self.low_precision_given_up = FallbackStreak(), None
         self.pbar = tqdm(total=max_iter, disable=not verbose, desc=f"{desc} ({optimizer})", unit="it",
                          dynamic_ncols=True)
 
@@ -282,19 +277,11 @@ class FitSession:
         return f, g, stats
 
     def _watch_low_precision(self, stats: dict) -> None:
-        """Drop the low-precision policy once it only costs time.
+        """Drop the low-precision policy once it only costs time (:class:`~gpscale.precision.FallbackStreak`).
 
-        Past ``||A^-1 E|| ~ 1/2`` (large n, small noise: docs/precision.md) every column of a
-        low-precision solve stagnates and is redone in float32, so each evaluation pays for both;
-        measured on an H100 at n = 200k, 1.6x float32's time.  The hyperparameters move slowly
-        between evaluations, so two such evaluations in a row predict the rest.  The values do not
-        jump: a column that fell back was finished in float32 anyway.
+        The values do not jump: a column that fell back was finished in float32 anyway.
         """
-        policy = self.objective.mll_kwargs.get("precision")
-        if policy is None or not policy.low_precision or not stats.get("columns"):
-            return
-        self.fell_back_streak = self.fell_back_streak + 1 if not stats.get("low_precision_columns") else 0
-        if self.fell_back_streak >= LOW_PRECISION_GIVE_UP:
+        if self.fell_back.update(self.objective.mll_kwargs.get("precision"), stats):
             self._drop_low_precision(self.evaluations, warn=True)
 
     def _drop_low_precision(self, evaluation: int, *, warn: bool) -> None:

@@ -125,4 +125,3 @@ def _check_text(check: dict | None) -> str:
         return ""
     verdict = "ok" if check["ok"] else "WARNING"
     return f"   (float32-product check: {check['relative']:.1e} relative, {verdict})"
-
