@@ -39,7 +39,6 @@ import torch
 from .matern import Matern
 from .rbf import RBF
 
-
 #: Kernel entries (rows x columns) from which an operator evaluates its tiles with the compiled profile.
 COMPILE_MIN_ENTRIES = 1 << 28
 
