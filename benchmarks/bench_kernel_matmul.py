@@ -2,8 +2,8 @@
 """Seconds per fused kernel product ``K(X, Z) @ V`` for every backend and CUDA variant.
 
 For each kernel and size ``n = m`` (default 100k and 1M, d = 8, t = 16) this times one product per
-backend -- gpscale's CUDA variants (``cuda:simt``, ``cuda:tc``, ``cuda:tc3``, the experimental
-``cuda:tcb``), KeOps and the blocked
+backend -- gpscale's CUDA variants (``cuda:simt``, ``cuda:tc``, ``cuda:tc3``, ``cuda:tcb`` (the float32
+default), the experimental ``cuda:tcbh``), KeOps and the blocked
 torch path -- and reports
 
 * ``seconds`` (median of ``--repeats`` after one warm-up call that also compiles),
@@ -46,7 +46,7 @@ from _common import write_json  # noqa: E402
 from gpscale.kernels import RBF, Matern  # noqa: E402
 from gpscale.operators import CrossKernelOperator  # noqa: E402
 
-ALL_BACKENDS = ("cuda:simt", "cuda:tc", "cuda:tc3", "cuda:tcb", "keops", "torch")
+ALL_BACKENDS = ("cuda:simt", "cuda:tc", "cuda:tc3", "cuda:tcb", "cuda:tcbh", "keops", "torch")
 MUFU_PER_CLK_SM = 16
 
 

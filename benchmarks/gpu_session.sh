@@ -3,6 +3,7 @@
 # most important first:
 #
 #   run(command="bash benchmarks/gpu_session.sh kernels", carry=[".whl"], timeout_s=600)  # issue 5
+#   run(command="bash benchmarks/gpu_session.sh products", carry=[".whl"], timeout_s=600) # issue 5
 #   run(command="bash benchmarks/gpu_session.sh mll", carry=[".whl"], timeout_s=600)      # issues 5, 4
 #   run(command="bash benchmarks/gpu_session.sh profile", timeout_s=200)                  # issue 5, ncu
 #
@@ -32,20 +33,25 @@ if [ "$stage" = kernels ]; then
 #    preconditioners and the compiled (triton) Matérn tile pass
 step tests 120 python3 -m pytest tests/test_cuda_kernels.py tests/test_backends.py -q -p no:cacheprovider -rf \
     -k "not tcb"
-step tests_tcb 70 python3 -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -rf -k tcb --maxfail 20
+step tests_tcb 120 python3 -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -rf -k tcb --maxfail 20
 step tests_misc 50 python3 -m pytest tests/test_mixed_precision.py tests/test_precond_suite.py tests/test_fused_profile.py \
     -q -p no:cacheprovider \
     -rf -k cuda
-# 2. issue 5's open figure, RBF <= 0.5 s at 1M: the tcb options sweep (one-level accumulation fits the
-#    f kernels in 80 registers without spills: 24 warps per SM instead of 16; ncu found the shipped
-#    kernel latency-bound), then the products at 1M and 100k (every backend).  If a configuration
-#    wins at rel. error <= 1e-4: set its TCB_ACC1 / TCB_MINB defaults in csrc/kmm_tcb.cu (TCB_MINB
-#    applies to mode f only), re-run tests_tcb and km_1m in a second call.
-step tune 150 python3 benchmarks/tune_tcb.py --out "$OUT/tune_tcb_acc1_h100.json"
+# 2. issue 5's open figure, RBF <= 0.5 s at 1M: the tcb options sweep -- f16 distances (TCB_DF16, the
+#    tcbh variant: 2 MMAs per k-step instead of 3; tests_tcb above covers it), one-level accumulation
+#    (fits the f kernels in 80 registers without spills: 24 warps per SM instead of 16; ncu found the
+#    shipped kernel latency-bound) -- for K(X, Z) V and, two configurations, the symmetric K(X, X) V
+#    that CG runs.  If a configuration wins at rel. error <= 1e-4: DF16 -> make tcbh the float32
+#    default (cuda_backend.FLOAT32_VARIANT, out of launch.EXPERIMENTAL); ACC1 / MINB -> their defaults
+#    in csrc/kmm_tcb.cu (TCB_MINB applies to mode f only).  Then `products`.
+step tune 200 python3 benchmarks/tune_tcb.py --out "$OUT/tune_tcb_df16_h100.json"
+step tune_sym 80 python3 benchmarks/tune_tcb.py --sym --configs 2,1,0,0,0 2,3,0,1,1 --out "$OUT/tune_tcb_sym_h100.json"
+fi
+if [ "$stage" = products ]; then
 step km_1m 150 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --repeats 2 \
-    --backends cuda:tcb keops cuda:tc3 --out "$OUT/kernel_matmul_h100_1m.json"
+    --backends cuda:tcb cuda:tcbh keops cuda:tc3 --out "$OUT/kernel_matmul_h100_1m.json"
 step km_100k 90 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 100000 \
-    --backends cuda:tcb cuda:tc3 cuda:tc cuda:simt keops torch --out "$OUT/kernel_matmul_h100_100k.json"
+    --backends cuda:tcb cuda:tcbh cuda:tc3 cuda:tc cuda:simt keops torch --out "$OUT/kernel_matmul_h100_100k.json"
 fi
 if [ "$stage" = mll ]; then
 # 3. end-to-end MLL + gradient at 1M (backend auto: tcb since the second H100).  Rank 2000: rank 100
@@ -61,9 +67,9 @@ step precision_200k_r1000 330 python3 benchmarks/bench_precision.py --device cud
 fi
 if [ "$stage" = profile ]; then
 # 5. Nsight Compute (Firecracker machines; --clock-control none leaves the clocks alone) on the 100k
-#    RBF and Matérn-5/2 products of the shipped tcb and of the one-level-accumulation build
+#    RBF and Matérn-5/2 products of the shipped tcb and of tcbh with one-level accumulation
 step ncu 150 ncu --clock-control none -k regex:gpscale_kmm_tcb --launch-count 4 --section SpeedOfLight \
     --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-    python3 benchmarks/tune_tcb.py --n 100000 --repeats 0 --ref-rows 64 --configs 2,1,0,0 2,3,0,1 --out "$OUT/t.json"
+    python3 benchmarks/tune_tcb.py --n 100000 --repeats 0 --ref-rows 64 --configs 2,1,0,0,0 2,3,0,1,1 --out "$OUT/t.json"
 fi
 echo "=== done"; ls -la "$OUT"

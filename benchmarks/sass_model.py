@@ -76,6 +76,9 @@ VARIANTS = {
     "tcb": dict(file="kmm_tcb.cu", call="kmm_tcb<{K}, GPS_MODE_F, {ks}>(X, (const float4*)Z, Z, (const uint4*)V, O0, O1, n, m, {d}, "
                      "{t}, 0)",
                 pairs=32 * 64, nested=[], distinct_wide=True),  # fixed per-thread copies, unrolled
+    "tcbh": dict(file="kmm_tcb.cu", defines={"TCB_DF16": 1},
+                 call="kmm_tcb<{K}, GPS_MODE_F, {ks}>(X, (const float4*)Z, Z, (const uint4*)V, O0, O1, n, m, {d}, "
+                      "{t}, 0)", pairs=32 * 64, nested=[], distinct_wide=True),
 }
 
 PIPES = {
@@ -99,7 +102,8 @@ def _marker_total(spec, d: int, variant: str):
 def probe_source(variant: str, kind: str, d: int, t: int) -> str:
     v = VARIANTS[variant]
     call = v["call"].format(K=KINDS[kind], d=d, t=t, ks=launch.ksteps(d))
-    return (f'#include "{v["file"]}"\n'
+    defines = "".join(f"#define {k} {val}\n" for k, val in v.get("defines", {}).items())
+    return (defines + f'#include "{v["file"]}"\n'
             f'extern "C" __global__ void __launch_bounds__({launch.VARIANTS[variant][3]}) probe(const float* X, const float* Z, '
             f'const float* V, float* O0, float* O1, int n, int m) {{ {call}; }}\n')
 

@@ -90,6 +90,9 @@
 #ifndef TCB_EMU  // of a thread's 4 accumulator entries per fragment, how many take the FMA-pipe exp (gps_ex2_poly)
 #define TCB_EMU 0
 #endif
+#ifndef TCB_DF16  // 1: distances from two f16 MMAs per k-step instead of three tf32 ones: variant "tcbh" (below)
+#define TCB_DF16 0
+#endif
 #ifndef TCB_MINB  // blocks per SM the register allocation must allow, for mode F (the CG product) only:
                   // the f_dq kernels hold twice the accumulators and spill at 80 registers
 #define TCB_MINB 1
@@ -160,49 +163,91 @@ __device__ __forceinline__ void cp_async_wait_all_but_one() {
 }
 
 // One 64-row tile of Z and V in fragment order (see the header), as the host packed it.
+#if TCB_DF16
+typedef uint2 TcbZWord;  // per 8-row n-tile and k-step, each lane's f16 B fragment {hi pair, lo pair}
+#define TCB_AREGS 2      // distinct A registers per k-step and split part (a2 = a0, a3 = a1)
+#else
+typedef float4 TcbZWord;  // per 8-row n-tile and k-step, each lane's {hi b0, hi b1, lo b0, lo b1} (tf32)
+#define TCB_AREGS 4
+#endif
+
 template <int KS>
 struct TcbTile {
-    float4 z[TCB_BN / 8][KS][32];  // per 8-row n-tile and k-step: each lane's {hi b0, hi b1, lo b0, lo b1}
+    TcbZWord z[TCB_BN / 8][KS][32];
     uint4 v[TCB_BN / 16][2][32];    // per 16-deep k-step and n-tile of 8 columns: the same, bf16 pairs
     float zn[TCB_BN];               // |z|^2
 };
 
-// Start copying tile i into s: KS + 1 16-byte copies per thread (+ 1 for the first 16 threads).
+// Start copying tile i into s: KS (tcbh: KS / 2) + 1 16-byte copies per thread (+ 1 for the first 16).
 // The host padded Z and V to whole tiles with zeros (a padded row meets V rows of 0), so there are
 // no bounds checks, and every thread's share is fixed.
 template <int KS>
 __device__ __forceinline__ void tcb_copy_tile(TcbTile<KS>& s, const float4* __restrict__ Zf,
                                               const float* __restrict__ Zn, const uint4* __restrict__ Vf, int i,
                                               int ntiles) {
-    static_assert(32 * TCB_WARPS == (TCB_BN / 8) * 32 && 32 * TCB_WARPS == (TCB_BN / 16) * 2 * 32,
-                  "one 16-byte word per thread per k-step of Z and per tile of V");
+    static_assert(32 * TCB_WARPS == (TCB_BN / 16) * 2 * 32, "one 16-byte word of V per thread and tile");
+    constexpr int ZW = sizeof(s.z) / 16, NT = 32 * TCB_WARPS;  // 16-byte words of Z per tile; threads
+    static_assert(ZW % (NT / 2) == 0, "whole half-blocks of Z words");
     const int tid = threadIdx.x;
-    const float4* zsrc = Zf + (long long)i * (TCB_BN / 8) * KS * 32;
+    const float4* zsrc = Zf + (long long)i * ZW;
+    float4* zdst = reinterpret_cast<float4*>(&s.z[0][0][0]);
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks)  // flat copies: global and shared share the [n-tile][k-step][lane] order
-        cp_async16(&s.z[0][0][0] + ks * 32 * TCB_WARPS + tid, zsrc + ks * 32 * TCB_WARPS + tid);
+    for (int w = 0; w < ZW; w += NT)  // flat copies: global and shared share the [n-tile][k-step][lane] order
+        if (ZW % NT == 0 || w + tid < ZW) cp_async16(zdst + w + tid, zsrc + w + tid);
     cp_async16(&s.v[0][0][0] + tid, Vf + ((long long)blockIdx.y * ntiles + i) * (TCB_BN / 16) * 2 * 32 + tid);
     if (tid < TCB_BN / 4) cp_async16(&s.zn[4 * tid], Zn + (long long)i * TCB_BN + 4 * tid);
+}
+
+// tcbh: this warp's 16 rows of -2 X as f16 hi / lo pairs in the m16n8k16 A layout of rows g, g + 8
+// and k = 2c, 2c + 1 of every k-step (the upper k half repeats them: A = [xh | xh]), and the squared
+// norms of the unsplit rows.  hi = f16(a) and lo = f16(a - hi) in round to nearest: a - hi is exact
+// in float32, and lo's own rounding leaves 2^-22 |a| -- 3xTF32's error, from f16's 11-bit significand.
+// The launcher keeps |2x| inside f16's range (launch.py: F16_MAX).
+template <int KS>
+__device__ __forceinline__ void tcbh_load_rows(const float* __restrict__ X, int row0, int n, int d,
+                                               unsigned (&ah)[KS][2], unsigned (&al)[KS][2], float& na, float& nb) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    na = nb = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {  // rows g and g + 8: the A fragment's a0 and a1
+            const int row = row0 + g + 8 * r, k = ks * 8 + 2 * c;
+            const float v0 = (row < n && k < d) ? X[(long long)row * d + k] : 0.f;
+            const float v1 = (row < n && k + 1 < d) ? X[(long long)row * d + k + 1] : 0.f;
+            (r ? nb : na) += v0 * v0 + v1 * v1;
+            ah[ks][r] = pack_f16x2(-2.f * v0, -2.f * v1);
+            float h0, h1;
+            unpack_f16x2(ah[ks][r], h0, h1);
+            al[ks][r] = pack_f16x2(-2.f * v0 - h0, -2.f * v1 - h1);
+        }
+    na = quad_sum(na);
+    nb = quad_sum(nb);
 }
 
 // This warp's rows (m-tile mt) as split A fragments of -2 X for every k-step, and their squared norms.
 template <int KS>
 __device__ __forceinline__ void tcb_load_rows(const float* __restrict__ X, int row0, int n, int d,
-                                              unsigned (&ah)[KS][4], unsigned (&al)[KS][4], float& na, float& nb) {
+                                              unsigned (&ah)[KS][TCB_AREGS], unsigned (&al)[KS][TCB_AREGS],
+                                              float& na, float& nb) {
+#if TCB_DF16
+    tcbh_load_rows<KS>(X, row0, n, d, ah, al, na, nb);
+#else
     load_rows_split(X, row0, n, d, KS, ah, al, na, nb, [](float v, unsigned& hi, unsigned& lo) {
         const float a = -2.f * v;  // exact: the MMA then adds -2 x.z to the norms
         const float h = round_tf32(a);
         hi = __float_as_uint(h);
         lo = __float_as_uint(a - h);
     });
+#endif
 }
 
 // f (and f' q) of one 8-wide n-tile for both m-tiles: q from one 3xTF32 MMA chain per k-step,
 // started from |x|^2 + |z|^2.  The B fragments (one LDS.128 per k-step) serve both m-tiles.
 template <int KIND, int MODE, int KS>
 __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (&p1)[TCB_MT][4], const TcbTile<KS>& s,
-                                                int nt, const unsigned (&ah)[TCB_MT][KS][4],
-                                                const unsigned (&al)[TCB_MT][KS][4], const float (&na)[TCB_MT],
+                                                int nt, const unsigned (&ah)[TCB_MT][KS][TCB_AREGS],
+                                                const unsigned (&al)[TCB_MT][KS][TCB_AREGS], const float (&na)[TCB_MT],
                                                 const float (&nb)[TCB_MT], int row0, int jt, int sym) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const float2 zz = *reinterpret_cast<const float2*>(&s.zn[nt * 8 + 2 * c]);
@@ -219,6 +264,14 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
     }
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
+#if TCB_DF16  // A = [xh | xh] and [xl | xl] against B = [zh ; zl]: (xh + xl).(zh + zl) in two MMAs
+        const uint2 b = s.z[nt][ks][lane];
+#pragma unroll
+        for (int mt = 0; mt < TCB_MT; ++mt) {  // small terms first
+            mma_f16(q[mt], al[mt][ks][0], al[mt][ks][1], al[mt][ks][0], al[mt][ks][1], b.x, b.y);
+            mma_f16(q[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][0], ah[mt][ks][1], b.x, b.y);
+        }
+#else
         const float4 b = s.z[nt][ks][lane];
         const unsigned bh0 = __float_as_uint(b.x), bh1 = __float_as_uint(b.y);
         const unsigned bl0 = __float_as_uint(b.z), bl1 = __float_as_uint(b.w);
@@ -228,6 +281,7 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
             mma_tf32(q[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], bl0, bl1);
             mma_tf32(q[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], bh0, bh1);
         }
+#endif
     }
 #pragma unroll
     for (int mt = 0; mt < TCB_MT; ++mt)
@@ -299,7 +353,7 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     const int c0 = blockIdx.y * TCB_TCH, ntiles = (m + TCB_BN - 1) / TCB_BN;
     tcb_copy_tile<KS>(buf[0], Zf, Zn, Vf, 0, ntiles);
     cp_async_commit();
-    unsigned ah[TCB_MT][KS][4], al[TCB_MT][KS][4];
+    unsigned ah[TCB_MT][KS][TCB_AREGS], al[TCB_MT][KS][TCB_AREGS];
     float na[TCB_MT], nb[TCB_MT];
 #pragma unroll
     for (int mt = 0; mt < TCB_MT; ++mt) tcb_load_rows<KS>(X, row0 + 16 * mt, n, d, ah[mt], al[mt], na[mt], nb[mt]);
@@ -352,7 +406,14 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
 
 // One entry per k-step count KS = ceil(d / 8) (the launcher picks it from d): fragment registers
 // for unused k-steps cost occupancy (160 -> ~100 registers per thread at KS = 1).
+#if TCB_DF16
+GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcbh_k1, 1)
+GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcbh_k2, 2)
+GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcbh_k3, 3)
+GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcbh_k4, 4)
+#else
 GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb_k1, 1)
 GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb_k2, 2)
 GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb_k3, 3)
 GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb_k4, 4)
+#endif

@@ -18,6 +18,41 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], unsigned a0, unsigned a1
 #endif
 }
 
+// c += a b, m16n8k16, f16 inputs (pairs, the lower k index in the low half), f32 accumulation.
+__device__ __forceinline__ void mma_f16(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                        unsigned b0, unsigned b1) {
+#ifdef GPS_HOST_EMULATION  // tests/emu/cuda_emu.h runs the kernels on the CPU (one fiber per thread)
+    gps_emu::mma_m16n8k16_f16(c, a0, a1, a2, a3, b0, b1);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// (x, y) -> one f16x2 register, each rounded to nearest even (x in the low half); cvt.rn.f16x2.f32.
+__device__ __forceinline__ unsigned pack_f16x2(float x, float y) {
+#ifdef GPS_HOST_EMULATION
+    return gps_emu::cvt_rn_f16x2(x, y);
+#else
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(y), "f"(x));  // the first source goes high
+    return r;
+#endif
+}
+
+// The two halves of an f16x2 register as floats (exact).
+__device__ __forceinline__ void unpack_f16x2(unsigned p, float& x, float& y) {
+#ifdef GPS_HOST_EMULATION
+    gps_emu::f16x2_to_f32(p, x, y);
+#else
+    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }\n"
+        : "=f"(x), "=f"(y) : "r"(p));
+#endif
+}
+
 // The four A-fragment elements of m16n8k8 for rows row0 + g, row0 + g + 8 of row-major X[n, d] at
 // k-step ks (columns ks*8 + c, ks*8 + c + 4), in fragment order; zero outside X or when !on.
 __device__ __forceinline__ void a_frag_m16k8(const float* __restrict__ X, int row0, int n, int d, int ks, bool on,

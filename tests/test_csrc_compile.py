@@ -15,8 +15,10 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 from gpscale._ext import VARIANTS, cu_files, entry_names
+from gpscale._ext.launch import builds
 from gpscale._ext.sources import read_source
 
 NVCC = shutil.which("nvcc")
@@ -35,18 +37,26 @@ def test_sources_need_no_torch_or_system_headers():
             assert banned not in text, f"{path.name} refers to {banned!r}: device code must be header-free"
 
 
+#: every (source, -D options) the launcher compiles: a file's default build and e.g. tcbh's TCB_DF16=1
+BUILDS = sorted(builds())
+
+
+def test_every_cu_file_is_built():
+    assert {name for name, _ in BUILDS} == {p.name for p in cu_files()}
+
+
 @pytest.mark.nvcc
 @NO_NVCC
-@pytest.mark.parametrize("name", [p.name for p in cu_files()])
-def test_cu_file_compiles_for_sm80_and_sm90(tmp_path, name):
+@pytest.mark.parametrize("name,defines", BUILDS, ids=[" ".join((n, *d)) for n, d in BUILDS])
+def test_cu_file_compiles_for_sm80_and_sm90(tmp_path, name, defines):
     src = tmp_path / name
     src.write_text(read_source(name))
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-    cmd = [NVCC, "-c", "-std=c++17", *gencode, "--keep", f"--keep-dir={tmp_path}", "-Xptxas=-v",
+    cmd = [NVCC, "-c", "-std=c++17", *defines, *gencode, "--keep", f"--keep-dir={tmp_path}", "-Xptxas=-v",
            "-o", str(tmp_path / "out.o"), str(src)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"nvcc failed on {name}:\n{' '.join(cmd)}\n{res.stderr[-6000:]}"
-    want = {e for v, spec in VARIANTS.items() if spec[0] == name for e in entry_names(v)}
+    want = {e for v in builds()[name, defines] for e in entry_names(v)}
     for arch in ARCHS:
         ptx = list(tmp_path.glob(f"*{arch}*.ptx"))
         assert ptx, f"no PTX kept for sm_{arch}: {sorted(p.name for p in tmp_path.iterdir())}"
@@ -57,8 +67,8 @@ def test_cu_file_compiles_for_sm80_and_sm90(tmp_path, name):
     print(f"{name}: {len(want)} entry points x {len(ARCHS)} archs; functions with spills: {len(spills)}")
 
 
-@pytest.mark.parametrize("name", [p.name for p in cu_files()])
-def test_cu_file_compiles_with_nvrtc(name):
+@pytest.mark.parametrize("name,defines", BUILDS, ids=[" ".join((n, *d)) for n, d in BUILDS])
+def test_cu_file_compiles_with_nvrtc(name, defines):
     """The run-time route itself (gpscale._ext.nvrtc, no GPU needed) for sm_90, when libnvrtc is here.
 
     sm_80 is covered by the nvcc test above; one NVRTC architecture keeps CI time down.
@@ -68,9 +78,9 @@ def test_cu_file_compiles_with_nvrtc(name):
 
     if nvrtc.library() is None:
         pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc to test the run-time compile path)")
-    cubin = nvrtc.compile_cubin(read_source(name), "90", OPTIONS, name)
+    cubin = nvrtc.compile_cubin(read_source(name), "90", (*OPTIONS, *defines), name)
     assert cubin[:4] == b"\x7fELF"
-    for entry in {e for v, spec in VARIANTS.items() if spec[0] == name for e in entry_names(v)}:
+    for entry in {e for v in builds()[name, defines] for e in entry_names(v)}:
         assert entry.encode() in cubin, f"{name}: entry point {entry} missing from the NVRTC cubin"
 
 
@@ -113,3 +123,23 @@ def test_entry_name_picks_dtype_for_simt_and_ksteps_for_tcb():
         for d in range(1, 33):
             for dtype in (torch.float32, torch.float64) if variant == "simt" else (torch.float32,):
                 assert entry_name(variant, "matern12", "f", dtype, d) in names
+
+
+def test_tcbh_is_its_own_build_of_the_tcb_source_and_stays_opt_in():
+    from gpscale._ext.launch import DEFINES, EXPERIMENTAL, entry_name
+
+    assert builds()["kmm_tcb.cu", ()] == ["tcb"] and builds()["kmm_tcb.cu", DEFINES["tcbh"]] == ["tcbh"]
+    assert "tcbh" in EXPERIMENTAL  # until its GPU tests pass on a lent machine
+    assert entry_name("tcbh", "matern52", "f", torch.float32, 13) == "gpscale_kmm_tcbh_k2_matern52_f"
+
+
+def test_tcbh_refuses_inputs_outside_the_f16_range():
+    from gpscale._ext.launch import F16_MAX, _check_f16_range
+
+    ok = torch.full((3, 2), F16_MAX)
+    _check_f16_range(ok, -ok)
+    for bad in (2 * F16_MAX, float("nan"), float("inf")):
+        X = ok.clone()
+        X[1, 1] = bad
+        with pytest.raises(ValueError, match="variant 'tcb'"):
+            _check_f16_range(ok, X)

@@ -39,7 +39,10 @@ def _build(tmp_path_factory, harness: str, *defines: str):
     if cxx is None:
         pytest.skip("no host C++ compiler (g++) to build the CPU emulation of the CUDA kernels")
     lib = tmp_path_factory.mktemp("emu") / f"{harness}.so"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-include", str(EMU / "cuda_emu.h"),
+    # -fno-gnu-unique: each build keeps its own template statics (the kernels' __shared__ tiles, whose
+    # size differs between builds); unique symbols would make every loaded build share the first one's.
+    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-fno-gnu-unique", "-w", "-include",
+                    str(EMU / "cuda_emu.h"),
                     "-DGPS_HOST_EMULATION", *defines, f"-I{ROOT / 'csrc'}", f"-I{EMU}",
                     str(EMU / f"{harness}.cpp"), "-o",
                     str(lib)], check=True, capture_output=True, text=True)
@@ -64,6 +67,18 @@ def emulated_acc1(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def emulated_h(tmp_path_factory):
+    """The ``tcbh`` build (TCB_DF16 = 1: distances from two f16 MMAs per k-step)."""
+    return _build(tmp_path_factory, "tcb_harness", "-DTCB_DF16=1")
+
+
+@pytest.fixture(scope="module")
+def emulated_h_acc1(tmp_path_factory):
+    """``tcbh`` with one-level accumulation: the build that fits 80 registers without spills."""
+    return _build(tmp_path_factory, "tcb_harness", "-DTCB_DF16=1", "-DTCB_ACC1=1")
+
+
+@pytest.fixture(scope="module")
 def emulated_tc(tmp_path_factory):
     return _build(tmp_path_factory, "tc_harness")
 
@@ -73,17 +88,17 @@ def emulated_tc(tmp_path_factory):
 SCHEDULES = {"late": (0, 0), "early-greedy": (1, 1)}
 
 
-def run_tcb(so, X, Z, V, kernel, mode, symmetric=False, schedule="late"):
-    """``launch.kernel_matmul(..., variant="tcb")`` with the launch replaced by the emulation."""
+def run_tcb(so, X, Z, V, kernel, mode, symmetric=False, schedule="late", variant="tcb"):
+    """``launch.kernel_matmul(..., variant="tcb" | "tcbh")`` with the launch replaced by the emulation."""
     X, Z, V = (A.float().contiguous() for A in (X, Z, V))
     n, d = X.shape
     m, t = V.shape
-    Zf, Zn = pack_z(Z, ksteps(d))
+    Zf, Zn = pack_z(Z, ksteps(d), f16=variant == "tcbh")
     Vf = pack_v(V)
     O0, O1 = torch.zeros(n, t), torch.zeros(n, t)
     err = ctypes.create_string_buffer(512)
     ptr = [ctypes.c_void_p(a.data_ptr()) for a in (X, Zf, Zn, Vf, O0, O1)]
-    rc = so.gps_emu_tcb(entry_name("tcb", kernel, mode, torch.float32, d).encode(), *ptr, n, m, d, t,
+    rc = so.gps_emu_tcb(entry_name(variant, kernel, mode, torch.float32, d).encode(), *ptr, n, m, d, t,
                         int(symmetric), *SCHEDULES[schedule], err, len(err))
     assert rc == 0, f"emulation failed ({rc}): {err.value.decode()}"
     return (O0, O1) if mode == "f_dq" else O0
@@ -130,6 +145,64 @@ def test_emulated_tcb_with_one_level_accumulation_matches_the_reference(emulated
     Xs, Zs, V = (A.float().double() for A in make_data(*size, ls, seed=sum(size)))
     got = run_tcb(emulated_acc1, Xs, Zs, V, kernel, mode, schedule="early-greedy")
     assert_products(got, reference(Xs, Zs, V, kernel, mode, expansion=True), RTOL, mode)
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("kernel,mode,size,ls", CASES, ids=[f"{k}-{m}-{'x'.join(map(str, s))}-l{ls}"
+                                                             for k, m, s, ls in CASES])
+def test_emulated_tcbh_matches_the_float64_reference(emulated_h, kernel, mode, size, ls, schedule):
+    # f16 splits of the distance operands (two m16n8k16 MMAs per k-step, B = [hi ; lo]): every k-step
+    # count, kernel, mode and the 0.05 lengthscale, where |x|^2 and the cancellation are largest
+    Xs, Zs, V = (A.float().double() for A in make_data(*size, ls, seed=sum(size)))
+    got = run_tcb(emulated_h, Xs, Zs, V, kernel, mode, schedule=schedule, variant="tcbh")
+    assert_products(got, reference(Xs, Zs, V, kernel, mode, expansion=True), RTOL, mode)
+
+
+@pytest.mark.parametrize("kernel,mode,size,ls", CASES, ids=[f"{k}-{m}-{'x'.join(map(str, s))}-l{ls}"
+                                                             for k, m, s, ls in CASES])
+def test_emulated_tcbh_with_one_level_accumulation_matches_the_reference(emulated_h_acc1, kernel, mode, size, ls):
+    Xs, Zs, V = (A.float().double() for A in make_data(*size, ls, seed=sum(size)))
+    got = run_tcb(emulated_h_acc1, Xs, Zs, V, kernel, mode, schedule="early-greedy", variant="tcbh")
+    assert_products(got, reference(Xs, Zs, V, kernel, mode, expansion=True), RTOL, mode)
+
+
+@pytest.mark.parametrize("scale", [1e-5, 3e-3, 1.0, 5.0])
+def test_emulated_tcbh_distances_are_as_accurate_as_3xtf32(emulated_h, emulated, scale):
+    # One pair per row at a known squared distance q = |x - z|^2 = 1 placed at |x| ~ scale (RBF, V = 1):
+    # the f16 split must keep 3xTF32's accuracy from f16's subnormals (scale 1e-5) up to inputs at
+    # the expansion guard's limit (|x|^2 + |z|^2 ~ 400 for RBF), where q is a small difference of
+    # large terms.
+    g = torch.Generator().manual_seed(4)
+    X = scale * torch.randn(24, 8, generator=g)
+    u = torch.randn(24, 8, generator=g)
+    Z = X + u / u.norm(dim=1, keepdim=True)  # |x - z| = 1
+    V = torch.ones(1, 1)
+    h, b = ([run_tcb(so, X[i:i + 1], Z[i:i + 1], V, "rbf", "f", variant=v)[0, 0] for i in range(24)]
+            for so, v in ((emulated_h, "tcbh"), (emulated, "tcb")))
+    q = torch.stack([torch.cdist(X[i:i + 1].double(), Z[i:i + 1].float().double())[0, 0] ** 2 for i in range(24)])
+    want = torch.exp(-0.5 * q)
+    err_h, err_b = ((torch.tensor(e).double() - want).abs().max().item() for e in (h, b))
+    # the expansion's own error ~ 8 u (|x|^2 + |z|^2) / 2 bounds both; tcbh within 2x of tcb's (+ P's split)
+    bound = 4 * 2.0**-24 * 2 * (scale**2 * 8 + 1) + 2e-5
+    assert err_h <= bound and err_h <= 2 * err_b + 2e-5, (err_h, err_b, bound)
+
+
+def test_the_emulation_catches_a_wrong_tcbh_layout(emulated_h, monkeypatch):
+    """Teeth for the f16 Z packing: the two features of each pair swapped give wrong distances."""
+    Xs, Zs, V = (A.float().double() for A in make_data(40, 70, 4, 16, 1.0, seed=1))
+
+    def swapped(Z, ks, f16=False, real=pack_z):
+        Zf, Zn = real(Z, ks, f16)
+        u = Zf.to(torch.int64) & 0xFFFFFFFF
+        return (((u >> 16) | ((u & 0xFFFF) << 16)) - ((u >> 16 | (u & 0xFFFF) << 16) >= 2**31) * 2**32).to(
+            torch.int32), Zn
+
+    with monkeypatch.context() as mp:
+        mp.setitem(globals(), "pack_z", swapped)
+        got = run_tcb(emulated_h, Xs, Zs, V, "rbf", "f", variant="tcbh")
+    want = reference(Xs, Zs, V, "rbf", "f")[0][0]
+    assert float((got.double() - want).abs().max()) > 1e-2 * float(want.abs().max())
+    np.testing.assert_allclose(run_tcb(emulated_h, Xs, Zs, V, "rbf", "f", variant="tcbh").double(), want, atol=1e-3)
 
 
 def test_the_polynomial_exp2_is_accurate_over_the_whole_float_range(emulated_poly):

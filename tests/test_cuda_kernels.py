@@ -1,6 +1,6 @@
 """GPU tests of gpscale's fused CUDA kernels against the float64 pure-torch reference.
 
-Every kernel (RBF, Matérn 1/2, 3/2, 5/2), variant (``simt`` f32/f64, ``tc``, ``tc3``, ``tcb``) and product mode
+Every kernel (RBF, Matérn 1/2, 3/2, 5/2), variant (``simt`` f32/f64, ``tc``, ``tc3``, ``tcb``, ``tcbh``) and product mode
 (``f``, ``f_dq``, ``d``) on sizes that divide none of the tile sizes (64/128 rows, 16 columns),
 lengthscales 0.05..10, d from 1 to 32 and t from 1 to 64; then the operators and derivative
 products with ``backend="cuda"``.  Skipped (with the reason) without a CUDA device.
@@ -47,17 +47,17 @@ if not _OK:
 
 #: (variant, dtype, rtol)
 VARIANTS = [("simt", torch.float64, 1e-12), ("simt", torch.float32, 2e-5), ("tc3", torch.float32, 1e-4),
-            ("tc", torch.float32, 3e-3), ("tcb", torch.float32, 1e-4)]
-EXPANSION_VARIANTS = ("tc", "tc3", "tcb")
+            ("tc", torch.float32, 3e-3), ("tcb", torch.float32, 1e-4), ("tcbh", torch.float32, 1e-4)]
+EXPANSION_VARIANTS = ("tc", "tc3", "tcb", "tcbh")
 #: (n, m, d, t): none divides 64 / 128 / 256 rows or 16 columns
 SIZES = [(1000, 777, 1, 1), (333, 1025, 8, 16), (129, 65, 32, 64), (517, 2049, 5, 17)]
-#: tcb is compiled once per k-step count ceil(d / 8): SIZES reach 1 and 4, these 2 and 3
+#: tcb / tcbh are compiled once per k-step count ceil(d / 8): SIZES reach 1 and 4, these 2 and 3
 SIZES_TCB_KSTEPS = [(300, 257, 13, 16), (257, 300, 20, 3)]
 LENGTHSCALES = [0.05, 1.0, 10.0]
 
 
 CASES = list(itertools.product(VARIANTS, KERNELS, ("f", "f_dq", "d"), SIZES, LENGTHSCALES)) + list(
-    itertools.product([v for v in VARIANTS if v[0] == "tcb"], KERNELS, ("f", "f_dq", "d"), SIZES_TCB_KSTEPS,
+    itertools.product([v for v in VARIANTS if v[0] in ("tcb", "tcbh")], KERNELS, ("f", "f_dq", "d"), SIZES_TCB_KSTEPS,
                       LENGTHSCALES))
 
 

@@ -43,6 +43,36 @@ def rebuild_z(Zf: np.ndarray):
     return hi, lo
 
 
+def rebuild_z_f16(Zf: np.ndarray):
+    """``(hi, lo)`` from tcbh's f16 m16n8k16 B fragments of ``B = [hi ; lo]``: b0 holds B[2c][g],
+    B[2c + 1][g] (low half first) = hi of features 2c, 2c + 1; b1 = B[2c + 8][g], ... = their lo."""
+    groups, ks = Zf.shape[:2]
+    hi = np.zeros((groups * 8, 8 * ks), np.float32)
+    lo = np.zeros_like(hi)
+    halves = Zf.astype(np.int64) & 0xFFFFFFFF
+    f16 = np.stack([halves & 0xFFFF, halves >> 16], -1).astype(np.uint16).view(np.float16).astype(np.float32)
+    for r, s, lane in np.ndindex(groups, ks, 32):
+        g, c = LANES[lane]
+        hi[8 * r + g, 8 * s + 2 * c: 8 * s + 2 * c + 2] = f16[r, s, lane, 0]
+        lo[8 * r + g, 8 * s + 2 * c: 8 * s + 2 * c + 2] = f16[r, s, lane, 1]
+    return hi, lo
+
+
+@pytest.mark.parametrize("m,d", [(1, 1), (70, 8), (130, 13), (64, 32)])
+def test_tcbh_z_fragments_hold_the_f16_split_in_ptx_order(m, d):
+    Z, _ = _data(m, d, 1, seed=m + d)
+    Z[0, 0] = 3e-6  # an f16 subnormal: hi keeps what it can, lo the rest
+    Zf, Zn = pack_z(Z, ksteps(d), f16=True)
+    assert Zf.dtype == torch.int32 and Zf.shape == (-(-m // TILE_ROWS) * TILE_ROWS // 8, ksteps(d), 32, 2)
+    hi, lo = rebuild_z_f16(Zf.numpy())
+    z = np.zeros_like(hi)
+    z[:m, :d] = Z.numpy()
+    np.testing.assert_array_equal(hi, z.astype(np.float16).astype(np.float32))  # hi = f16(z), nearest
+    np.testing.assert_array_equal(lo, (z - hi).astype(np.float16).astype(np.float32))
+    assert np.all(np.abs(hi.astype(np.float64) + lo - z) <= 2.0**-22 * np.abs(z) + 2.0**-25)
+    np.testing.assert_allclose(Zn[:m].numpy(), (Z.double() ** 2).sum(1).numpy(), rtol=1e-6)
+
+
 def _bf16_pair(word: int) -> tuple[np.float32, np.float32]:
     """A bf16x2 register -> its (low-half, high-half) elements as float32."""
     u = np.uint32(word & 0xFFFFFFFF)
@@ -152,5 +182,6 @@ def test_the_tile_sizes_are_the_kernels():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_packing_on_the_gpu_is_bit_identical_to_the_cpu():
     Z, V = _data(200, 11, 21, seed=5)
-    for got, want in zip((*pack_z(Z.cuda(), 2), pack_v(V.cuda())), (*pack_z(Z, 2), pack_v(V))):
+    for got, want in zip((*pack_z(Z.cuda(), 2), *pack_z(Z.cuda(), 2, f16=True), pack_v(V.cuda())),
+                         (*pack_z(Z, 2), *pack_z(Z, 2, f16=True), pack_v(V))):
         assert torch.equal(got.cpu().view(torch.int32), want.view(torch.int32))

@@ -63,21 +63,22 @@ def route() -> tuple[str | None, str]:
     return None, "; ".join(reasons) + " -- install a CUDA build of torch (>= 2.8), nvidia-cuda-nvrtc, or cupy"
 
 
-def _compile(how: str, text: str, first: str, arch: str) -> bytes:
+def _compile(how: str, text: str, first: str, arch: str, opts: tuple = OPTIONS) -> bytes:
     if how == "nvrtc":
         from .nvrtc import compile_cubin  # noqa: PLC0415
 
-        return compile_cubin(text, arch, OPTIONS, first + ".cu")
+        return compile_cubin(text, arch, opts, first + ".cu")
     from torch.cuda._utils import _nvrtc_compile  # noqa: PLC0415
 
-    cubin, _ = _nvrtc_compile(text, first, arch, None, list(OPTIONS))
+    cubin, _ = _nvrtc_compile(text, first, arch, None, list(opts))
     return cubin
 
 
-def load_module(filename: str, entries: list[str], device: torch.device) -> dict:
+def load_module(filename: str, entries: list[str], device: torch.device, options: tuple = ()) -> dict:
     """Compile (or load from the disk cache) ``csrc/<filename>``; return ``{entry: launcher}``.
 
     A launcher is called as ``fn(grid, block, args)`` with ``args`` a list of CUDA tensors and ints.
+    ``options`` are extra compiler options (``-D`` definitions of a build, see ``launch.DEFINES``).
     """
     how, why = route()
     if how is None:
@@ -85,15 +86,16 @@ def load_module(filename: str, entries: list[str], device: torch.device) -> dict
     major, minor = torch.cuda.get_device_capability(device)
     arch = f"{major}{minor}"
     text = read_source(filename)
-    key = source_hash(text, arch, how, *OPTIONS, str(torch.version.cuda))
+    opts = (*OPTIONS, *options)
+    key = source_hash(text, arch, how, *opts, str(torch.version.cuda))
     with torch.cuda.device(device):
         if how == "cupy":
-            return _load_cupy(text, entries)
+            return _load_cupy(text, entries, opts)
         path = cache_dir() / f"{Path(filename).stem}-sm{arch}-{key}.cubin"
         if path.is_file():
             cubin = path.read_bytes()
         else:
-            cubin = _compile(how, text, entries[0], arch)
+            cubin = _compile(how, text, entries[0], arch, opts)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_bytes(cubin)
             tmp.replace(path)  # atomic: concurrent processes never read half a file
@@ -102,11 +104,11 @@ def load_module(filename: str, entries: list[str], device: torch.device) -> dict
         return _cuda_load_module(cubin, entries)
 
 
-def _load_cupy(text: str, entries: list[str]) -> dict:
+def _load_cupy(text: str, entries: list[str], opts: tuple = OPTIONS) -> dict:
     """cupy route: RawModule caches its own binaries (~/.cupy/kernel_cache)."""
     import cupy  # noqa: PLC0415
 
-    mod = cupy.RawModule(code=text, options=OPTIONS)
+    mod = cupy.RawModule(code=text, options=opts)
 
     def launcher(fn):
         def call(grid, block, args):

@@ -8,6 +8,8 @@ variant    file           dtypes    what
 ``tc3``    kmm_tc.cu      f32       tensor cores, 3xTF32 distances and ``P V`` (~1e-6)
 ``tcb``    kmm_tcb.cu     f32       tensor cores, 3xTF32 distances, bf16x3 ``P V`` (~1e-5); the
                                     float32 default since its first H100 run (3.4x KeOps at 1M)
+``tcbh``   kmm_tcb.cu     f32       ``tcb`` built with ``TCB_DF16=1``: the same distances from two
+           (TCB_DF16=1)             f16 MMAs per k-step instead of three tf32 ones (experimental)
 =========  =============  ========  =====================================================
 """
 
@@ -22,17 +24,25 @@ from .tcb_pack import pack_v, pack_z
 
 #: variant -> (source file, X rows per block, output columns per block, threads per block)
 VARIANTS = {"simt": ("kmm_simt.cu", 128, 16, 128), "tc": ("kmm_tc.cu", 64, 16, 128),
-            "tc3": ("kmm_tc.cu", 64, 16, 128), "tcb": ("kmm_tcb.cu", 256, 16, 256)}
+            "tc3": ("kmm_tc.cu", 64, 16, 128), "tcb": ("kmm_tcb.cu", 256, 16, 256),
+            "tcbh": ("kmm_tcb.cu", 256, 16, 256)}
+#: Compile-time definitions of a variant built from a shared source (each build is its own module).
+DEFINES = {"tcbh": ("-DTCB_DF16=1",)}
 #: Variants that ``available(compile=True)`` does not compile (and so cannot make unavailable): a
 #: variant written without a GPU stays here, opt-in, until its GPU tests have passed on a lent machine
-#: (``tcb`` left it on 2026-11-24).
-EXPERIMENTAL: frozenset = frozenset()
+#: (``tcb`` left it on 2026-11-24).  ``tcbh`` was written on 2026-11-24 without a GPU: 2 f16 MMAs for
+#: the distances instead of 3xTF32's 3 (the SASS model's binding resource is the tensor pipe), checked
+#: in the CPU emulation (tests/test_cuda_emulated.py).
+EXPERIMENTAL: frozenset = frozenset({"tcbh"})
 KINDS = ("rbf", "matern12", "matern32", "matern52")
 MODES = ("f", "f_dq", "d")
 #: Largest input dimension the kernels hold in registers.
 DMAX = 32
 #: Variants compiled once per k-step count ``ceil(d / 8)`` (entry suffix ``_k1`` .. ``_k4``).
-SPECIALISED_ON_KSTEPS = frozenset({"tcb"})
+SPECIALISED_ON_KSTEPS = frozenset({"tcb", "tcbh"})
+#: Largest ``|x|`` (scaled inputs) ``tcbh`` takes: ``-2 x`` must stay below f16's 65504 (with room for
+#: rounding).  Inputs this large fail the expansion guard of the float32 path long before.
+F16_MAX = 16384.0
 
 _MODULES: dict = {}
 _LOCK = threading.Lock()
@@ -71,12 +81,24 @@ def entry_name(variant: str, kernel: str, mode: str, dtype: torch.dtype, d: int)
     return f"{prefix}_{kernel}_{mode}"
 
 
+def _build(variant: str) -> tuple[str, tuple]:
+    return VARIANTS[variant][0], DEFINES.get(variant, ())
+
+
+def builds() -> dict[tuple[str, tuple], list[str]]:
+    """``{(source file, defines): variants}``: what is compiled, one module per key (CI compiles each)."""
+    out: dict = {}
+    for v in VARIANTS:
+        out.setdefault(_build(v), []).append(v)
+    return out
+
+
 def _module(variant: str, device: torch.device) -> dict:
-    key = (VARIANTS[variant][0], device.index)
+    key = (*_build(variant), device.index)
     with _LOCK:
-        if key not in _MODULES:
-            names = sorted({e for v, spec in VARIANTS.items() if spec[0] == key[0] for e in entry_names(v)})
-            _MODULES[key] = load_module(key[0], names, device)
+        if key not in _MODULES:  # every variant of the same build shares its module (tc and tc3)
+            names = sorted({e for v in builds()[key[:2]] for e in entry_names(v)})
+            _MODULES[key] = load_module(key[0], names, device, options=key[1])
     return _MODULES[key]
 
 
@@ -104,6 +126,15 @@ def _check(X, Z, V, variant, kind, mode):
         raise ValueError("sizes must be < 2^31 (32-bit indices in the kernels)")
 
 
+def _check_f16_range(X: torch.Tensor, Z: torch.Tensor) -> None:
+    # One host sync per product while tcbh is opt-in; the operator path's expansion guard already
+    # keeps |x|^2 far below F16_MAX^2 (cuda_backend.variant_for).  Non-empty X and Z (kernel_matmul).
+    big = torch.stack([X.detach().abs().amax(), Z.detach().abs().amax()]).amax().item()
+    if not big <= F16_MAX:  # amax propagates NaN, which fails the test too
+        raise ValueError(f"variant 'tcbh' splits the scaled inputs into f16 and needs |x| <= {F16_MAX:g}, got "
+                         f"{big:g}; use variant 'tcb' (or centre the inputs and check the lengthscales)")
+
+
 def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str, *, mode: str = "f",
                   variant: str = "tc3", symmetric: bool = False):
     """Profile products of scaled inputs on the GPU: ``F V`` (and ``(F' o Q) V`` / ``F' V``).
@@ -116,7 +147,7 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
     kernel : {"rbf", "matern12", "matern32", "matern52"}
     mode : {"f", "f_dq", "d"}
         See :mod:`gpscale.operators.backends`.
-    variant : {"simt", "tc", "tc3", "tcb"}
+    variant : {"simt", "tc", "tc3", "tcb", "tcbh"}
     symmetric : bool
         ``Z`` is ``X``: the kernels set ``q_ii = 0`` exactly.
 
@@ -143,8 +174,10 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
         fn = _module(variant, X.device)[entry_name(variant, kernel, mode, X.dtype, d)]
         grid = ((n + rows - 1) // rows, (t + tch - 1) // tch, 1)
         inputs = [Z, V]
-        if variant == "tcb":  # split and in fragment order, once per product (see tcb_pack)
-            Zf, Zn = pack_z(Z, ksteps(d))
+        if variant in ("tcb", "tcbh"):  # split and in fragment order, once per product (see tcb_pack)
+            if variant == "tcbh":
+                _check_f16_range(X, Z)
+            Zf, Zn = pack_z(Z, ksteps(d), f16=variant == "tcbh")
             inputs = [Zf, Zn, pack_v(V)]
         with torch.cuda.device(X.device):
             fn(grid, (threads, 1, 1), [X, *inputs, O0, O1, n, m, d, t, int(bool(symmetric))])

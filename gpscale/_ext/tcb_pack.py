@@ -12,6 +12,10 @@ Layouts (PTX ISA, "Matrix fragments for mma.m16n8k8 / m16n8k16", lane ``l = 4 g 
 * ``Zf``: ``(m_pad / 8, ks, 32, 4)`` float32.  For the 8-row group ``r`` (rows ``8 r + g``), k-step
   ``s`` and lane ``l``: ``hi(z[8s + c]), hi(z[8s + c + 4]), lo(z[8s + c]), lo(z[8s + c + 4])`` of row
   ``8 r + g`` -- the tf32 B-fragment registers ``b0, b1`` of the 3xTF32 split ``z = hi + lo``.
+* ``Zf`` of ``tcbh`` (``pack_z(..., f16=True)``): ``(m_pad / 8, ks, 32, 2)`` int32, f16 pairs.  For
+  the same ``r, s, l``: ``(hi(z[8s + 2c]), hi(z[8s + 2c + 1]))`` and the same of ``lo``, lower k in the
+  low half -- the m16n8k16 B-fragment registers ``b0, b1`` of ``B = [hi ; lo]`` (16 deep), with
+  ``hi = f16(z)`` and ``lo = f16(z - hi)``, both rounded to nearest even.
 * ``Zn``: ``(m_pad,)`` float32, ``|z|^2`` (accumulated in float64).
 * ``Vf``: ``(ceil(t / 16), m_pad / 64, 4, 2, 32, 4)`` int32 (bit patterns of bf16 pairs).  For column
   chunk ``y``, 64-row tile ``i``, 16-deep k-step ``kk``, 8-column n-tile ``vn`` and lane ``l``:
@@ -50,12 +54,19 @@ def _upper_half(x: torch.Tensor) -> torch.Tensor:
     return (x.contiguous().view(torch.int32).to(torch.int64) >> 16) & 0xFFFF
 
 
-def pack_z(Z: torch.Tensor, ksteps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Zf, Zn)`` of a float32 ``(m, d)`` tensor with ``d <= 8 ksteps`` (module docstring)."""
+def pack_z(Z: torch.Tensor, ksteps: int, f16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Zf, Zn)`` of a float32 ``(m, d)`` tensor with ``d <= 8 ksteps`` (module docstring).
+
+    ``f16=True`` packs for the ``tcbh`` build (f16 distance splits); the caller keeps ``|z|`` below
+    f16's largest value (:data:`gpscale._ext.launch.F16_MAX`).
+    """
     m, d = Z.shape
     mp = -(-m // TILE_ROWS) * TILE_ROWS
     Zp = torch.zeros(mp, 8 * ksteps, dtype=torch.float32, device=Z.device)
     Zp[:m, :d] = Z
+    Zn = Zp.double().square().sum(1).float()
+    if f16:
+        return _pack_z_f16(Zp, ksteps), Zn
     hi = _round_bits(Zp, 13)
     lo = Zp - hi
 
@@ -63,8 +74,22 @@ def pack_z(Z: torch.Tensor, ksteps: int) -> tuple[torch.Tensor, torch.Tensor]:
         return a.view(mp // 8, 8, ksteps, 2, 4).permute(0, 2, 1, 4, 3)
 
     Zf = torch.stack([frag(hi), frag(lo)], dim=-2)  # (..., c, hi/lo, half)
-    Zn = Zp.double().square().sum(1).float()
     return Zf.reshape(mp // 8, ksteps, 32, 4).contiguous(), Zn
+
+
+def _pack_z_f16(Zp: torch.Tensor, ksteps: int) -> torch.Tensor:
+    """``Zf`` of ``tcbh``: f16 hi / lo pairs in m16n8k16 B-fragment order (module docstring)."""
+    mp = Zp.shape[0]
+    hi = Zp.half()
+    lo = (Zp - hi.float()).half()
+
+    def frag(a):  # (mp, 8 ks) f16 -> pairs [r, s, g, c] = (a[8r + g, 8s + 2c], a[8r + g, 8s + 2c + 1])
+        bits = a.view(torch.int16).to(torch.int64) & 0xFFFF
+        pairs = bits[:, 0::2] | (bits[:, 1::2] << 16)  # (mp, 4 ks): feature pair 2c, 2c + 1 of each k-step
+        return pairs.view(mp // 8, 8, ksteps, 4).permute(0, 2, 1, 3)
+
+    Zf = torch.stack([frag(hi), frag(lo)], dim=-1)  # (r, s, g, c, hi/lo)
+    return _as_int32(Zf.reshape(mp // 8, ksteps, 32, 2)).contiguous()
 
 
 def pack_v(V: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,13 @@
 // goes through the GPS_HOST_EMULATION branches of csrc/ to the functions below, written from the PTX
 // ISA's definitions and never from the kernels:
 //
-// * mma.sync m16n8k8 (tf32) and m16n8k16 (bf16): every lane's registers placed by the ISA's fragment
+// * mma.sync m16n8k8 (tf32) and m16n8k16 (bf16, f16): every lane's registers placed by the ISA's fragment
 //   tables ("Matrix fragments for mma.m16n8k8 / m16n8k16", lane = 4 groupID + threadID_in_group),
 //   tf32 operands with their low 13 bits dropped, the sum formed in double and rounded to float once
 //   per instruction (the hardware rounds differently by a few float32 units);
 // * __shfl_xor_sync; ex2 / sqrt .approx.ftz as exp2f / sqrtf with results below 2^-126 flushed;
-//   cvt.rna.tf32 (round to nearest, ties away);
+//   cvt.rna.tf32 (round to nearest, ties away); cvt.rn.f16x2.f32 and back through g++'s _Float16
+//   (IEEE binary16, round to nearest even, subnormals kept);
 // * cp.async: a GPU may land a copy at any time between its issue and the wait that retires its
 //   group, so the emulation runs in two modes (g_early): "late" lands every copy only at that wait
 //   (reading a buffer before its wait, or before the barrier after other threads' waits, sees stale
@@ -42,6 +43,7 @@
 
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
+struct uint2 { unsigned x, y; };
 struct uint4 { unsigned x, y, z, w; };
 struct gps_dim3 { unsigned x = 0, y = 0, z = 0; };
 
@@ -58,7 +60,7 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
 namespace gps_emu {
 
 enum Wait { RUN = 0, WARP = 1, BLOCK = 2, DONE = 3 };
-enum Op { MMA_TF32 = 1, MMA_BF16 = 2, SHFL_XOR = 3 };
+enum Op { MMA_TF32 = 1, MMA_BF16 = 2, SHFL_XOR = 3, MMA_F16 = 4 };
 
 struct Copy { void* dst; const void* src; };
 struct Fiber {
@@ -95,6 +97,16 @@ inline void yield(int why) {
 inline float tf32(unsigned u) { return __uint_as_float(u & 0xffffe000u); }
 inline float bf16_lo(unsigned u) { return __uint_as_float(u << 16); }
 inline float bf16_hi(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
+inline float f16_bits(unsigned short h) { _Float16 f; std::memcpy(&f, &h, 2); return float(f); }
+inline float f16_lo(unsigned u) { return f16_bits(static_cast<unsigned short>(u & 0xffffu)); }
+inline float f16_hi(unsigned u) { return f16_bits(static_cast<unsigned short>(u >> 16)); }
+inline unsigned cvt_rn_f16x2(float lo, float hi) {
+    const _Float16 l = static_cast<_Float16>(lo), h = static_cast<_Float16>(hi);
+    unsigned short a, b;
+    std::memcpy(&a, &l, 2), std::memcpy(&b, &h, 2);
+    return unsigned(a) | (unsigned(b) << 16);
+}
+inline void f16x2_to_f32(unsigned p, float& lo, float& hi) { lo = f16_lo(p), hi = f16_hi(p); }
 
 // D = A B + C of one warp, from the lanes' registers, per the PTX ISA's fragment layouts.
 inline void complete(Slot (&s)[32]) {
@@ -115,12 +127,15 @@ inline void complete(Slot (&s)[32]) {
             B[c][g] = tf32(s[l].b[0]), B[c + 4][g] = tf32(s[l].b[1]);
         } else {  // A 16x16 row: a0 (g, 2c..2c+1) a1 (g+8, 2c..) a2 (g, 2c+8..) a3 (g+8, 2c+8..); B 16x8 col
             const int rows[4] = {g, g + 8, g, g + 8}, cols[4] = {2 * c, 2 * c, 2 * c + 8, 2 * c + 8};
+            // the same fragment layout for bf16 and f16 pairs (lower k in the low half)
+            float (*lo)(unsigned) = op == MMA_F16 ? f16_lo : bf16_lo;
+            float (*hi)(unsigned) = op == MMA_F16 ? f16_hi : bf16_hi;
             for (int i = 0; i < 4; ++i) {
-                A[rows[i]][cols[i]] = bf16_lo(a[i]);
-                A[rows[i]][cols[i] + 1] = bf16_hi(a[i]);
+                A[rows[i]][cols[i]] = lo(a[i]);
+                A[rows[i]][cols[i] + 1] = hi(a[i]);
             }
-            B[2 * c][g] = bf16_lo(s[l].b[0]), B[2 * c + 1][g] = bf16_hi(s[l].b[0]);
-            B[2 * c + 8][g] = bf16_lo(s[l].b[1]), B[2 * c + 9][g] = bf16_hi(s[l].b[1]);
+            B[2 * c][g] = lo(s[l].b[0]), B[2 * c + 1][g] = hi(s[l].b[0]);
+            B[2 * c + 8][g] = lo(s[l].b[1]), B[2 * c + 9][g] = hi(s[l].b[1]);
         }
         // C/D 16x8: c0 (g, 2c) c1 (g, 2c+1) c2 (g+8, 2c) c3 (g+8, 2c+1)
         C[g][2 * c] = s[l].c[0], C[g][2 * c + 1] = s[l].c[1], C[g + 8][2 * c] = s[l].c[2];
@@ -174,6 +189,15 @@ inline void mma_m16n8k8_tf32(float (&c)[4], unsigned a0, unsigned a1, unsigned a
 inline void mma_m16n8k16_bf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
     Slot& s = collective(MMA_BF16, [&](Slot& t) {
         std::memcpy(t.a, a, sizeof t.a), t.b[0] = b0, t.b[1] = b1, std::memcpy(t.c, c, sizeof t.c);
+    });
+    std::memcpy(c, s.d, sizeof s.d);
+}
+
+inline void mma_m16n8k16_f16(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                             unsigned b1) {
+    Slot& s = collective(MMA_F16, [&](Slot& t) {
+        const unsigned a[4] = {a0, a1, a2, a3};
+        std::memcpy(t.a, a, sizeof a), t.b[0] = b0, t.b[1] = b1, std::memcpy(t.c, c, sizeof t.c);
     });
     std::memcpy(c, s.d, sizeof s.d);
 }

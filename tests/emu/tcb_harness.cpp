@@ -10,8 +10,14 @@ using Entry = void (*)(const float*, const float4*, const float*, const uint4*, 
                        int);
 #define GPS_EMU_ROW(NAME, KIND, MODE, KS) {#NAME, &NAME},
 const gps_emu::Row<Entry> kEntries[] = {
+#if TCB_DF16  // the "tcbh" build (-DTCB_DF16=1)
+    GPS_ENTRIES(GPS_EMU_ROW, gpscale_kmm_tcbh_k1, 1) GPS_ENTRIES(GPS_EMU_ROW, gpscale_kmm_tcbh_k2, 2)
+    GPS_ENTRIES(GPS_EMU_ROW, gpscale_kmm_tcbh_k3, 3) GPS_ENTRIES(GPS_EMU_ROW, gpscale_kmm_tcbh_k4, 4)
+#else
     GPS_ENTRIES(GPS_EMU_ROW, gpscale_kmm_tcb_k1, 1) GPS_ENTRIES(GPS_EMU_ROW, gpscale_kmm_tcb_k2, 2)
-    GPS_ENTRIES(GPS_EMU_ROW, gpscale_kmm_tcb_k3, 3) GPS_ENTRIES(GPS_EMU_ROW, gpscale_kmm_tcb_k4, 4)};
+    GPS_ENTRIES(GPS_EMU_ROW, gpscale_kmm_tcb_k3, 3) GPS_ENTRIES(GPS_EMU_ROW, gpscale_kmm_tcb_k4, 4)
+#endif
+};
 }  // namespace
 
 // Launch `entry` as launch.kernel_matmul does for tcb: grid (ceil(n / TCB_ROWS), ceil(t / TCB_TCH)),
