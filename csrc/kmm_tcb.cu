@@ -73,7 +73,15 @@
 // model's 60% mma.sync efficiency and near the exp unit's 2.0: a bound of 0.30 s per 1M product.
 // Matern-5/2: 17.2 -> 14.2, now bound by its own exp + sqrt (0.48 s).
 //
+// Fourth pass, "tcbh" (TCB_DF16 = 1; 2026-11-24, no GPU): the model's binding resource is now the
+// tensor pipe, and 3xTF32 spends three m16n8k8 per k-step on the distance.  f16 has tf32's 11
+// significant bits and m16n8k16 reduces over 16 at the same rate, so A = [xh | xl] against
+// B = [zl ; zl] and [zh ; zh] gives (xh + xl).(zh + zl) in two MMAs (tcbh_load_rows): RBF 8.7 -> 8.2
+// instructions and 1.5 -> 1.25 MMAs per 32 pairs, 120 -> 107 registers; built as its own variant
+// (gpscale/_ext/launch.py: DEFINES) and opt-in until its GPU tests pass.
+//
 // Entry points: gpscale_kmm_tcb_k{1,2,3,4}_{rbf,matern12,matern32,matern52}_{f,f_dq,d}, k = ceil(d / 8)
+//   (tcbh: gpscale_kmm_tcbh_k...)
 //   (X[n,d], Zf, Zn, Vf, O0[n,t], O1[n,t], n, m, d, t, sym), float32, row-major X and O, Zf / Zn /
 //   Vf from gpscale/_ext/tcb_pack.py (pack_tcb); grid (ceil(n / TCB_ROWS), ceil(t / TCB_TCH)),
 //   block 32 * TCB_WARPS.  Needs sm_80+, d <= TCB_DMAX.
@@ -164,11 +172,11 @@ __device__ __forceinline__ void cp_async_wait_all_but_one() {
 
 // One 64-row tile of Z and V in fragment order (see the header), as the host packed it.
 #if TCB_DF16
-typedef uint2 TcbZWord;  // per 8-row n-tile and k-step, each lane's f16 B fragment {hi pair, lo pair}
-#define TCB_AREGS 2      // distinct A registers per k-step and split part (a2 = a0, a3 = a1)
+typedef uint4 TcbZWord;  // per 8-row n-tile and k-step, each lane's f16 B fragments {hi, hi, lo, lo} (pairs)
+#define TCB_AL 1         // the A fragment [xh | xl] is whole in ah; al is unused (optimised away)
 #else
 typedef float4 TcbZWord;  // per 8-row n-tile and k-step, each lane's {hi b0, hi b1, lo b0, lo b1} (tf32)
-#define TCB_AREGS 4
+#define TCB_AL 4
 #endif
 
 template <int KS>
@@ -198,14 +206,18 @@ __device__ __forceinline__ void tcb_copy_tile(TcbTile<KS>& s, const float4* __re
     if (tid < TCB_BN / 4) cp_async16(&s.zn[4 * tid], Zn + (long long)i * TCB_BN + 4 * tid);
 }
 
-// tcbh: this warp's 16 rows of -2 X as f16 hi / lo pairs in the m16n8k16 A layout of rows g, g + 8
-// and k = 2c, 2c + 1 of every k-step (the upper k half repeats them: A = [xh | xh]), and the squared
-// norms of the unsplit rows.  hi = f16(a) and lo = f16(a - hi) in round to nearest: a - hi is exact
-// in float32, and lo's own rounding leaves 2^-22 |a| -- 3xTF32's error, from f16's 11-bit significand.
-// The launcher keeps |2x| inside f16's range (launch.py: F16_MAX).
+// tcbh: this warp's 16 rows of -2 X as the m16n8k16 A fragment of A = [xh | xl] (k = 0..7 the f16 hi
+// parts of a k-step's 8 features, k = 8..15 their lo parts): a0, a1 = hi of rows g, g + 8 at k = 2c,
+// 2c + 1, a2, a3 = their lo; and the squared norms of the unsplit rows.  hi = f16(a) and
+// lo = f16(a - hi), round to nearest: a - hi is exact in float32, and lo's own rounding leaves
+// 2^-22 |a| -- 3xTF32's error, from f16's 11-bit significand.  Against B = [zh ; zh] and [zl ; zl]
+// (the packed Z word {hi, hi, lo, lo}) two MMAs give (xh + xl).(zh + zl); the four A registers are
+// distinct, so none is copied into place per MMA (A = [xh | xh], [xl | xl] against B = [zh ; zl]
+// made ptxas duplicate two of them before every MMA).  The launcher keeps |2x| inside f16's range
+// (launch.py: F16_MAX).
 template <int KS>
 __device__ __forceinline__ void tcbh_load_rows(const float* __restrict__ X, int row0, int n, int d,
-                                               unsigned (&ah)[KS][2], unsigned (&al)[KS][2], float& na, float& nb) {
+                                               unsigned (&a)[KS][4], float& na, float& nb) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     na = nb = 0.f;
 #pragma unroll
@@ -216,10 +228,10 @@ __device__ __forceinline__ void tcbh_load_rows(const float* __restrict__ X, int 
             const float v0 = (row < n && k < d) ? X[(long long)row * d + k] : 0.f;
             const float v1 = (row < n && k + 1 < d) ? X[(long long)row * d + k + 1] : 0.f;
             (r ? nb : na) += v0 * v0 + v1 * v1;
-            ah[ks][r] = pack_f16x2(-2.f * v0, -2.f * v1);
+            a[ks][r] = pack_f16x2(-2.f * v0, -2.f * v1);
             float h0, h1;
-            unpack_f16x2(ah[ks][r], h0, h1);
-            al[ks][r] = pack_f16x2(-2.f * v0 - h0, -2.f * v1 - h1);
+            unpack_f16x2(a[ks][r], h0, h1);
+            a[ks][2 + r] = pack_f16x2(-2.f * v0 - h0, -2.f * v1 - h1);
         }
     na = quad_sum(na);
     nb = quad_sum(nb);
@@ -228,10 +240,10 @@ __device__ __forceinline__ void tcbh_load_rows(const float* __restrict__ X, int 
 // This warp's rows (m-tile mt) as split A fragments of -2 X for every k-step, and their squared norms.
 template <int KS>
 __device__ __forceinline__ void tcb_load_rows(const float* __restrict__ X, int row0, int n, int d,
-                                              unsigned (&ah)[KS][TCB_AREGS], unsigned (&al)[KS][TCB_AREGS],
+                                              unsigned (&ah)[KS][4], unsigned (&al)[KS][TCB_AL],
                                               float& na, float& nb) {
 #if TCB_DF16
-    tcbh_load_rows<KS>(X, row0, n, d, ah, al, na, nb);
+    tcbh_load_rows<KS>(X, row0, n, d, ah, na, nb);
 #else
     load_rows_split(X, row0, n, d, KS, ah, al, na, nb, [](float v, unsigned& hi, unsigned& lo) {
         const float a = -2.f * v;  // exact: the MMA then adds -2 x.z to the norms
@@ -246,8 +258,8 @@ __device__ __forceinline__ void tcb_load_rows(const float* __restrict__ X, int r
 // started from |x|^2 + |z|^2.  The B fragments (one LDS.128 per k-step) serve both m-tiles.
 template <int KIND, int MODE, int KS>
 __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (&p1)[TCB_MT][4], const TcbTile<KS>& s,
-                                                int nt, const unsigned (&ah)[TCB_MT][KS][TCB_AREGS],
-                                                const unsigned (&al)[TCB_MT][KS][TCB_AREGS], const float (&na)[TCB_MT],
+                                                int nt, const unsigned (&ah)[TCB_MT][KS][4],
+                                                const unsigned (&al)[TCB_MT][KS][TCB_AL], const float (&na)[TCB_MT],
                                                 const float (&nb)[TCB_MT], int row0, int jt, int sym) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const float2 zz = *reinterpret_cast<const float2*>(&s.zn[nt * 8 + 2 * c]);
@@ -264,12 +276,12 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
     }
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
-#if TCB_DF16  // A = [xh | xh] and [xl | xl] against B = [zh ; zl]: (xh + xl).(zh + zl) in two MMAs
-        const uint2 b = s.z[nt][ks][lane];
+#if TCB_DF16  // A = [xh | xl] against B = [zl ; zl], then [zh ; zh]: (xh + xl).(zh + zl) in two MMAs
+        const uint4 b = s.z[nt][ks][lane];
 #pragma unroll
         for (int mt = 0; mt < TCB_MT; ++mt) {  // small terms first
-            mma_f16(q[mt], al[mt][ks][0], al[mt][ks][1], al[mt][ks][0], al[mt][ks][1], b.x, b.y);
-            mma_f16(q[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][0], ah[mt][ks][1], b.x, b.y);
+            mma_f16(q[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], b.z, b.w);
+            mma_f16(q[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], b.x, b.y);
         }
 #else
         const float4 b = s.z[nt][ks][lane];
@@ -353,7 +365,7 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     const int c0 = blockIdx.y * TCB_TCH, ntiles = (m + TCB_BN - 1) / TCB_BN;
     tcb_copy_tile<KS>(buf[0], Zf, Zn, Vf, 0, ntiles);
     cp_async_commit();
-    unsigned ah[TCB_MT][KS][TCB_AREGS], al[TCB_MT][KS][TCB_AREGS];
+    unsigned ah[TCB_MT][KS][4], al[TCB_MT][KS][TCB_AL];
     float na[TCB_MT], nb[TCB_MT];
 #pragma unroll
     for (int mt = 0; mt < TCB_MT; ++mt) tcb_load_rows<KS>(X, row0 + 16 * mt, n, d, ah[mt], al[mt], na[mt], nb[mt]);

@@ -44,8 +44,9 @@ def rebuild_z(Zf: np.ndarray):
 
 
 def rebuild_z_f16(Zf: np.ndarray):
-    """``(hi, lo)`` from tcbh's f16 m16n8k16 B fragments of ``B = [hi ; lo]``: b0 holds B[2c][g],
-    B[2c + 1][g] (low half first) = hi of features 2c, 2c + 1; b1 = B[2c + 8][g], ... = their lo."""
+    """``(hi, lo)`` from tcbh's f16 m16n8k16 B fragments of ``B = [hi ; hi]`` (registers 0, 1) and
+    ``[lo ; lo]`` (2, 3): b0 holds B[2c][g], B[2c + 1][g] (low half first) = features 2c, 2c + 1;
+    b1 = B[2c + 8][g], ... = the same features again (k = 8..15 meet A's lo half)."""
     groups, ks = Zf.shape[:2]
     hi = np.zeros((groups * 8, 8 * ks), np.float32)
     lo = np.zeros_like(hi)
@@ -53,8 +54,10 @@ def rebuild_z_f16(Zf: np.ndarray):
     f16 = np.stack([halves & 0xFFFF, halves >> 16], -1).astype(np.uint16).view(np.float16).astype(np.float32)
     for r, s, lane in np.ndindex(groups, ks, 32):
         g, c = LANES[lane]
+        np.testing.assert_array_equal(f16[r, s, lane, 0], f16[r, s, lane, 1])  # b0 and b1 of [hi ; hi]
+        np.testing.assert_array_equal(f16[r, s, lane, 2], f16[r, s, lane, 3])
         hi[8 * r + g, 8 * s + 2 * c: 8 * s + 2 * c + 2] = f16[r, s, lane, 0]
-        lo[8 * r + g, 8 * s + 2 * c: 8 * s + 2 * c + 2] = f16[r, s, lane, 1]
+        lo[8 * r + g, 8 * s + 2 * c: 8 * s + 2 * c + 2] = f16[r, s, lane, 2]
     return hi, lo
 
 
@@ -63,7 +66,7 @@ def test_tcbh_z_fragments_hold_the_f16_split_in_ptx_order(m, d):
     Z, _ = _data(m, d, 1, seed=m + d)
     Z[0, 0] = 3e-6  # an f16 subnormal: hi keeps what it can, lo the rest
     Zf, Zn = pack_z(Z, ksteps(d), f16=True)
-    assert Zf.dtype == torch.int32 and Zf.shape == (-(-m // TILE_ROWS) * TILE_ROWS // 8, ksteps(d), 32, 2)
+    assert Zf.dtype == torch.int32 and Zf.shape == (-(-m // TILE_ROWS) * TILE_ROWS // 8, ksteps(d), 32, 4)
     hi, lo = rebuild_z_f16(Zf.numpy())
     z = np.zeros_like(hi)
     z[:m, :d] = Z.numpy()

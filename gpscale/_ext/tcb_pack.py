@@ -12,10 +12,11 @@ Layouts (PTX ISA, "Matrix fragments for mma.m16n8k8 / m16n8k16", lane ``l = 4 g 
 * ``Zf``: ``(m_pad / 8, ks, 32, 4)`` float32.  For the 8-row group ``r`` (rows ``8 r + g``), k-step
   ``s`` and lane ``l``: ``hi(z[8s + c]), hi(z[8s + c + 4]), lo(z[8s + c]), lo(z[8s + c + 4])`` of row
   ``8 r + g`` -- the tf32 B-fragment registers ``b0, b1`` of the 3xTF32 split ``z = hi + lo``.
-* ``Zf`` of ``tcbh`` (``pack_z(..., f16=True)``): ``(m_pad / 8, ks, 32, 2)`` int32, f16 pairs.  For
-  the same ``r, s, l``: ``(hi(z[8s + 2c]), hi(z[8s + 2c + 1]))`` and the same of ``lo``, lower k in the
-  low half -- the m16n8k16 B-fragment registers ``b0, b1`` of ``B = [hi ; lo]`` (16 deep), with
-  ``hi = f16(z)`` and ``lo = f16(z - hi)``, both rounded to nearest even.
+* ``Zf`` of ``tcbh`` (``pack_z(..., f16=True)``): ``(m_pad / 8, ks, 32, 4)`` int32, f16 pairs.  For
+  the same ``r, s, l``: ``H, H, L, L`` with ``H = (hi(z[8s + 2c]), hi(z[8s + 2c + 1]))`` (lower k in
+  the low half) and ``L`` the same of ``lo`` -- the m16n8k16 B-fragment registers ``b0, b1`` of
+  ``B = [hi ; hi]`` and of ``B = [lo ; lo]`` (16 deep: the features twice, against ``A = [xh | xl]``),
+  with ``hi = f16(z)`` and ``lo = f16(z - hi)``, both rounded to nearest even.
 * ``Zn``: ``(m_pad,)`` float32, ``|z|^2`` (accumulated in float64).
 * ``Vf``: ``(ceil(t / 16), m_pad / 64, 4, 2, 32, 4)`` int32 (bit patterns of bf16 pairs).  For column
   chunk ``y``, 64-row tile ``i``, 16-deep k-step ``kk``, 8-column n-tile ``vn`` and lane ``l``:
@@ -88,8 +89,9 @@ def _pack_z_f16(Zp: torch.Tensor, ksteps: int) -> torch.Tensor:
         pairs = bits[:, 0::2] | (bits[:, 1::2] << 16)  # (mp, 4 ks): feature pair 2c, 2c + 1 of each k-step
         return pairs.view(mp // 8, 8, ksteps, 4).permute(0, 2, 1, 3)
 
-    Zf = torch.stack([frag(hi), frag(lo)], dim=-1)  # (r, s, g, c, hi/lo)
-    return _as_int32(Zf.reshape(mp // 8, ksteps, 32, 2)).contiguous()
+    H, L = frag(hi), frag(lo)
+    Zf = torch.stack([H, H, L, L], dim=-1)  # (r, s, g, c, register)
+    return _as_int32(Zf.reshape(mp // 8, ksteps, 32, 4)).contiguous()
 
 
 def pack_v(V: torch.Tensor) -> torch.Tensor:
