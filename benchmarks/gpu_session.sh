@@ -40,12 +40,15 @@ step tests_misc 50 python3 -m pytest tests/test_mixed_precision.py tests/test_pr
 # 2. issue 5's open figure, RBF <= 0.5 s at 1M: the tcb options sweep -- f16 distances (TCB_DF16, the
 #    tcbh variant: 2 MMAs per k-step instead of 3; tests_tcb above covers it), one-level accumulation
 #    (fits the f kernels in 80 registers without spills: 24 warps per SM instead of 16; ncu found the
-#    shipped kernel latency-bound) -- for K(X, Z) V and, two configurations, the symmetric K(X, X) V
-#    that CG runs.  If a configuration wins at rel. error <= 1e-4: DF16 -> make tcbh the float32
-#    default (cuda_backend.FLOAT32_VARIANT, out of launch.EXPERIMENTAL); ACC1 / MINB -> their defaults
-#    in csrc/kmm_tcb.cu (TCB_MINB applies to mode f only).  Then `products`.
+#    shipped kernel latency-bound) -- for K(X, Z) V and, with and without TCB_DPATCH (the diagonal
+#    q_ii = 0 patched per n-tile instead of tested per pair), the symmetric K(X, X) V that CG runs.
+#    If a configuration wins at rel. error <= 1e-4: DF16 -> make tcbh the float32 default
+#    (cuda_backend.FLOAT32_VARIANT, out of launch.EXPERIMENTAL); ACC1 / MINB -> their defaults in
+#    csrc/kmm_tcb.cu (TCB_MINB applies to mode f only); DPATCH faster with sym -> its default 1.
+#    Then `products`.
 step tune 200 python3 benchmarks/tune_tcb.py --out "$OUT/tune_tcb_df16_h100.json"
-step tune_sym 80 python3 benchmarks/tune_tcb.py --sym --configs 2,1,0,0,0 2,3,0,1,1 --out "$OUT/tune_tcb_sym_h100.json"
+step tune_sym 100 python3 benchmarks/tune_tcb.py --sym --configs 2,1,0,0,0,0 2,1,0,0,0,1 2,3,0,1,1,0 2,3,0,1,1,1 \
+    --out "$OUT/tune_tcb_sym_h100.json"
 fi
 if [ "$stage" = products ]; then
 step km_1m 150 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --repeats 2 \
@@ -70,6 +73,6 @@ if [ "$stage" = profile ]; then
 #    RBF and Matérn-5/2 products of the shipped tcb and of tcbh with one-level accumulation
 step ncu 150 ncu --clock-control none -k regex:gpscale_kmm_tcb --launch-count 4 --section SpeedOfLight \
     --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-    python3 benchmarks/tune_tcb.py --n 100000 --repeats 0 --ref-rows 64 --configs 2,1,0,0,0 2,3,0,1,1 --out "$OUT/t.json"
+    python3 benchmarks/tune_tcb.py --n 100000 --repeats 0 --ref-rows 64 --configs 2,1,0,0 2,3,0,1,1,1 --out "$OUT/t.json"
 fi
 echo "=== done"; ls -la "$OUT"

@@ -101,6 +101,9 @@
 #ifndef TCB_DF16  // 1: distances from two f16 MMAs per k-step instead of three tf32 ones: variant "tcbh" (below)
 #define TCB_DF16 0
 #endif
+#ifndef TCB_DPATCH  // 1: the symmetric diagonal patched in a warp-uniform branch, not tested per pair
+#define TCB_DPATCH 0
+#endif
 #ifndef TCB_MINB  // blocks per SM the register allocation must allow, for mode F (the CG product) only:
                   // the f_dq kernels hold twice the accumulators and spill at 80 registers
 #define TCB_MINB 1
@@ -299,7 +302,7 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
     for (int mt = 0; mt < TCB_MT; ++mt)
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-            const bool diag = sym && row0 + mt * 16 + g + (u >> 1) * 8 == jt + nt * 8 + 2 * c + (u & 1);
+            const bool diag = !TCB_DPATCH && sym && row0 + mt * 16 + g + (u >> 1) * 8 == jt + nt * 8 + 2 * c + (u & 1);
             if (fold) {  // exp(-q / 2) = 2^(C q), q = s + |x|^2
                 constexpr float C = -0.5f * 1.4426950408889634f;
                 const float arg = diag ? 0.f : fmaf(q[mt][u], C, (u < 2 ? na[mt] : nb[mt]) * C);
@@ -315,6 +318,23 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
             else
                 gps_profile<KIND, MODE, 2>(qq, p0[mt][u], p1[mt][u]);
         }
+#if TCB_DPATCH
+    // q_ii = 0 exactly, set after the fact and only in the n-tiles that meet this warp's rows: a
+    // warp-uniform branch taken in 1 of every m / (16 TCB_MT) n-tiles.  The per-pair test above costs
+    // an integer compare and select per pair, and with `sym` a runtime value the compiler keeps part of
+    // the profile code twice in the loop (SASS of the default build: 1.6 MUFU per 32 pairs counted
+    // statically against 1.0 with sym = 0); which is faster on the symmetric products CG runs is for
+    // tune_tcb.py --sym to measure.
+    const int col0 = jt + nt * 8;
+    if (sym && col0 < row0 + 16 * TCB_MT && row0 < col0 + 8) {
+#pragma unroll
+        for (int mt = 0; mt < TCB_MT; ++mt)
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+                if (row0 + mt * 16 + g + (u >> 1) * 8 == col0 + 2 * c + (u & 1))
+                    gps_profile<KIND, MODE, 2>(0.f, p0[mt][u], p1[mt][u]);
+    }
+#endif
 }
 
 // acc[mt][vn] += P V for one 16-deep k-step kk; P = two n-tiles (h = 0, 1) in C layout = A layout.

@@ -45,7 +45,7 @@ def test_gpu_session_script_is_valid_bash_and_its_commands_parse():
             args = bkm.parse_args(argv)
             assert args.device == "cuda"
         elif script.endswith("tune_tcb.py"):
-            assert all(len(c) == 5 for c in tune_tcb.parse_args(argv).configs)
+            assert all(len(c) == tune_tcb.NOPTS for c in tune_tcb.parse_args(argv).configs)
         else:
             args = bp.parse_args(argv)
             assert args.device == "cuda" and args.datasets == ["synthetic"]

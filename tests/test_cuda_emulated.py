@@ -79,6 +79,12 @@ def emulated_h_acc1(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def emulated_h_dpatch(tmp_path_factory):
+    """``tcbh`` + one-level accumulation + the symmetric diagonal patched per n-tile (TCB_DPATCH = 1)."""
+    return _build(tmp_path_factory, "tcb_harness", "-DTCB_DF16=1", "-DTCB_ACC1=1", "-DTCB_DPATCH=1")
+
+
+@pytest.fixture(scope="module")
 def emulated_tc(tmp_path_factory):
     return _build(tmp_path_factory, "tc_harness")
 
@@ -227,6 +233,18 @@ def test_emulated_tcb_keeps_the_symmetric_diagonal_exact(emulated):
     Xs[11] = Xs[5]  # a duplicate point: Matérn-1/2 would show sqrt(eps |x|^2) without q_ii = 0
     got = run_tcb(emulated, Xs, Xs, V, "matern12", "f", symmetric=True)
     assert_products(got, reference(Xs, Xs, V, "matern12", "f", expansion=True, symmetric=True), RTOL, "f")
+
+
+@pytest.mark.parametrize("kernel,mode", [("matern12", "f"), ("matern12", "f_dq"), ("matern32", "d"), ("rbf", "f"),
+                                         ("rbf", "d"), ("matern52", "f_dq")])
+@pytest.mark.parametrize("build", ["tcb", "tcbh-dpatch"])
+def test_emulated_symmetric_products_keep_the_diagonal_exact(emulated, emulated_h_dpatch, build, kernel, mode):
+    # n = 300: the diagonal crosses two 256-row blocks, five 64-row tiles and both m-tiles of a warp
+    Xs, _, V = (A.float().double() for A in make_data(300, 300, 5, 17, 0.4, seed=8))
+    Xs[11] = Xs[5]  # a duplicate point: the exact-zero diagonal must not leak to the off-diagonal twin
+    so, variant = (emulated, "tcb") if build == "tcb" else (emulated_h_dpatch, "tcbh")
+    got = run_tcb(so, Xs, Xs, V, kernel, mode, symmetric=True, variant=variant, schedule="early-greedy")
+    assert_products(got, reference(Xs, Xs, V, kernel, mode, expansion=True, symmetric=True), RTOL, mode)
 
 
 def test_the_emulation_catches_a_wrong_layout(emulated, monkeypatch):
