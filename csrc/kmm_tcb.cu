@@ -189,7 +189,7 @@ struct TcbTile {
     float zn[TCB_BN];               // |z|^2
 };
 
-// Start copying tile i into s: KS (tcbh: KS / 2) + 1 16-byte copies per thread (+ 1 for the first 16).
+// Start copying tile i into s: KS + 1 16-byte copies per thread (+ 1 for the first 16 threads).
 // The host padded Z and V to whole tiles with zeros (a padded row meets V rows of 0), so there are
 // no bounds checks, and every thread's share is fixed.
 template <int KS>
