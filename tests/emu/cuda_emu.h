@@ -177,29 +177,25 @@ inline Slot& collective(int op, Fill fill) {
     return s;
 }
 
-inline void mma_m16n8k8_tf32(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
-                             unsigned b1) {
-    Slot& s = collective(MMA_TF32, [&](Slot& t) {
-        const unsigned a[4] = {a0, a1, a2, a3};
-        std::memcpy(t.a, a, sizeof a), t.b[0] = b0, t.b[1] = b1, std::memcpy(t.c, c, sizeof t.c);
-    });
-    std::memcpy(c, s.d, sizeof s.d);
-}
-
-inline void mma_m16n8k16_bf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    Slot& s = collective(MMA_BF16, [&](Slot& t) {
+// One warp-wide mma.sync of kind op (D = A B + C, C and D in c); a: this lane's A registers.
+inline void mma(int op, float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    Slot& s = collective(op, [&](Slot& t) {
         std::memcpy(t.a, a, sizeof t.a), t.b[0] = b0, t.b[1] = b1, std::memcpy(t.c, c, sizeof t.c);
     });
     std::memcpy(c, s.d, sizeof s.d);
 }
-
+inline void mma_m16n8k8_tf32(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                             unsigned b1) {
+    const unsigned a[4] = {a0, a1, a2, a3};
+    mma(MMA_TF32, c, a, b0, b1);
+}
+inline void mma_m16n8k16_bf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    mma(MMA_BF16, c, a, b0, b1);
+}
 inline void mma_m16n8k16_f16(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
                              unsigned b1) {
-    Slot& s = collective(MMA_F16, [&](Slot& t) {
-        const unsigned a[4] = {a0, a1, a2, a3};
-        std::memcpy(t.a, a, sizeof a), t.b[0] = b0, t.b[1] = b1, std::memcpy(t.c, c, sizeof t.c);
-    });
-    std::memcpy(c, s.d, sizeof s.d);
+    const unsigned a[4] = {a0, a1, a2, a3};
+    mma(MMA_F16, c, a, b0, b1);
 }
 
 inline float shfl_xor(float v, unsigned mask) {
