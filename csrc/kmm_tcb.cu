@@ -76,8 +76,9 @@
 // Fourth pass, "tcbh" (TCB_DF16 = 1; 2026-11-24, no GPU): the model's binding resource is now the
 // tensor pipe, and 3xTF32 spends three m16n8k8 per k-step on the distance.  f16 has tf32's 11
 // significant bits and m16n8k16 reduces over 16 at the same rate, so A = [xh | xl] against
-// B = [zl ; zl] and [zh ; zh] gives (xh + xl).(zh + zl) in two MMAs (tcbh_load_rows): RBF 8.7 -> 8.2
-// instructions and 1.5 -> 1.25 MMAs per 32 pairs, 120 -> 107 registers; built as its own variant
+// B = [zl ; zl] and [zh ; zh] gives (xh + xl).(zh + zl) in two MMAs (tcbh_load_rows), and |z|^2 is
+// stored as the accumulator quads it initialises (no register copies): RBF 8.7 -> 7.7 instructions and
+// 1.5 -> 1.25 MMAs per 32 pairs, 120 -> 108 registers; built as its own variant
 // (gpscale/_ext/launch.py: DEFINES) and opt-in until its GPU tests pass.
 //
 // Entry points: gpscale_kmm_tcb_k{1,2,3,4}_{rbf,matern12,matern32,matern52}_{f,f_dq,d}, k = ceil(d / 8)
@@ -186,7 +187,12 @@ template <int KS>
 struct TcbTile {
     TcbZWord z[TCB_BN / 8][KS][32];
     uint4 v[TCB_BN / 16][2][32];    // per 16-deep k-step and n-tile of 8 columns: the same, bf16 pairs
+#if TCB_DF16
+    float4 zn[TCB_BN / 8][4];       // |z|^2 per n-tile and c: {zn[2c], zn[2c + 1], zn[2c], zn[2c + 1]}, the
+                                    // MMA's initial accumulator as one LDS.128 (no register copies)
+#else
     float zn[TCB_BN];               // |z|^2
+#endif
 };
 
 // Start copying tile i into s: KS + 1 16-byte copies per thread (+ 1 for the first 16 threads).
@@ -206,7 +212,11 @@ __device__ __forceinline__ void tcb_copy_tile(TcbTile<KS>& s, const float4* __re
     for (int w = 0; w < ZW; w += NT)  // flat copies: global and shared share the [n-tile][k-step][lane] order
         if (ZW % NT == 0 || w + tid < ZW) cp_async16(zdst + w + tid, zsrc + w + tid);
     cp_async16(&s.v[0][0][0] + tid, Vf + ((long long)blockIdx.y * ntiles + i) * (TCB_BN / 16) * 2 * 32 + tid);
+#if TCB_DF16  // the duplicated |z|^2 quads: 32 words per tile
+    if (tid < TCB_BN / 2) cp_async16(&s.zn[0][0] + tid, Zn + (long long)i * 2 * TCB_BN + 4 * tid);
+#else
     if (tid < TCB_BN / 4) cp_async16(&s.zn[4 * tid], Zn + (long long)i * TCB_BN + 4 * tid);
+#endif
 }
 
 // tcbh: this warp's 16 rows of -2 X as the m16n8k16 A fragment of A = [xh | xl] (k = 0..7 the f16 hi
@@ -265,7 +275,11 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
                                                 const unsigned (&al)[TCB_MT][KS][TCB_AL], const float (&na)[TCB_MT],
                                                 const float (&nb)[TCB_MT], int row0, int jt, int sym) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+#if TCB_DF16
+    const float4 zz = s.zn[nt][c];
+#else
     const float2 zz = *reinterpret_cast<const float2*>(&s.zn[nt * 8 + 2 * c]);
+#endif
     // RBF (F, D): the chain starts from |z|^2 alone and |x|^2 joins in the FFMA that forms the exp's
     // argument (no FADD per pair: 0.6 fewer instructions per 32 pairs); the others start from both.
     constexpr bool fold = KIND == GPS_RBF && MODE != GPS_MODE_FDQ;
@@ -274,8 +288,13 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
     for (int mt = 0; mt < TCB_MT; ++mt) {
         q[mt][0] = fold ? zz.x : na[mt] + zz.x;
         q[mt][1] = fold ? zz.y : na[mt] + zz.y;
+#if TCB_DF16
+        q[mt][2] = fold ? zz.z : nb[mt] + zz.z;
+        q[mt][3] = fold ? zz.w : nb[mt] + zz.w;
+#else
         q[mt][2] = fold ? zz.x : nb[mt] + zz.x;
         q[mt][3] = fold ? zz.y : nb[mt] + zz.y;
+#endif
     }
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {

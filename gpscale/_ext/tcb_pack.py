@@ -17,7 +17,9 @@ Layouts (PTX ISA, "Matrix fragments for mma.m16n8k8 / m16n8k16", lane ``l = 4 g 
   the low half) and ``L`` the same of ``lo`` -- the m16n8k16 B-fragment registers ``b0, b1`` of
   ``B = [hi ; hi]`` and of ``B = [lo ; lo]`` (16 deep: the features twice, against ``A = [xh | xl]``),
   with ``hi = f16(z)`` and ``lo = f16(z - hi)``, both rounded to nearest even.
-* ``Zn``: ``(m_pad,)`` float32, ``|z|^2`` (accumulated in float64).
+* ``Zn``: ``(m_pad,)`` float32, ``|z|^2`` (accumulated in float64); for ``tcbh`` ``(2 m_pad,)``: per
+  8-row group ``r`` and ``c``, ``zn[8r + 2c], zn[8r + 2c + 1]`` twice (one 16-byte read gives the
+  distance MMA's initial accumulator).
 * ``Vf``: ``(ceil(t / 16), m_pad / 64, 4, 2, 32, 4)`` int32 (bit patterns of bf16 pairs).  For column
   chunk ``y``, 64-row tile ``i``, 16-deep k-step ``kk``, 8-column n-tile ``vn`` and lane ``l``:
   ``hi b0, hi b1, lo b0, lo b1`` with ``b0`` = rows ``16 kk + 2c, 16 kk + 2c + 1`` and ``b1`` = rows
@@ -66,8 +68,9 @@ def pack_z(Z: torch.Tensor, ksteps: int, f16: bool = False) -> tuple[torch.Tenso
     Zp = torch.zeros(mp, 8 * ksteps, dtype=torch.float32, device=Z.device)
     Zp[:m, :d] = Z
     Zn = Zp.double().square().sum(1).float()
-    if f16:
-        return _pack_z_f16(Zp, ksteps), Zn
+    if f16:  # |z|^2 as {zn[2c], zn[2c + 1]} twice per 8-row group and c: the kernel's accumulator quad
+        pairs = Zn.view(mp // 8, 4, 2)
+        return _pack_z_f16(Zp, ksteps), torch.cat([pairs, pairs], dim=-1).reshape(-1).contiguous()
     hi = _round_bits(Zp, 13)
     lo = Zp - hi
 
