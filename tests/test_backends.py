@@ -243,8 +243,8 @@ def test_cuda_products_choose_the_variant_per_call_and_measure_the_inputs_once(m
 
     monkeypatch.delenv("GPSCALE_CUDA_VARIANT", raising=False)
     calls = []
-    monkeypatch.setattr(_ext, "kernel_matmul",
-                        lambda X, Z, V, name, mode, variant, symmetric: calls.append((name, mode, variant)) or V)
+    monkeypatch.setattr(_ext, "kernel_matmul", lambda X, Z, V, name, mode, variant, symmetric, inputs_max_abs:
+                        calls.append((name, mode, variant)) or V)
     X = torch.zeros(30, 2)
     X[0] = torch.tensor([3.0, 4.0])  # max |x|^2 = 25: r2 = 50
     xn = X.pow(2).sum(1)  # the operator's squared row norms, which the guard reads
@@ -260,6 +260,28 @@ def test_cuda_products_choose_the_variant_per_call_and_measure_the_inputs_once(m
     assert op._cuda_r2 == pytest.approx(50.0) and calls[-1] == ("matern12", "f_dq", "simt")
     assert backends.backend_label(op) == "cuda:simt"
     assert backends.backend_label(SimpleNamespace(backend="torch", cuda_variant="tc3")) == "torch"
+
+
+def test_tcbh_products_measure_the_f16_range_once_per_operator(monkeypatch):
+    from gpscale import _ext
+    from gpscale._ext import launch
+
+    monkeypatch.setenv("GPSCALE_CUDA_VARIANT", "tcbh")
+    seen, measured = [], []
+    monkeypatch.setattr(_ext, "kernel_matmul", lambda X, Z, V, name, mode, variant, symmetric, inputs_max_abs:
+                        seen.append((variant, inputs_max_abs)) or V)
+    real = launch.max_abs
+    monkeypatch.setattr(launch, "max_abs", lambda X, Z: measured.append(1) or real(X, Z))
+    X = torch.zeros(30, 2)
+    X[4, 1] = -7.0
+    xn = X.pow(2).sum(1)
+    op = SimpleNamespace(_Xs=X, _Zs=X, _xn=xn, _zn=xn, kernel=RBF(), _symmetric=True, backend="cuda")
+    for _ in range(3):  # three CG products: the host synchronisation happens once
+        cuda_backend.products(op, torch.ones(30, 1), "f")
+    assert seen == [("tcbh", 7.0)] * 3 and measured == [1]
+    # kernel_matmul's own check refuses what the operator measured, as it refuses a measured value
+    with pytest.raises(ValueError, match="variant 'tcb'"):
+        launch._check_f16_range(X, X, 2 * launch.F16_MAX)
 
 
 # ----------------------------------------------------------------------------- lazy imports, sources

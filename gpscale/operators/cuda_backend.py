@@ -91,5 +91,10 @@ def products(op, V: torch.Tensor, mode: str):
     if mode not in chosen:
         chosen[mode] = variant_for(op._Xs.dtype, op.kernel, mode, _max_sq_norms(op))
     variant = op.cuda_variant = chosen[mode]  # reported by the operator (and in the solver statistics)
+    big = None
+    if variant == "tcbh":  # its f16 range check, on inputs fixed for the operator: one sync, not one per product
+        big = op.__dict__.get("_cuda_max_abs")
+        if big is None:
+            big = op._cuda_max_abs = _ext.launch.max_abs(op._Xs, op._Zs)
     return _ext.kernel_matmul(op._Xs, op._Zs, V, op.kernel.name, mode=mode, variant=variant,
-                              symmetric=op._symmetric)
+                              symmetric=op._symmetric, inputs_max_abs=big)
