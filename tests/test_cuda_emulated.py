@@ -27,7 +27,7 @@ import torch
 from kernel_reference import assert_products, make_data, reference
 
 from gpscale._ext.launch import entry_name, ksteps
-from gpscale._ext.tcb_pack import pack_v, pack_z
+from gpscale._ext.tcb_pack import _as_int32, pack_v, pack_z
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = Path(__file__).resolve().parent / "emu"
@@ -200,8 +200,7 @@ def test_the_emulation_catches_a_wrong_tcbh_layout(emulated_h, monkeypatch):
     def swapped(Z, ks, f16=False, real=pack_z):
         Zf, Zn = real(Z, ks, f16)
         u = Zf.to(torch.int64) & 0xFFFFFFFF
-        return (((u >> 16) | ((u & 0xFFFF) << 16)) - ((u >> 16 | (u & 0xFFFF) << 16) >= 2**31) * 2**32).to(
-            torch.int32), Zn
+        return _as_int32((u >> 16) | ((u & 0xFFFF) << 16)), Zn
 
     with monkeypatch.context() as mp:
         mp.setitem(globals(), "pack_z", swapped)
