@@ -50,38 +50,39 @@ def _build(tmp_path_factory, harness: str, *defines: str):
 
 
 @pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    return _build(tmp_path_factory, "tcb_harness")
+def tcb_builds(tmp_path_factory):
+    """``get(*defines)``: the tcb harness compiled with these ``-D`` options, once per module."""
+    cache: dict = {}
+
+    def get(*defines: str):
+        if defines not in cache:
+            cache[defines] = _build(tmp_path_factory, "tcb_harness", *defines)
+        return cache[defines]
+
+    return get
 
 
 @pytest.fixture(scope="module")
-def emulated_poly(tmp_path_factory):
+def emulated(tcb_builds):
+    return tcb_builds()
+
+
+@pytest.fixture(scope="module")
+def emulated_poly(tcb_builds):
     """tcb with every exp on the FMA pipes (TCB_EMU = 4: gps_ex2_poly in csrc/profiles.cuh)."""
-    return _build(tmp_path_factory, "tcb_harness", "-DTCB_EMU=4")
+    return tcb_builds("-DTCB_EMU=4")
 
 
 @pytest.fixture(scope="module")
-def emulated_acc1(tmp_path_factory):
-    """tcb with one-level accumulation (TCB_ACC1 = 1: fewer registers, for more resident warps)."""
-    return _build(tmp_path_factory, "tcb_harness", "-DTCB_ACC1=1")
-
-
-@pytest.fixture(scope="module")
-def emulated_h(tmp_path_factory):
+def emulated_h(tcb_builds):
     """The ``tcbh`` build (TCB_DF16 = 1: distances from two f16 MMAs per k-step)."""
-    return _build(tmp_path_factory, "tcb_harness", "-DTCB_DF16=1")
+    return tcb_builds("-DTCB_DF16=1")
 
 
 @pytest.fixture(scope="module")
-def emulated_h_acc1(tmp_path_factory):
-    """``tcbh`` with one-level accumulation: the build that fits 80 registers without spills."""
-    return _build(tmp_path_factory, "tcb_harness", "-DTCB_DF16=1", "-DTCB_ACC1=1")
-
-
-@pytest.fixture(scope="module")
-def emulated_h_dpatch(tmp_path_factory):
+def emulated_h_dpatch(tcb_builds):
     """``tcbh`` + one-level accumulation + the symmetric diagonal patched per n-tile (TCB_DPATCH = 1)."""
-    return _build(tmp_path_factory, "tcb_harness", "-DTCB_DF16=1", "-DTCB_ACC1=1", "-DTCB_DPATCH=1")
+    return tcb_builds("-DTCB_DF16=1", "-DTCB_ACC1=1", "-DTCB_DPATCH=1")
 
 
 @pytest.fixture(scope="module")
@@ -120,17 +121,27 @@ CASES = [("rbf", "f", (300, 150, 5, 17), 1.0), ("rbf", "f_dq", (70, 130, 13, 3),
          ("matern32", "f_dq", (29, 66, 4, 64), 10.0), ("matern12", "d", (31, 70, 2, 5), 1.0)]
 
 
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize("kernel,mode,size,ls", CASES, ids=[f"{k}-{m}-{'x'.join(map(str, s))}-l{ls}"
-                                                             for k, m, s, ls in CASES])
-def test_emulated_tcb_matches_the_float64_reference(emulated, kernel, mode, size, ls, schedule):
+CASE_IDS = [f"{k}-{m}-{'x'.join(map(str, s))}-l{ls}" for k, m, s, ls in CASES]
+DF16, ACC1 = "-DTCB_DF16=1", "-DTCB_ACC1=1"
+#: (build, -D options, copy schedule) run on every case: the shipped tcb and tcbh (f16 splits of the
+#: distance operands, two m16n8k16 MMAs per k-step) in both schedules, their one-level-accumulation
+#: builds (fewer registers, for more resident warps) in the harsher one
+BUILD_RUNS = ([("tcb", (), s) for s in SCHEDULES] + [("tcb-acc1", (ACC1,), "early-greedy")]
+              + [("tcbh", (DF16,), s) for s in SCHEDULES] + [("tcbh-acc1", (DF16, ACC1), "early-greedy")])
+
+
+@pytest.mark.parametrize("build,defines,schedule", BUILD_RUNS, ids=[f"{b}-{s}" for b, _, s in BUILD_RUNS])
+@pytest.mark.parametrize("kernel,mode,size,ls", CASES, ids=CASE_IDS)
+def test_emulated_tcb_builds_match_the_float64_reference(tcb_builds, build, defines, schedule, kernel, mode, size,
+                                                         ls):
+    # every k-step count, kernel, mode and the 0.05 lengthscale, where |x|^2 and the cancellation are largest
     Xs, Zs, V = (A.float().double() for A in make_data(*size, ls, seed=sum(size)))
-    got = run_tcb(emulated, Xs, Zs, V, kernel, mode, schedule=schedule)
+    got = run_tcb(tcb_builds(*defines), Xs, Zs, V, kernel, mode, schedule=schedule,
+                  variant="tcbh" if DF16 in defines else "tcb")
     assert_products(got, reference(Xs, Zs, V, kernel, mode, expansion=True), RTOL, mode)
 
 
-@pytest.mark.parametrize("kernel,mode,size,ls", CASES, ids=[f"{k}-{m}-{'x'.join(map(str, s))}-l{ls}"
-                                                             for k, m, s, ls in CASES])
+@pytest.mark.parametrize("kernel,mode,size,ls", CASES, ids=CASE_IDS)
 def test_emulated_tcb_with_the_polynomial_exp_matches_the_reference(emulated_poly, emulated, kernel, mode, size, ls):
     # the FMA-pipe exp (TCB_EMU) is a speed option: it must keep every kernel and mode at the GPU
     # tests' tolerance, and stay within its own 2.7e-6 (+ rounding) of the MUFU build's products
@@ -143,33 +154,6 @@ def test_emulated_tcb_with_the_polynomial_exp_matches_the_reference(emulated_pol
     ref = reference(Xs, Zs, V, kernel, mode, expansion=True)
     for a, b, (_, absprod, _) in zip(outs, mufus, ref):  # scale: sum |F| |V| per row, as the GPU tests
         assert (a - b).double().abs().max() <= 1e-5 * absprod.max()
-
-
-@pytest.mark.parametrize("kernel,mode,size,ls", CASES, ids=[f"{k}-{m}-{'x'.join(map(str, s))}-l{ls}"
-                                                             for k, m, s, ls in CASES])
-def test_emulated_tcb_with_one_level_accumulation_matches_the_reference(emulated_acc1, kernel, mode, size, ls):
-    Xs, Zs, V = (A.float().double() for A in make_data(*size, ls, seed=sum(size)))
-    got = run_tcb(emulated_acc1, Xs, Zs, V, kernel, mode, schedule="early-greedy")
-    assert_products(got, reference(Xs, Zs, V, kernel, mode, expansion=True), RTOL, mode)
-
-
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize("kernel,mode,size,ls", CASES, ids=[f"{k}-{m}-{'x'.join(map(str, s))}-l{ls}"
-                                                             for k, m, s, ls in CASES])
-def test_emulated_tcbh_matches_the_float64_reference(emulated_h, kernel, mode, size, ls, schedule):
-    # f16 splits of the distance operands (two m16n8k16 MMAs per k-step, B = [hi ; lo]): every k-step
-    # count, kernel, mode and the 0.05 lengthscale, where |x|^2 and the cancellation are largest
-    Xs, Zs, V = (A.float().double() for A in make_data(*size, ls, seed=sum(size)))
-    got = run_tcb(emulated_h, Xs, Zs, V, kernel, mode, schedule=schedule, variant="tcbh")
-    assert_products(got, reference(Xs, Zs, V, kernel, mode, expansion=True), RTOL, mode)
-
-
-@pytest.mark.parametrize("kernel,mode,size,ls", CASES, ids=[f"{k}-{m}-{'x'.join(map(str, s))}-l{ls}"
-                                                             for k, m, s, ls in CASES])
-def test_emulated_tcbh_with_one_level_accumulation_matches_the_reference(emulated_h_acc1, kernel, mode, size, ls):
-    Xs, Zs, V = (A.float().double() for A in make_data(*size, ls, seed=sum(size)))
-    got = run_tcb(emulated_h_acc1, Xs, Zs, V, kernel, mode, schedule="early-greedy", variant="tcbh")
-    assert_products(got, reference(Xs, Zs, V, kernel, mode, expansion=True), RTOL, mode)
 
 
 @pytest.mark.parametrize("scale", [1e-5, 3e-3, 1.0, 5.0])
