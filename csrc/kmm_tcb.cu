@@ -102,6 +102,10 @@
 #ifndef TCB_DF16  // 1: distances from two f16 MMAs per k-step instead of three tf32 ones: variant "tcbh" (below)
 #define TCB_DF16 0
 #endif
+#ifndef TCB_ACCS  // F > 0: mode F accumulates P V in registers for F tiles, then adds it into per-thread
+                  // totals in shared memory (one-level's registers, two-level's accuracy; see kmm_tcb)
+#define TCB_ACCS 0
+#endif
 #ifndef TCB_DPATCH  // 1: the symmetric diagonal patched in a warp-uniform branch, not tested per pair
 #define TCB_DPATCH 0
 #endif
@@ -393,6 +397,25 @@ __device__ __forceinline__ void tcb_each_output(F f) {
             for (int u = 0; u < 4; ++u) f(mt, vn, u);
 }
 
+__device__ __forceinline__ float tcb_f4(const float4& v, int u) {
+    return u == 0 ? v.x : u == 1 ? v.y : u == 2 ? v.z : v.w;
+}
+
+// tsum[mt * 2 + vn][thread] += acc[mt][vn] (one LDS.128, four FADDs and one STS.128 per fragment);
+// acc = 0.  Every thread touches only its own slots, so no barrier is needed.
+__device__ __forceinline__ void tcb_flush_smem(float4 (*tsum)[32 * TCB_WARPS], float (&acc)[TCB_MT][2][4]) {
+#pragma unroll
+    for (int mt = 0; mt < TCB_MT; ++mt)
+#pragma unroll
+        for (int vn = 0; vn < 2; ++vn) {
+            float4 v = tsum[mt * 2 + vn][threadIdx.x];
+            v.x += acc[mt][vn][0], v.y += acc[mt][vn][1], v.z += acc[mt][vn][2], v.w += acc[mt][vn][3];
+            tsum[mt * 2 + vn][threadIdx.x] = v;
+#pragma unroll
+            for (int u = 0; u < 4; ++u) acc[mt][vn][u] = 0.f;
+        }
+}
+
 template <int KIND, int MODE, int KS>
 __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float4* __restrict__ Zf,
                                        const float* __restrict__ Zn, const uint4* __restrict__ Vf,
@@ -408,6 +431,18 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     float na[TCB_MT], nb[TCB_MT];
 #pragma unroll
     for (int mt = 0; mt < TCB_MT; ++mt) tcb_load_rows<KS>(X, row0 + 16 * mt, n, d, ah[mt], al[mt], na[mt], nb[mt]);
+    // Where P V is summed.  Two-level (default): per tile in acc, then into the totals with FADDs --
+    // mma.sync adds into its fp32 accumulator with truncation, and one level over m = 1M columns
+    // (TCB_ACC1) measured 3.6e-3 relative error on the H100 against 1.5e-5 (tune_tcb_df16_h100.json).
+    // TCB_ACCS = F keeps acc across F tiles and then adds it into totals in shared memory: the
+    // registers of one level (80 without spills at TCB_MINB = 3) and the accuracy of two; mode F only
+    // (the f_dq totals would not fit 48 KB of static shared memory at KS = 4).
+    constexpr bool smem_tot = TCB_ACCS > 0 && MODE == GPS_MODE_F;
+    constexpr int flush_every = TCB_ACCS > 0 ? TCB_ACCS : 1;
+    __shared__ float4 tsum[smem_tot ? 2 * TCB_MT : 1][32 * TCB_WARPS];  // [mt * 2 + vn][thread]: no conflicts
+    if (smem_tot)
+        for (int q = 0; q < 2 * TCB_MT; ++q) tsum[q][threadIdx.x] = float4{0.f, 0.f, 0.f, 0.f};
+    float acc0[TCB_MT][2][4] = {}, acc1[TCB_MT][2][4] = {};
     float tot0[TCB_MT][2][4] = {}, tot1[TCB_MT][2][4] = {};
 
     for (int i = 0; i < ntiles; ++i) {
@@ -416,12 +451,6 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
         cp_async_wait_all_but_one();  // this thread's copies of tile i have landed ...
         __syncthreads();              // ... and everyone's
         const TcbTile<KS>& s = buf[i & 1];
-#if TCB_ACC1  // one level: the MMAs accumulate into the totals (16 fewer live floats per output set)
-        float(&acc0)[TCB_MT][2][4] = tot0;
-        float(&acc1)[TCB_MT][2][4] = tot1;
-#else
-        float acc0[TCB_MT][2][4] = {}, acc1[TCB_MT][2][4] = {};
-#endif
 #pragma unroll
         for (int kk = 0; kk < TCB_BN / 16; ++kk) {
             float p0[2][TCB_MT][4], p1[2][TCB_MT][4];
@@ -431,19 +460,26 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
             tcb_pv<KS>(acc0, p0, s, kk);
             if (MODE == GPS_MODE_FDQ) tcb_pv<KS>(acc1, p1, s, kk);
         }
-#if !TCB_ACC1
-        tcb_each_output([&](int mt, int vn, int u) {
-            tot0[mt][vn][u] += acc0[mt][vn][u];
-            if (MODE == GPS_MODE_FDQ) tot1[mt][vn][u] += acc1[mt][vn][u];
-        });
-#endif
+        if (smem_tot) {
+            if ((i + 1) % flush_every == 0 || i + 1 == ntiles) tcb_flush_smem(tsum, acc0);
+        } else if (!TCB_ACC1) {
+            tcb_each_output([&](int mt, int vn, int u) {
+                tot0[mt][vn][u] += acc0[mt][vn][u];
+                acc0[mt][vn][u] = 0.f;
+                if (MODE == GPS_MODE_FDQ) tot1[mt][vn][u] += acc1[mt][vn][u];
+                if (MODE == GPS_MODE_FDQ) acc1[mt][vn][u] = 0.f;
+            });
+        }
         __syncthreads();  // buf[i & 1] is consumed before iteration i + 1 copies tile i + 2 into it
     }
+    if (smem_tot)
+        tcb_each_output([&](int mt, int vn, int u) { tot0[mt][vn][u] = tcb_f4(tsum[mt * 2 + vn][threadIdx.x], u); });
     tcb_each_output([&](int mt, int vn, int u) {
         const int ri = row0 + mt * 16 + g + (u >> 1) * 8, cc = c0 + vn * 8 + 2 * c + (u & 1);
         if (ri < n && cc < t) {
-            O0[(long long)ri * t + cc] = tot0[mt][vn][u];
-            if (MODE == GPS_MODE_FDQ) O1[(long long)ri * t + cc] = tot1[mt][vn][u];
+            O0[(long long)ri * t + cc] = TCB_ACC1 && !smem_tot ? acc0[mt][vn][u] : tot0[mt][vn][u];
+            if (MODE == GPS_MODE_FDQ)
+                O1[(long long)ri * t + cc] = TCB_ACC1 ? acc1[mt][vn][u] : tot1[mt][vn][u];
         }
     });
 }

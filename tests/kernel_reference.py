@@ -33,8 +33,12 @@ def reference(Xs, Zs, V, name, mode, expansion=False, symmetric=False):
     """float64 dense reference with error scales: ``[(want, |G| |V|, envelope), ...]``, one per output.
 
     Difference-form distances and the kernel module's own profile; ``envelope`` is 0 unless
-    ``expansion`` (tensor-core variants), then what ``q +- expansion_delta`` moves the product by --
-    except on the diagonal when ``symmetric``: the kernels set ``q_ii = 0`` exactly there.
+    ``expansion`` (tensor-core variants), then what any ``q'`` in ``[q - delta, q + delta]``
+    (``delta = expansion_delta``, clamped at 0) moves the product by -- except on the diagonal when
+    ``symmetric``: the kernels set ``q_ii = 0`` exactly there.  The profiles are monotone in ``q > 0``,
+    so the interval's ends bound the change, plus its positive limit at 0 where ``q <= delta``: the
+    Matérn-1/2 derivative ``f' ~ -1 / (2 sqrt q)`` is unbounded there (the convention ``f'(0) = 0``
+    is not its limit), so a pair closer than the expansion resolves may take any value of it.
     """
     diff = torch.cdist(Xs, Zs, compute_mode="donot_use_mm_for_euclid_dist")
     q = diff * diff
@@ -44,7 +48,8 @@ def reference(Xs, Zs, V, name, mode, expansion=False, symmetric=False):
     if expansion:
         r2 = Xs.pow(2).sum(1).max().item() + Zs.pow(2).sum(1).max().item()
         delta = expansion_delta(r2)
-        for shifted in (q + delta, (q - delta).clamp_min(0)):
+        tiny = torch.finfo(q.dtype).tiny
+        for shifted in (q + delta, (q - delta).clamp_min(0), (q - delta).clamp_min(tiny)):
             if symmetric:
                 shifted.fill_diagonal_(0.0)
             for o, G, Gs in zip(out, _profiles(name, q, mode), _profiles(name, shifted, mode)):

@@ -122,12 +122,14 @@ CASES = [("rbf", "f", (300, 150, 5, 17), 1.0), ("rbf", "f_dq", (70, 130, 13, 3),
 
 
 CASE_IDS = [f"{k}-{m}-{'x'.join(map(str, s))}-l{ls}" for k, m, s, ls in CASES]
-DF16, ACC1 = "-DTCB_DF16=1", "-DTCB_ACC1=1"
+DF16, ACC1, ACCS2 = "-DTCB_DF16=1", "-DTCB_ACC1=1", "-DTCB_ACCS=2"
 #: (build, -D options, copy schedule) run on every case: the shipped tcb and tcbh (f16 splits of the
 #: distance operands, two m16n8k16 MMAs per k-step) in both schedules, their one-level-accumulation
-#: builds (fewer registers, for more resident warps) in the harsher one
+#: builds (fewer registers, for more resident warps) and tcbh with totals in shared memory flushed every
+#: 2 tiles (TCB_ACCS; the cases' 2-3 tiles flush both at a multiple of 2 and at the last) in the harsher one
 BUILD_RUNS = ([("tcb", (), s) for s in SCHEDULES] + [("tcb-acc1", (ACC1,), "early-greedy")]
-              + [("tcbh", (DF16,), s) for s in SCHEDULES] + [("tcbh-acc1", (DF16, ACC1), "early-greedy")])
+              + [("tcbh", (DF16,), s) for s in SCHEDULES] + [("tcbh-acc1", (DF16, ACC1), "early-greedy")]
+              + [("tcbh-accs2", (DF16, ACCS2), "early-greedy")])
 
 
 @pytest.mark.parametrize("build,defines,schedule", BUILD_RUNS, ids=[f"{b}-{s}" for b, _, s in BUILD_RUNS])
