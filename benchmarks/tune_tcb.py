@@ -12,7 +12,8 @@ live floats per output set); ``TCB_DF16`` (the ``tcbh`` variant) forms the dista
 pipe: 1.5 -> 1.25 MMAs per 32 pairs, 13 fewer registers); ``TCB_DPATCH`` sets the symmetric
 diagonal ``q_ii = 0`` in a warp-uniform branch per n-tile instead of testing every pair (only
 ``--sym`` products differ); ``TCB_ACCS = F`` keeps ``P V`` in registers for F tiles and then adds it
-into per-thread totals in shared memory (one level's registers, two levels' accuracy).  Each configuration is
+into per-thread totals in shared memory (one level's registers, two levels' accuracy); ``TCB_BN`` the
+Z rows per shared-memory tile (64 or 128: half the barriers and loop overhead per pair).  Each configuration is
 compiled from the k1 (d <= 8) entry points with NVRTC, timed on the issue's product (n = m = 1M,
 d = 8, t = 16, uniform inputs, lengthscale 0.5 as in bench_kernel_matmul.py) and checked against a
 float64 reference on a subset of rows.  ``--sym`` times the symmetric product ``K(X, X) V`` that CG
@@ -36,7 +37,8 @@ from gpscale._ext.compiler import OPTIONS
 from gpscale._ext.sources import read_source
 from gpscale._ext.tcb_pack import pack_v, pack_z
 
-#: (TCB_MT, TCB_MINB, TCB_EMU, TCB_ACC1[, TCB_DF16[, TCB_DPATCH[, TCB_ACCS]]]), missing trailing options 0;
+#: (TCB_MT, TCB_MINB, TCB_EMU, TCB_ACC1[, TCB_DF16[, TCB_DPATCH[, TCB_ACCS[, TCB_BN]]]]), missing trailing
+#: options 0 (TCB_BN: 0 = 64);
 #: (2, 1, 0, 0) is the shipped one.  Measured on the second lent
 #: H100: block shapes (results/tune_tcb_h100.json) and EMU 1-4 (tune_tcb_emu_h100.json), neither
 #: faster.  Next: one-level accumulation, which lets ptxas fit the f kernels in 80 registers without
@@ -48,7 +50,7 @@ from gpscale._ext.tcb_pack import pack_v, pack_z
 #: truncates; one level over 1M columns), so ACC1 is out; ACCS keeps ACC1's 80 registers at 1.5e-5.
 CONFIGS = [(2, 1, 0, 0, 0, 0, 0), (2, 1, 0, 0, 1, 0, 0), (2, 3, 0, 0, 1, 0, 0), (2, 3, 0, 0, 1, 0, 1),
            (2, 3, 0, 0, 1, 0, 4), (2, 3, 0, 0, 1, 0, 16), (2, 3, 0, 0, 0, 0, 4), (2, 4, 0, 0, 1, 0, 4)]
-NOPTS = 7
+NOPTS = 8
 KERNELS = ("rbf", "matern52")
 
 
@@ -71,16 +73,18 @@ def prefix(df16: int) -> str:
     return "gpscale_kmm_tcbh_k1" if df16 else "gpscale_kmm_tcb_k1"
 
 
-def build(mt: int, minb: int, emu: int = 0, acc1: int = 0, df16: int = 0, dpatch: int = 0, accs: int = 0):
+def build(mt: int, minb: int, emu: int = 0, acc1: int = 0, df16: int = 0, dpatch: int = 0, accs: int = 0,
+          bn: int = 0):
     text = read_source("kmm_tcb.cu")
     keep = [ln for ln in text.splitlines()  # only the k1 (d <= 8) entry points: a quarter of the compile
             if not (ln.startswith("GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb") and "_k1," not in ln)]
     major, minor = torch.cuda.get_device_capability()
     opts = (*OPTIONS, f"-DTCB_MT={mt}", f"-DTCB_MINB={minb}", f"-DTCB_EMU={emu}", f"-DTCB_ACC1={acc1}",
-            f"-DTCB_DF16={df16}", f"-DTCB_DPATCH={dpatch}", f"-DTCB_ACCS={accs}")
+            f"-DTCB_DF16={df16}", f"-DTCB_DPATCH={dpatch}", f"-DTCB_ACCS={accs}",
+            f"-DTCB_BN={bn or 64}")
     t0 = time.perf_counter()
     cubin = nvrtc.compile_cubin("\n".join(keep), f"{major}{minor}", opts,
-                                f"tcb_{mt}_{minb}_{emu}_{acc1}_{df16}_{dpatch}_{accs}.cu")
+                                f"tcb_{mt}_{minb}_{emu}_{acc1}_{df16}_{dpatch}_{accs}_{bn}.cu")
     from torch.cuda._utils import _cuda_load_module
 
     names = [f"{prefix(df16)}_{k}_f" for k in KERNELS]
@@ -101,22 +105,22 @@ def parse_args(argv=None):
     p.add_argument("--t", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ref-rows", type=int, default=512)
-    p.add_argument("--configs", nargs="+", default=None, metavar="MT,MINB,EMU,ACC1[,DF16[,DPATCH[,ACCS]]]",
+    p.add_argument("--configs", nargs="+", default=None, metavar="MT,MINB,EMU,ACC1[,DF16[,DPATCH[,ACCS[,BN]]]]",
                    help="configurations to run instead of CONFIGS, e.g. 2,1,0,0 2,3,0,1,1 2,3,0,1,1,1")
     p.add_argument("--sym", action="store_true", help="time K(X, X) V (what CG runs) instead of K(X, Z) V")
     p.add_argument("--out", default="tune_tcb.json")
     a = p.parse_args(argv)
     a.configs = [tuple(int(v) for v in c.split(",")) for c in a.configs] if a.configs else CONFIGS
     if any(not 4 <= len(c) <= NOPTS for c in a.configs):
-        p.error("each --configs entry is MT,MINB,EMU,ACC1[,DF16[,DPATCH[,ACCS]]] (four to seven integers)")
+        p.error("each --configs entry is MT,MINB,EMU,ACC1[,DF16[,DPATCH[,ACCS[,BN]]]] (four to eight integers)")
     a.configs = [(*c, *(0,) * (NOPTS - len(c))) for c in a.configs]
     return a
 
 
 def time_config(cfg, data, refs, a) -> list[dict]:
     """Compile one configuration and time (and check) every kernel of KERNELS on it."""
-    mt, minb, emu, acc1, df16, dpatch, accs = cfg
-    tag = {"mt": mt, "minb": minb, "emu": emu, "acc1": acc1, "df16": df16, "dpatch": dpatch, "accs": accs,
+    mt, minb, emu, acc1, df16, dpatch, accs, bn = cfg
+    tag = {"mt": mt, "minb": minb, "emu": emu, "acc1": acc1, "df16": df16, "dpatch": dpatch, "accs": accs, "bn": bn or 64,
            "sym": bool(a.sym)}
     try:
         mod, secs = build(*cfg)

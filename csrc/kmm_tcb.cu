@@ -114,7 +114,10 @@
 #define TCB_MINB 1
 #endif
 #define TCB_ROWS (16 * TCB_MT * TCB_WARPS)  // X rows per block
-#define TCB_BN 64                           // Z rows per tile
+#ifndef TCB_BN  // Z rows per tile, 64 or 128 (the host pads to 128: tcb_pack.PAD_ROWS)
+#define TCB_BN 64
+#endif
+static_assert(TCB_BN == 64 || TCB_BN == 128, "TCB_BN: 64 or 128 rows per tile");  // 128: k1 only (48 KB)
 #define TCB_DMAX 32                         // largest d (4 k-steps of 8)
 #define TCB_TCH 16                          // output columns per block (two MMA n-tiles)
 
@@ -199,14 +202,15 @@ struct TcbTile {
 #endif
 };
 
-// Start copying tile i into s: KS + 1 16-byte copies per thread (+ 1 for the first 16 threads).
+// Start copying tile i into s: (KS + 1) TCB_BN / 64 16-byte copies per thread (+ 1 for the first few).
 // The host padded Z and V to whole tiles with zeros (a padded row meets V rows of 0), so there are
 // no bounds checks, and every thread's share is fixed.
 template <int KS>
 __device__ __forceinline__ void tcb_copy_tile(TcbTile<KS>& s, const float4* __restrict__ Zf,
                                               const float* __restrict__ Zn, const uint4* __restrict__ Vf, int i,
                                               int ntiles) {
-    static_assert(32 * TCB_WARPS == (TCB_BN / 16) * 2 * 32, "one 16-byte word of V per thread and tile");
+    constexpr int VW = (TCB_BN / 16) * 2 * 32;  // 16-byte words of V per tile
+    static_assert(VW % (32 * TCB_WARPS) == 0, "whole 16-byte words of V per thread and tile");
     constexpr int ZW = sizeof(s.z) / 16, NT = 32 * TCB_WARPS;  // 16-byte words of Z per tile; threads
     static_assert(ZW % (NT / 2) == 0, "whole half-blocks of Z words");
     const int tid = threadIdx.x;
@@ -215,7 +219,9 @@ __device__ __forceinline__ void tcb_copy_tile(TcbTile<KS>& s, const float4* __re
 #pragma unroll
     for (int w = 0; w < ZW; w += NT)  // flat copies: global and shared share the [n-tile][k-step][lane] order
         if (ZW % NT == 0 || w + tid < ZW) cp_async16(zdst + w + tid, zsrc + w + tid);
-    cp_async16(&s.v[0][0][0] + tid, Vf + ((long long)blockIdx.y * ntiles + i) * (TCB_BN / 16) * 2 * 32 + tid);
+    const uint4* vsrc = Vf + ((long long)blockIdx.y * ntiles + i) * VW;
+#pragma unroll
+    for (int w = 0; w < VW; w += NT) cp_async16(&s.v[0][0][0] + w + tid, vsrc + w + tid);
 #if TCB_DF16  // the duplicated |z|^2 quads: 32 words per tile
     if (tid < TCB_BN / 2) cp_async16(&s.zn[0][0] + tid, Zn + (long long)i * 2 * TCB_BN + 4 * tid);
 #else

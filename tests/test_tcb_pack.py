@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from gpscale._ext.launch import ksteps
-from gpscale._ext.tcb_pack import COLUMN_CHUNK, TILE_ROWS, pack_v, pack_z
+from gpscale._ext.tcb_pack import COLUMN_CHUNK, PAD_ROWS, TILE_ROWS, pack_v, pack_z
 from test_tcb_arithmetic import _mma, _relative, round_tf32, split_bf16, split_bf16_trunc, tf32_operand
 
 LANES = [(lane >> 2, lane & 3) for lane in range(32)]  # lane = 4 g + c
@@ -66,7 +66,7 @@ def test_tcbh_z_fragments_hold_the_f16_split_in_ptx_order(m, d):
     Z, _ = _data(m, d, 1, seed=m + d)
     Z[0, 0] = 3e-6  # an f16 subnormal: hi keeps what it can, lo the rest
     Zf, Zn = pack_z(Z, ksteps(d), f16=True)
-    assert Zf.dtype == torch.int32 and Zf.shape == (-(-m // TILE_ROWS) * TILE_ROWS // 8, ksteps(d), 32, 4)
+    assert Zf.dtype == torch.int32 and Zf.shape == (-(-m // PAD_ROWS) * PAD_ROWS // 8, ksteps(d), 32, 4)
     hi, lo = rebuild_z_f16(Zf.numpy())
     z = np.zeros_like(hi)
     z[:m, :d] = Z.numpy()
@@ -109,7 +109,7 @@ def test_z_fragments_hold_the_3xtf32_split_in_ptx_order(m, d):
     Z, _ = _data(m, d, 1)
     ks = ksteps(d)
     Zf, Zn = pack_z(Z, ks)
-    mp = -(-m // TILE_ROWS) * TILE_ROWS
+    mp = -(-m // PAD_ROWS) * PAD_ROWS
     assert Zf.shape == (mp // 8, ks, 32, 4) and Zf.dtype == torch.float32 and Zn.shape == (mp,)
     hi, lo = rebuild_z(Zf.numpy())
     z = np.zeros((mp, 8 * ks), np.float32)
@@ -124,7 +124,7 @@ def test_z_fragments_hold_the_3xtf32_split_in_ptx_order(m, d):
 def test_v_fragments_hold_the_bf16_split_in_ptx_order(m, t):
     _, V = _data(m, 1, t)
     Vf = pack_v(V)
-    mp, tp = -(-m // TILE_ROWS) * TILE_ROWS, -(-t // COLUMN_CHUNK) * COLUMN_CHUNK
+    mp, tp = -(-m // PAD_ROWS) * PAD_ROWS, -(-t // COLUMN_CHUNK) * COLUMN_CHUNK
     assert Vf.shape == (tp // COLUMN_CHUNK, mp // TILE_ROWS, 4, 2, 32, 4) and Vf.dtype == torch.int32
     hi, lo = rebuild_v(Vf.numpy())
     v = np.zeros((mp, tp), np.float32)

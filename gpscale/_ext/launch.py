@@ -27,7 +27,10 @@ VARIANTS = {"simt": ("kmm_simt.cu", 128, 16, 128), "tc": ("kmm_tc.cu", 64, 16, 1
             "tc3": ("kmm_tc.cu", 64, 16, 128), "tcb": ("kmm_tcb.cu", 256, 16, 256),
             "tcbh": ("kmm_tcb.cu", 256, 16, 256)}
 #: Compile-time definitions of a variant built from a shared source (each build is its own module).
-DEFINES = {"tcbh": ("-DTCB_DF16=1",)}
+#: ``tcbh``: f16 distances, 3 blocks per SM (80 registers, 24 warps) with the mode-F totals in shared
+#: memory every 4 tiles (TCB_ACCS; the registers of one-level accumulation without its 3.6e-3 error),
+#: measured fastest on the third lent H100 (benchmarks/results/tune_tcb_accs_h100.json).
+DEFINES = {"tcbh": ("-DTCB_DF16=1", "-DTCB_MINB=3", "-DTCB_ACCS=4")}
 #: Variants that ``available(compile=True)`` does not compile (and so cannot make unavailable): a
 #: variant written without a GPU stays here, opt-in, until its GPU tests have passed on a lent machine
 #: (``tcb`` left it on 2026-11-24).  ``tcbh`` was written on 2026-11-24 without a GPU: 2 f16 MMAs for

@@ -35,8 +35,11 @@ from __future__ import annotations
 
 import torch
 
-#: Z rows per shared-memory tile; output columns per block (kmm_tcb.cu: TCB_BN, TCB_TCH).
+#: Z rows per fragment-layout tile (kmm_tcb.cu's default TCB_BN); output columns per block (TCB_TCH).
 TILE_ROWS = 64
+#: Z and V rows are zero-padded to a multiple of this: whole tiles for a TCB_BN of 64 or 128 (a kernel
+#: tile of 128 rows is two consecutive layout tiles).
+PAD_ROWS = 128
 COLUMN_CHUNK = 16
 
 
@@ -64,7 +67,7 @@ def pack_z(Z: torch.Tensor, ksteps: int, f16: bool = False) -> tuple[torch.Tenso
     f16's largest value (:data:`gpscale._ext.launch.F16_MAX`).
     """
     m, d = Z.shape
-    mp = -(-m // TILE_ROWS) * TILE_ROWS
+    mp = -(-m // PAD_ROWS) * PAD_ROWS
     Zp = torch.zeros(mp, 8 * ksteps, dtype=torch.float32, device=Z.device)
     Zp[:m, :d] = Z
     Zn = Zp.double().square().sum(1).float()
@@ -100,7 +103,7 @@ def _pack_z_f16(Zp: torch.Tensor, ksteps: int) -> torch.Tensor:
 def pack_v(V: torch.Tensor) -> torch.Tensor:
     """``Vf`` of a float32 ``(m, t)`` tensor (module docstring)."""
     m, t = V.shape
-    mp = -(-m // TILE_ROWS) * TILE_ROWS
+    mp = -(-m // PAD_ROWS) * PAD_ROWS
     tp = -(-t // COLUMN_CHUNK) * COLUMN_CHUNK
     Vp = torch.zeros(mp, tp, dtype=torch.float32, device=V.device)
     Vp[:m, :t] = V
