@@ -109,15 +109,18 @@
 #ifndef TCB_DPATCH  // 1: the symmetric diagonal patched in a warp-uniform branch, not tested per pair
 #define TCB_DPATCH 0
 #endif
-#ifndef TCB_MINB  // blocks per SM the register allocation must allow, for mode F (the CG product) only:
-                  // the f_dq kernels hold twice the accumulators and spill at 80 registers
+#ifndef TCB_MINB  // blocks per SM the register allocation must allow, for mode F (the CG product) at d <= 8
+                  // only: the f_dq kernels hold twice the accumulators and spill at 80 registers, KS >= 2 too
 #define TCB_MINB 1
 #endif
 #define TCB_ROWS (16 * TCB_MT * TCB_WARPS)  // X rows per block
-#ifndef TCB_BN  // Z rows per tile, 64 or 128 (the host pads to 128: tcb_pack.PAD_ROWS)
+#ifndef TCB_BN  // Z rows per tile at d <= 8, 64 or 128 (the host pads to 128: tcb_pack.PAD_ROWS); larger
+                // k-step counts keep 64: their double-buffered tiles would outgrow 48 KB of static shared memory
 #define TCB_BN 64
 #endif
-static_assert(TCB_BN == 64 || TCB_BN == 128, "TCB_BN: 64 or 128 rows per tile");  // 128: k1 only (48 KB)
+static_assert(TCB_BN == 64 || TCB_BN == 128, "TCB_BN: 64 or 128 rows per tile");
+#define TCB_BN_K(KS) ((KS) == 1 ? TCB_BN : 64)  // Z rows per tile of the KS-k-step entries
+#define TCB_PAD 128  // the host pads Z and V rows to a multiple of this (tcb_pack.PAD_ROWS)
 #define TCB_DMAX 32                         // largest d (4 k-steps of 8)
 #define TCB_TCH 16                          // output columns per block (two MMA n-tiles)
 
@@ -192,24 +195,24 @@ typedef float4 TcbZWord;  // per 8-row n-tile and k-step, each lane's {hi b0, hi
 
 template <int KS>
 struct TcbTile {
-    TcbZWord z[TCB_BN / 8][KS][32];
-    uint4 v[TCB_BN / 16][2][32];    // per 16-deep k-step and n-tile of 8 columns: the same, bf16 pairs
+    TcbZWord z[TCB_BN_K(KS) / 8][KS][32];
+    uint4 v[TCB_BN_K(KS) / 16][2][32];    // per 16-deep k-step and n-tile of 8 columns: the same, bf16 pairs
 #if TCB_DF16
-    float4 zn[TCB_BN / 8][4];       // |z|^2 per n-tile and c: {zn[2c], zn[2c + 1], zn[2c], zn[2c + 1]}, the
+    float4 zn[TCB_BN_K(KS) / 8][4];       // |z|^2 per n-tile and c: {zn[2c], zn[2c + 1], zn[2c], zn[2c + 1]}, the
                                     // MMA's initial accumulator as one LDS.128 (no register copies)
 #else
-    float zn[TCB_BN];               // |z|^2
+    float zn[TCB_BN_K(KS)];         // |z|^2
 #endif
 };
 
-// Start copying tile i into s: (KS + 1) TCB_BN / 64 16-byte copies per thread (+ 1 for the first few).
+// Start copying tile i into s: (KS + 1) BN / 64 16-byte copies per thread (+ 1 for the first few).
 // The host padded Z and V to whole tiles with zeros (a padded row meets V rows of 0), so there are
 // no bounds checks, and every thread's share is fixed.
 template <int KS>
 __device__ __forceinline__ void tcb_copy_tile(TcbTile<KS>& s, const float4* __restrict__ Zf,
                                               const float* __restrict__ Zn, const uint4* __restrict__ Vf, int i,
-                                              int ntiles) {
-    constexpr int VW = (TCB_BN / 16) * 2 * 32;  // 16-byte words of V per tile
+                                              int vtiles) {
+    constexpr int BN = TCB_BN_K(KS), VW = (BN / 16) * 2 * 32;  // rows and 16-byte words of V per tile
     static_assert(VW % (32 * TCB_WARPS) == 0, "whole 16-byte words of V per thread and tile");
     constexpr int ZW = sizeof(s.z) / 16, NT = 32 * TCB_WARPS;  // 16-byte words of Z per tile; threads
     static_assert(ZW % (NT / 2) == 0, "whole half-blocks of Z words");
@@ -219,13 +222,13 @@ __device__ __forceinline__ void tcb_copy_tile(TcbTile<KS>& s, const float4* __re
 #pragma unroll
     for (int w = 0; w < ZW; w += NT)  // flat copies: global and shared share the [n-tile][k-step][lane] order
         if (ZW % NT == 0 || w + tid < ZW) cp_async16(zdst + w + tid, zsrc + w + tid);
-    const uint4* vsrc = Vf + ((long long)blockIdx.y * ntiles + i) * VW;
+    const uint4* vsrc = Vf + ((long long)blockIdx.y * vtiles + i) * VW;
 #pragma unroll
     for (int w = 0; w < VW; w += NT) cp_async16(&s.v[0][0][0] + w + tid, vsrc + w + tid);
 #if TCB_DF16  // the duplicated |z|^2 quads: 32 words per tile
-    if (tid < TCB_BN / 2) cp_async16(&s.zn[0][0] + tid, Zn + (long long)i * 2 * TCB_BN + 4 * tid);
+    if (tid < BN / 2) cp_async16(&s.zn[0][0] + tid, Zn + (long long)i * 2 * BN + 4 * tid);
 #else
-    if (tid < TCB_BN / 4) cp_async16(&s.zn[4 * tid], Zn + (long long)i * TCB_BN + 4 * tid);
+    if (tid < BN / 4) cp_async16(&s.zn[4 * tid], Zn + (long long)i * BN + 4 * tid);
 #endif
 }
 
@@ -430,8 +433,11 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     __shared__ TcbTile<KS> buf[2];  // double buffer: tile i + 1 is copied while tile i is used
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int row0 = blockIdx.x * TCB_ROWS + (threadIdx.x >> 5) * (16 * TCB_MT);
-    const int c0 = blockIdx.y * TCB_TCH, ntiles = (m + TCB_BN - 1) / TCB_BN;
-    tcb_copy_tile<KS>(buf[0], Zf, Zn, Vf, 0, ntiles);
+    constexpr int BN = TCB_BN_K(KS);
+    const int c0 = blockIdx.y * TCB_TCH, ntiles = (m + BN - 1) / BN;
+    // V's column chunks lie m_pad = ceil(m / TCB_PAD) TCB_PAD rows apart: more tiles than ntiles may be
+    const int vtiles = (m + TCB_PAD - 1) / TCB_PAD * (TCB_PAD / BN);
+    tcb_copy_tile<KS>(buf[0], Zf, Zn, Vf, 0, vtiles);
     cp_async_commit();
     unsigned ah[TCB_MT][KS][4], al[TCB_MT][KS][TCB_AL];
     float na[TCB_MT], nb[TCB_MT];
@@ -443,7 +449,8 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     // TCB_ACCS = F keeps acc across F tiles and then adds it into totals in shared memory: the
     // registers of one level (80 without spills at TCB_MINB = 3) and the accuracy of two; mode F only
     // (the f_dq totals would not fit 48 KB of static shared memory at KS = 4).
-    constexpr bool smem_tot = TCB_ACCS > 0 && MODE == GPS_MODE_F;
+    constexpr bool smem_tot = TCB_ACCS > 0 && MODE == GPS_MODE_F &&  // and where it fits 48 KB
+                              2 * sizeof(TcbTile<KS>) + 2 * TCB_MT * 32 * TCB_WARPS * 16 <= 48 * 1024;
     constexpr int flush_every = TCB_ACCS > 0 ? TCB_ACCS : 1;
     __shared__ float4 tsum[smem_tot ? 2 * TCB_MT : 1][32 * TCB_WARPS];  // [mt * 2 + vn][thread]: no conflicts
     if (smem_tot)
@@ -452,17 +459,17 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     float tot0[TCB_MT][2][4] = {}, tot1[TCB_MT][2][4] = {};
 
     for (int i = 0; i < ntiles; ++i) {
-        if (i + 1 < ntiles) tcb_copy_tile<KS>(buf[(i + 1) & 1], Zf, Zn, Vf, i + 1, ntiles);
+        if (i + 1 < ntiles) tcb_copy_tile<KS>(buf[(i + 1) & 1], Zf, Zn, Vf, i + 1, vtiles);
         cp_async_commit();  // an empty group on the last tile keeps the wait below uniform
         cp_async_wait_all_but_one();  // this thread's copies of tile i have landed ...
         __syncthreads();              // ... and everyone's
         const TcbTile<KS>& s = buf[i & 1];
 #pragma unroll
-        for (int kk = 0; kk < TCB_BN / 16; ++kk) {
+        for (int kk = 0; kk < BN / 16; ++kk) {
             float p0[2][TCB_MT][4], p1[2][TCB_MT][4];
 #pragma unroll
             for (int h = 0; h < 2; ++h)
-                tcb_profile_tile<KIND, MODE, KS>(p0[h], p1[h], s, 2 * kk + h, ah, al, na, nb, row0, i * TCB_BN, sym);
+                tcb_profile_tile<KIND, MODE, KS>(p0[h], p1[h], s, 2 * kk + h, ah, al, na, nb, row0, i * BN, sym);
             tcb_pv<KS>(acc0, p0, s, kk);
             if (MODE == GPS_MODE_FDQ) tcb_pv<KS>(acc1, p1, s, kk);
         }
@@ -491,7 +498,7 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
 }
 
 #define GPS_TCB_ENTRY(NAME, KIND, MODE, KS)                                                                  \
-    extern "C" __global__ void __launch_bounds__(32 * TCB_WARPS, MODE == GPS_MODE_F ? TCB_MINB : 1)                      \
+    extern "C" __global__ void __launch_bounds__(32 * TCB_WARPS, MODE == GPS_MODE_F && KS == 1 ? TCB_MINB : 1)          \
         NAME(const float* X, const float4* Zf, const float* Zn, const uint4* Vf, float* O0, float* O1, int n,   \
              int m, int d, int t, int sym) {                                                                     \
         kmm_tcb<KIND, MODE, KS>(X, Zf, Zn, Vf, O0, O1, n, m, d, t, sym);                                          \

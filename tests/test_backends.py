@@ -227,9 +227,9 @@ def test_expansion_error_rejects_an_unknown_mode():
 def test_variant_for_falls_back_to_simt_where_the_expansion_is_too_coarse(monkeypatch):
     monkeypatch.delenv("GPSCALE_CUDA_VARIANT", raising=False)
     f32, vf = torch.float32, cuda_backend.variant_for
-    assert vf(torch.float64) == "simt" and vf(f32) == "tcb"  # the float32 default since the H100 run
-    assert vf(f32, RBF(), "f", 20.0) == "tcb"  # d = 8 at lengthscale ~1
-    assert vf(f32, Matern(nu=2.5), "f_dq", 20.0) == "tcb"
+    assert vf(torch.float64) == "simt" and vf(f32) == "tcbh"  # the float32 default since the third H100 run
+    assert vf(f32, RBF(), "f", 20.0) == "tcbh"  # d = 8 at lengthscale ~1
+    assert vf(f32, Matern(nu=2.5), "f_dq", 20.0) == "tcbh"
     # the failing cases of the first H100 run: d = 1, points spread over 60 lengthscales (r2 ~ 1800)
     assert vf(f32, RBF(), "f", 1800.0) == "simt"
     assert vf(f32, Matern(nu=0.5), "f", 1.0) == "simt"  # sqrt(delta) near coincident points
@@ -251,8 +251,8 @@ def test_cuda_products_choose_the_variant_per_call_and_measure_the_inputs_once(m
     op = SimpleNamespace(_Xs=X, _Zs=X, _xn=xn, _zn=xn, kernel=RBF(), _symmetric=True, backend="cuda")
     assert backends.backend_label(op) == "cuda"
     cuda_backend.products(op, torch.ones(30, 1), "f")
-    assert op._cuda_r2 == pytest.approx(50.0) and calls[-1] == ("rbf", "f", "tcb")
-    assert backends.backend_label(op) == "cuda:tcb"
+    assert op._cuda_r2 == pytest.approx(50.0) and calls[-1] == ("rbf", "f", "tcbh")
+    assert backends.backend_label(op) == "cuda:tcbh"
     op.kernel = Matern(nu=0.5)  # the same operator data: r2 is not measured again
     op._Xs = op._Zs = X * 1e3
     op._xn = op._zn = xn * 1e6

@@ -125,11 +125,14 @@ def test_entry_name_picks_dtype_for_simt_and_ksteps_for_tcb():
                 assert entry_name(variant, "matern12", "f", dtype, d) in names
 
 
-def test_tcbh_is_its_own_build_of_the_tcb_source_and_stays_opt_in():
+def test_tcbh_is_its_own_build_of_the_tcb_source_and_the_float32_default():
     from gpscale._ext.launch import DEFINES, EXPERIMENTAL, entry_name
+    from gpscale.operators.cuda_backend import FLOAT32_VARIANT
 
     assert builds()["kmm_tcb.cu", ()] == ["tcb"] and builds()["kmm_tcb.cu", DEFINES["tcbh"]] == ["tcbh"]
-    assert "tcbh" in EXPERIMENTAL  # until its GPU tests pass on a lent machine
+    assert "-DTCB_DF16=1" in DEFINES["tcbh"]
+    # its GPU tests passed on the third lent H100: compiled by available(compile=True), picked for float32
+    assert "tcbh" not in EXPERIMENTAL and FLOAT32_VARIANT == "tcbh"
     assert entry_name("tcbh", "matern52", "f", torch.float32, 13) == "gpscale_kmm_tcbh_k2_matern52_f"
 
 

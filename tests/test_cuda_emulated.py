@@ -26,6 +26,7 @@ import pytest
 import torch
 from kernel_reference import assert_products, make_data, reference
 
+from gpscale._ext import launch
 from gpscale._ext.launch import entry_name, ksteps
 from gpscale._ext.tcb_pack import _as_int32, pack_v, pack_z
 
@@ -129,7 +130,8 @@ DF16, ACC1, ACCS2 = "-DTCB_DF16=1", "-DTCB_ACC1=1", "-DTCB_ACCS=2"
 #: 2 tiles (TCB_ACCS; the cases' 2-3 tiles flush both at a multiple of 2 and at the last) in the harsher one
 BUILD_RUNS = ([("tcb", (), s) for s in SCHEDULES] + [("tcb-acc1", (ACC1,), "early-greedy")]
               + [("tcbh", (DF16,), s) for s in SCHEDULES] + [("tcbh-acc1", (DF16, ACC1), "early-greedy")]
-              + [("tcbh-accs2", (DF16, ACCS2), "early-greedy")])
+              + [("tcbh-accs2", (DF16, ACCS2), "early-greedy")]
+              + [("tcbh-shipped", launch.DEFINES["tcbh"], "early-greedy")])
 
 
 @pytest.mark.parametrize("build,defines,schedule", BUILD_RUNS, ids=[f"{b}-{s}" for b, _, s in BUILD_RUNS])

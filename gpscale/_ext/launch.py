@@ -9,7 +9,8 @@ variant    file           dtypes    what
 ``tcb``    kmm_tcb.cu     f32       tensor cores, 3xTF32 distances, bf16x3 ``P V`` (~1e-5); the
                                     float32 default since its first H100 run (3.4x KeOps at 1M)
 ``tcbh``   kmm_tcb.cu     f32       ``tcb`` built with ``TCB_DF16=1``: the same distances from two
-           (TCB_DF16=1)             f16 MMAs per k-step instead of three tf32 ones (experimental)
+           (TCB_DF16=1)             f16 MMAs per k-step instead of three tf32 ones; the float32 default
+                                    since the third lent H100 (RBF at 1M under 0.5 s)
 =========  =============  ========  =====================================================
 """
 
@@ -27,16 +28,14 @@ VARIANTS = {"simt": ("kmm_simt.cu", 128, 16, 128), "tc": ("kmm_tc.cu", 64, 16, 1
             "tc3": ("kmm_tc.cu", 64, 16, 128), "tcb": ("kmm_tcb.cu", 256, 16, 256),
             "tcbh": ("kmm_tcb.cu", 256, 16, 256)}
 #: Compile-time definitions of a variant built from a shared source (each build is its own module).
-#: ``tcbh``: f16 distances, 3 blocks per SM (80 registers, 24 warps) with the mode-F totals in shared
-#: memory every 4 tiles (TCB_ACCS; the registers of one-level accumulation without its 3.6e-3 error),
-#: measured fastest on the third lent H100 (benchmarks/results/tune_tcb_accs_h100.json).
-DEFINES = {"tcbh": ("-DTCB_DF16=1", "-DTCB_MINB=3", "-DTCB_ACCS=4")}
+#: ``tcbh``: f16 distances; at d <= 8, 3 blocks per SM (80 registers: 24 warps) and 128-row Z tiles
+#: (half the barriers per pair), measured fastest on the third lent H100 (RBF 0.492 s at 1M against 0.525 s
+#: with neither; benchmarks/results/tune_tcb_bn128_h100.json).
+DEFINES = {"tcbh": ("-DTCB_DF16=1", "-DTCB_MINB=3", "-DTCB_BN=128")}
 #: Variants that ``available(compile=True)`` does not compile (and so cannot make unavailable): a
 #: variant written without a GPU stays here, opt-in, until its GPU tests have passed on a lent machine
-#: (``tcb`` left it on 2026-11-24).  ``tcbh`` was written on 2026-11-24 without a GPU: 2 f16 MMAs for
-#: the distances instead of 3xTF32's 3 (the SASS model's binding resource is the tensor pipe), checked
-#: in the CPU emulation (tests/test_cuda_emulated.py).
-EXPERIMENTAL: frozenset = frozenset({"tcbh"})
+#: (``tcb`` left it on 2026-11-24, ``tcbh`` on the third lent H100).
+EXPERIMENTAL: frozenset = frozenset()
 KINDS = ("rbf", "matern12", "matern32", "matern52")
 MODES = ("f", "f_dq", "d")
 #: Largest input dimension the kernels hold in registers.

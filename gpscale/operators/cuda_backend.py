@@ -6,7 +6,7 @@ this backend is used, so CPU-only installs never touch NVRTC.
 
 Variant policy (``GPSCALE_CUDA_VARIANT`` overrides it, e.g. for benchmarks):
 
-* float32 -> :data:`FLOAT32_VARIANT` (``"tcb"``): tensor cores, 3xTF32 split for the distance and
+* float32 -> :data:`FLOAT32_VARIANT` (``"tcbh"``): tensor cores, f16 hi/lo split for the distance and
   bf16x3 for the ``P V`` product (relative error ~1.5e-5 measured at 1M; BBMM's CG needs <= 1e-4), unless the
   expansion ``q = |x|^2 + |z|^2 - 2 x.z`` would cost more than :data:`EXPANSION_TOL` on some kernel
   entry (:func:`expansion_error`): then ``"simt"``, whose difference-form distances are exact;
@@ -32,12 +32,15 @@ from .expansion import expansion_error, norm_bound
 #: Largest change of one kernel entry (relative to ``f(0) = 1``) the expansion may cause before
 #: the float32 path falls back from ``"tc3"`` to ``"simt"``.
 EXPANSION_TOL = 1e-4
-#: The float32 tensor-core variant.  ``"tcb"`` since its first H100 run (2026-11-24, all 220 GPU tests
+#: The float32 tensor-core variant.  It was ``"tcb"`` from its first H100 run (2026-11-24, all 220 GPU tests
 #: against the float64 reference passed): RBF at n = m = 1M, d = 8, t = 16 in 0.57-0.59 s against
 #: ``"tc3"``'s 2.25 s and KeOps' 1.98 s, relative error 1.5e-5 (benchmarks/results/kernel_matmul_h100_1m.json).
 #: It obeys the same expansion guard; ``"tc3"`` (P V in 3xTF32, error ~1e-6) stays selectable through
 #: ``GPSCALE_CUDA_VARIANT``.
-FLOAT32_VARIANT = "tcb"
+#: ``"tcbh"`` (``tcb`` with f16 distance splits: two MMAs per k-step instead of three) since the third
+#: lent H100: all its GPU tests passed, RBF 1M product 0.49 s against ``tcb``'s 0.57 s at the same error.
+#: Its f16 range (|x| <= launch.F16_MAX) is far beyond what the expansion guard lets through.
+FLOAT32_VARIANT = "tcbh"
 
 
 def available(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
