@@ -38,8 +38,8 @@ def _session_commands() -> list[list[str]]:
 def test_gpu_session_script_is_valid_bash_and_its_commands_parse():
     subprocess.run(["bash", "-n", str(BENCH / "gpu_session.sh")], check=True)
     cmds = _session_commands()
-    assert {c[0] for c in cmds} == {"benchmarks/bench_kernel_matmul.py", "benchmarks/bench_precision.py",
-                                    "benchmarks/tune_tcb.py"}
+    # (bench_precision.py left the script once its 200k figure was taken; its branch below stays for a next one)
+    assert {c[0] for c in cmds} == {"benchmarks/bench_kernel_matmul.py", "benchmarks/tune_tcb.py"}
     for script, *argv in cmds:
         if script.endswith("bench_kernel_matmul.py"):
             args = bkm.parse_args(argv)
