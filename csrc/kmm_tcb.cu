@@ -81,6 +81,11 @@
 // 1.5 -> 1.25 MMAs per 32 pairs, 120 -> 108 registers; built as its own variant
 // (gpscale/_ext/launch.py: DEFINES) and opt-in until its GPU tests pass.
 //
+// Fifth pass (third lent H100): tcbh passed every GPU test; at d <= 8 its shipped build takes 3 blocks
+// per SM (TCB_MINB = 3: 80 registers, no spills) and 128-row Z tiles (TCB_BN: half the barriers and
+// loop overhead per pair): RBF 0.525 -> 0.49-0.51 s at 1M.  One-level accumulation (TCB_ACC1) cost
+// 3.6e-3 relative error (mma.sync's accumulator truncates); TCB_ACCS keeps its registers without that.
+//
 // Entry points: gpscale_kmm_tcb_k{1,2,3,4}_{rbf,matern12,matern32,matern52}_{f,f_dq,d}, k = ceil(d / 8)
 //   (tcbh: gpscale_kmm_tcbh_k...)
 //   (X[n,d], Zf, Zn, Vf, O0[n,t], O1[n,t], n, m, d, t, sym), float32, row-major X and O, Zf / Zn /
@@ -196,9 +201,9 @@ typedef float4 TcbZWord;  // per 8-row n-tile and k-step, each lane's {hi b0, hi
 template <int KS>
 struct TcbTile {
     TcbZWord z[TCB_BN_K(KS) / 8][KS][32];
-    uint4 v[TCB_BN_K(KS) / 16][2][32];    // per 16-deep k-step and n-tile of 8 columns: the same, bf16 pairs
+    uint4 v[TCB_BN_K(KS) / 16][2][32];  // per 16-deep k-step and n-tile of 8 columns: the same, bf16 pairs
 #if TCB_DF16
-    float4 zn[TCB_BN_K(KS) / 8][4];       // |z|^2 per n-tile and c: {zn[2c], zn[2c + 1], zn[2c], zn[2c + 1]}, the
+    float4 zn[TCB_BN_K(KS) / 8][4];  // |z|^2 per n-tile and c: {zn[2c], zn[2c + 1], zn[2c], zn[2c + 1]}, the
                                     // MMA's initial accumulator as one LDS.128 (no register copies)
 #else
     float zn[TCB_BN_K(KS)];         // |z|^2
@@ -435,7 +440,7 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     const int row0 = blockIdx.x * TCB_ROWS + (threadIdx.x >> 5) * (16 * TCB_MT);
     constexpr int BN = TCB_BN_K(KS);
     const int c0 = blockIdx.y * TCB_TCH, ntiles = (m + BN - 1) / BN;
-    // V's column chunks lie m_pad = ceil(m / TCB_PAD) TCB_PAD rows apart: more tiles than ntiles may be
+    // V's column chunks lie m_pad = ceil(m / TCB_PAD) TCB_PAD rows apart, which can be more than ntiles tiles
     const int vtiles = (m + TCB_PAD - 1) / TCB_PAD * (TCB_PAD / BN);
     tcb_copy_tile<KS>(buf[0], Zf, Zn, Vf, 0, vtiles);
     cp_async_commit();
@@ -448,7 +453,8 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     // (TCB_ACC1) measured 3.6e-3 relative error on the H100 against 1.5e-5 (tune_tcb_df16_h100.json).
     // TCB_ACCS = F keeps acc across F tiles and then adds it into totals in shared memory: the
     // registers of one level (80 without spills at TCB_MINB = 3) and the accuracy of two; mode F only
-    // (the f_dq totals would not fit 48 KB of static shared memory at KS = 4).
+    // (f_dq would need twice the totals), and only where the tiles leave room in 48 KB of static shared
+    // memory (KS <= 2 at TCB_BN = 64, none at 128).
     constexpr bool smem_tot = TCB_ACCS > 0 && MODE == GPS_MODE_F &&  // and where it fits 48 KB
                               2 * sizeof(TcbTile<KS>) + 2 * TCB_MT * 32 * TCB_WARPS * 16 <= 48 * 1024;
     constexpr int flush_every = TCB_ACCS > 0 ? TCB_ACCS : 1;
@@ -498,7 +504,7 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
 }
 
 #define GPS_TCB_ENTRY(NAME, KIND, MODE, KS)                                                                  \
-    extern "C" __global__ void __launch_bounds__(32 * TCB_WARPS, MODE == GPS_MODE_F && KS == 1 ? TCB_MINB : 1)          \
+    extern "C" __global__ void __launch_bounds__(32 * TCB_WARPS, MODE == GPS_MODE_F && KS == 1 ? TCB_MINB : 1) \
         NAME(const float* X, const float4* Zf, const float* Zn, const uint4* Vf, float* O0, float* O1, int n,   \
              int m, int d, int t, int sym) {                                                                     \
         kmm_tcb<KIND, MODE, KS>(X, Zf, Zn, Vf, O0, O1, n, m, d, t, sym);                                          \
