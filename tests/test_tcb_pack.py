@@ -184,6 +184,8 @@ def test_the_tile_sizes_are_the_kernels():
 
     defs = _defines(read_source("kmm_tcb.cu"))
     assert (TILE_ROWS, COLUMN_CHUNK) == (defs["TCB_BN"], defs["TCB_TCH"])
+    # the kernel's V column-chunk stride assumes the host's padding; a 128-row tile must be whole pad units
+    assert PAD_ROWS == defs["TCB_PAD"] and PAD_ROWS % 128 == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

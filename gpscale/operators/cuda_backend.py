@@ -30,7 +30,7 @@ import torch
 from .expansion import expansion_error, norm_bound
 
 #: Largest change of one kernel entry (relative to ``f(0) = 1``) the expansion may cause before
-#: the float32 path falls back from ``"tc3"`` to ``"simt"``.
+#: the float32 path falls back from :data:`FLOAT32_VARIANT` to ``"simt"``.
 EXPANSION_TOL = 1e-4
 #: The float32 tensor-core variant.  It was ``"tcb"`` from its first H100 run (2026-11-24, all 220 GPU tests
 #: against the float64 reference passed): RBF at n = m = 1M, d = 8, t = 16 in 0.57-0.59 s against
