@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import write_json  # noqa: E402
+from gpscale._ext import launch  # noqa: E402 - pure Python: NVRTC is loaded only when a kernel compiles
 from gpscale.kernels import RBF, Matern  # noqa: E402
 from gpscale.operators import CrossKernelOperator  # noqa: E402
 
@@ -192,6 +193,9 @@ def parse_args(argv=None):
     p.add_argument("--mll-max-iter", type=int, default=100, help="CG iteration cap of the --mll run")
     p.add_argument("--mll-backend", default="auto", choices=["auto", "cuda", "keops", "torch"],
                    help="product backend of the --mll run (the cuda variant: GPSCALE_CUDA_VARIANT)")
+    p.add_argument("--tcbh-build", default=None, metavar="OPTIONS",
+                   help="time this candidate build of 'tcbh' (kmm_tcb.cu -D options, e.g. '-DTCB_DF16=2 -DTCB_MINB=3 "
+                        "-DTCB_BN=128') instead of the shipped gpscale._ext.launch.DEFINES['tcbh']")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernel_matmul_<device>.json)")
     return p.parse_args(argv)
 
@@ -199,10 +203,16 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     dev = torch.device(args.device)
+    if args.tcbh_build:  # a candidate build, timed before it ships (recorded in meta below)
+        try:
+            launch.DEFINES["tcbh"] = launch.parse_build(args.tcbh_build)
+        except ValueError as exc:
+            sys.exit(f"--tcbh-build: {exc}")
     out_path = Path(args.out or Path(__file__).parent / "results" / f"kernel_matmul_{dev.type}.json")
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda, "argv": sys.argv[1:],
-            "mufu_rate_per_s": mufu_rate(dev, args.clock_ghz), "clock_ghz": args.clock_ghz}
+            "mufu_rate_per_s": mufu_rate(dev, args.clock_ghz), "clock_ghz": args.clock_ghz,
+            "tcbh_build": list(launch.DEFINES["tcbh"])}
     results = []
     doc = {"meta": meta, "results": results}
 

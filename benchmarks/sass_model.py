@@ -17,7 +17,8 @@ imad       IMAD*                                             1/2 (64 lanes per c
 alu        IADD3 LOP3 SHF LEA ISETP FSETP FMNMX SEL PRMT ..  1/2 (64 lanes per clock)
 mufu       MUFU.* and conversions F2F / F2FP / I2F / F2I     2   (16 lanes per clock)
 tensor     HMMA                                              1 / mma_efficiency (one m16n8k8 tf32
-                                                             or m16n8k16 bf16 per clock at peak)
+                                                             or m16n8k16 bf16 / f16 per clock at
+                                                             peak; an f16 m16n8k8 is half of one)
 shared     LDS / STS / LDGSTS (cp.async)                     1 per wavefront: 1 per instruction
                                                              (exact for conflict-free 32-bit and
                                                              broadcast accesses: simt, tc, tc3);
@@ -76,10 +77,28 @@ VARIANTS = {
     "tcb": dict(file="kmm_tcb.cu", call="kmm_tcb<{K}, GPS_MODE_F, {ks}>(X, (const float4*)Z, Z, (const uint4*)V, O0, O1, n, m, {d}, "
                      "{t}, 0)",
                 pairs=32 * 64, nested=[], distinct_wide=True),  # fixed per-thread copies, unrolled
-    "tcbh": dict(file="kmm_tcb.cu", defines={"TCB_DF16": 1},
-                 call="kmm_tcb<{K}, GPS_MODE_F, {ks}>(X, (const float4*)Z, Z, (const uint4*)V, O0, O1, n, m, {d}, "
-                      "{t}, 0)", pairs=32 * 64, nested=[], distinct_wide=True),
 }
+
+
+def _defines(options) -> dict:
+    """``("-DNAME=V", ...)`` (a build of :data:`gpscale._ext.launch.DEFINES`) -> ``{NAME: V}``."""
+    return dict(o[2:].split("=", 1) for o in options)
+
+
+def _tcb_build(defines: dict) -> dict:
+    """A kmm_tcb.cu build as a model variant: a warp handles 32 X rows x TCB_BN Z rows per tile."""
+    return dict(VARIANTS["tcb"], defines=defines, pairs=32 * int(defines.get("TCB_BN", 64)), launched="tcbh")
+
+
+def _launched(variant: str) -> str:
+    """The launcher's variant (gpscale._ext.launch) whose entry points and block size a model variant has."""
+    return VARIANTS[variant].get("launched", variant)
+
+
+_SHIPPED_TCBH = _defines(launch.DEFINES["tcbh"])
+#: tcbh as shipped, and with the distance's small cross term in an m16n8k8 (TCB_DF16 = 2, kmm_tcb.cu's sixth pass)
+VARIANTS["tcbh"] = _tcb_build(_SHIPPED_TCBH)
+VARIANTS["tcbh2"] = _tcb_build({**_SHIPPED_TCBH, "TCB_DF16": "2"})
 
 PIPES = {
     "fma": ("FADD", "FMUL", "FFMA", "HFMA2", "HADD2", "HMUL2", "FSWZADD"),
@@ -90,6 +109,12 @@ PIPES = {
     "tensor": ("HMMA",),
 }
 CYCLES = {"issue": 0.25, "fma": 0.25, "imad": 0.5, "alu": 0.5, "mufu": 2.0, "shared": 1.0}
+
+
+def tensor_work(op: str) -> float:
+    """Tensor-pipe work of one HMMA in units of an m16n8k16 (bf16/f16): an f16 or bf16 m16n8k8 is half of
+    one; a tf32 m16n8k8 is one (half the multiply-adds at half the rate)."""
+    return 0.5 if op.startswith("HMMA.1688") and ".TF32" not in op else 1.0
 
 
 def _marker_total(spec, d: int, variant: str):
@@ -103,8 +128,10 @@ def probe_source(variant: str, kind: str, d: int, t: int) -> str:
     v = VARIANTS[variant]
     call = v["call"].format(K=KINDS[kind], d=d, t=t, ks=launch.ksteps(d))
     defines = "".join(f"#define {k} {val}\n" for k, val in v.get("defines", {}).items())
+    # the entries' bounds: TCB_MINB blocks per SM applies to the mode-F d <= 8 entry that the probe is
+    bounds = f"{launch.VARIANTS[_launched(variant)][3]}, {v.get('defines', {}).get('TCB_MINB', 1)}"
     return (defines + f'#include "{v["file"]}"\n'
-            f'extern "C" __global__ void __launch_bounds__({launch.VARIANTS[variant][3]}) probe(const float* X, const float* Z, '
+            f'extern "C" __global__ void __launch_bounds__({bounds}) probe(const float* X, const float* Z, '
             f'const float* V, float* O0, float* O1, int n, int m) {{ {call}; }}\n')
 
 
@@ -225,11 +252,14 @@ def model(counts: dict, pairs: int, mma_efficiency: float, distinct_wide: bool =
         pipe = pipe_of(op)
         if pipe:
             use[pipe] += c
+        if pipe == "tensor":
+            use["tensor_work"] += c * tensor_work(op)
         use["shared"] += c * shared_wavefronts(op, distinct_wide)
     cycles = {r: use[r] * per32 * CYCLES[r] for r in CYCLES}
-    cycles["tensor"] = use["tensor"] * per32 / mma_efficiency
+    cycles["tensor"] = use["tensor_work"] * per32 / mma_efficiency
     bound = max(cycles, key=cycles.get)
     return {"warp_instructions_per_32_pairs": {r: round(use[r] * per32, 3) for r in ("issue", *PIPES, "shared")},
+            "tensor_work_per_32_pairs": round(use["tensor_work"] * per32, 3),  # in m16n8k16s (tensor_work)
             "sm_cycles_per_32_pairs": {r: round(c, 3) for r, c in cycles.items()},
             "bound_by": bound, "pairs_per_sm_clock": round(32.0 / cycles[bound], 3)}
 
@@ -289,9 +319,9 @@ def main(argv=None):
                            VARIANTS[variant].get("distinct_wide", False))}
             # Occupancy of the entry point a product really launches (runtime d), for reading the
             # measured / model ratio: latency hiding is what the model leaves out.
-            entry = launch.entry_name(variant, kernel, "f", torch.float32, args.d)
+            entry = launch.entry_name(_launched(variant), kernel, "f", torch.float32, args.d)
             regs, smem = entry_resources(log)[entry]
-            rec.update(entry=entry, registers=regs, warps_per_sm=warps_per_sm(regs, smem, launch.VARIANTS[variant][3]))
+            rec.update(entry=entry, registers=regs, warps_per_sm=warps_per_sm(regs, smem, launch.VARIANTS[_launched(variant)][3]))
             rate = rec["pairs_per_sm_clock"] * args.sms * args.clock_ghz * 1e9
             rec["model_seconds"] = {str(n): round(n * n * -(-args.t // 16) / rate, 4) for n in (100_000, 1_000_000)}
             if (kernel, variant) in meas:
@@ -309,7 +339,7 @@ def render_row(rec: dict) -> str:
     w = rec["warp_instructions_per_32_pairs"]
     meas = rec.get("measured_pairs_per_sm_clock")
     return (f"{rec['kernel']:9s} {rec['variant']:5s} instr/32 pairs: issue {w['issue']:6.2f} alu {w['alu']:5.2f} "
-            f"fma {w['fma']:5.2f} mufu {w['mufu']:4.2f} hmma {w['tensor']:4.2f} shared {w['shared']:4.2f} | bound "
+            f"fma {w['fma']:5.2f} mufu {w['mufu']:4.2f} hmma {w['tensor']:4.2f} ({rec['tensor_work_per_32_pairs']:4.3f}) shared {w['shared']:4.2f} | bound "
             f"{rec['bound_by']:6s} {rec['pairs_per_sm_clock']:5.2f} pairs/SM clk, 1M: {rec['model_seconds']['1000000']:.3f} s"
             f" | {rec['registers']} regs, {rec['warps_per_sm']} warps/SM"
             + (f" | measured {meas:.2f} ({rec['measured_over_model']:.0%})" if meas else ""))

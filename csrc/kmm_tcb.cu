@@ -86,6 +86,13 @@
 // loop overhead per pair): RBF 0.525 -> 0.49-0.51 s at 1M.  One-level accumulation (TCB_ACC1) cost
 // 3.6e-3 relative error (mma.sync's accumulator truncates); TCB_ACCS keeps its registers without that.
 //
+// Sixth pass (no GPU; the model's binding resource is still the tensor pipe, 1.25 m16n8k16 per 32 pairs
+// of which 0.5 the distance): TCB_DF16 = 2 forms (xh + xl).(zh + zl) from [xh | xl].[zh ; zh] in an
+// m16n8k16 and xh.zl in an m16n8k8 whose fragments are the first halves of the m16n8k16 ones (the same
+// registers and shared words), dropping xl.zl (<= 2^-22 |x_k z_k| per feature: the size of lo's own f16
+// rounding, and the term 3xTF32 drops in tcb).  The same instructions issue, with 1.125 instead of 1.25 m16n8k16's worth of tensor work
+// per 32 pairs; opt-in (tune_tcb.py DF16 = 2) until a lent GPU has timed and tested it.
+//
 // Entry points: gpscale_kmm_tcb_k{1,2,3,4}_{rbf,matern12,matern32,matern52}_{f,f_dq,d}, k = ceil(d / 8)
 //   (tcbh: gpscale_kmm_tcbh_k...)
 //   (X[n,d], Zf, Zn, Vf, O0[n,t], O1[n,t], n, m, d, t, sym), float32, row-major X and O, Zf / Zn /
@@ -104,7 +111,8 @@
 #ifndef TCB_EMU  // of a thread's 4 accumulator entries per fragment, how many take the FMA-pipe exp (gps_ex2_poly)
 #define TCB_EMU 0
 #endif
-#ifndef TCB_DF16  // 1: distances from two f16 MMAs per k-step instead of three tf32 ones: variant "tcbh" (below)
+#ifndef TCB_DF16  // 1: distances from two f16 MMAs per k-step instead of three tf32 ones: variant "tcbh" (below);
+                  // 2: the same with the small cross term in an m16n8k8 (sixth pass, below)
 #define TCB_DF16 0
 #endif
 #ifndef TCB_ACCS  // F > 0: mode F accumulates P V in registers for F tiles, then adds it into per-thread
@@ -320,7 +328,11 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
         const uint4 b = s.z[nt][ks][lane];
 #pragma unroll
         for (int mt = 0; mt < TCB_MT; ++mt) {  // small terms first
+#if TCB_DF16 == 2  // xh.zl alone, in an m16n8k8 (a0, a1 = xh; b0 = zl): 1.5 instead of 2 MMAs' tensor work
+            mma_f16_k8(q[mt], ah[mt][ks][0], ah[mt][ks][1], b.z);
+#else
             mma_f16(q[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], b.z, b.w);
+#endif
             mma_f16(q[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], b.x, b.y);
         }
 #else

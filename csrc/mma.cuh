@@ -32,6 +32,19 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], unsigned a0, unsigned a1,
 #endif
 }
 
+// c += a b, m16n8k8, f16 inputs: half the tensor work of m16n8k16.  Its A fragment is the first half
+// of m16n8k16's (a0 = row g, a1 = row g + 8, k pairs 2c, 2c + 1), its B fragment is m16n8k16's b0.
+__device__ __forceinline__ void mma_f16_k8(float (&c)[4], unsigned a0, unsigned a1, unsigned b0) {
+#ifdef GPS_HOST_EMULATION  // tests/emu/cuda_emu.h runs the kernels on the CPU (one fiber per thread)
+    gps_emu::mma_m16n8k8_f16(c, a0, a1, b0);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(b0));
+#endif
+}
+
 // (x, y) -> one f16x2 register, each rounded to nearest even (x in the low half); cvt.rn.f16x2.f32.
 __device__ __forceinline__ unsigned pack_f16x2(float x, float y) {
 #ifdef GPS_HOST_EMULATION

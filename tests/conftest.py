@@ -132,6 +132,18 @@ def small_spd_problem():
     return X, k, noise, dense_oracle(k, X, noise)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--tcbh-build", default=None, metavar="OPTIONS",
+                     help="run the CUDA tests on this candidate build of the float32 default 'tcbh' (kmm_tcb.cu "
+                          "-D options, e.g. '-DTCB_DF16=2 -DTCB_MINB=3 -DTCB_BN=128') instead of the shipped "
+                          "gpscale._ext.launch.DEFINES['tcbh']: a build is tested on a lent GPU before it ships")
+
+
+def pytest_report_header(config):
+    build = config.getoption("--tcbh-build")
+    return [f"tcbh build under test: {build}"] if build else []
+
+
 def pytest_configure(config):
     """Run torch single-threaded unless ``GPSCALE_TEST_THREADS`` says otherwise.
 
@@ -142,5 +154,10 @@ def pytest_configure(config):
     import os
 
     torch.set_num_threads(int(os.environ.get("GPSCALE_TEST_THREADS", "1")))
+    build = config.getoption("--tcbh-build", default=None)
+    if build:  # before any test compiles tcbh (its modules are cached per build, so nothing stale is reused)
+        from gpscale._ext import launch
+
+        launch.DEFINES["tcbh"] = launch.parse_build(build)
     # torch.func's forward-mode autodiff (used by the derivative oracles) triggers this internally.
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script` is deprecated:DeprecationWarning")

@@ -19,6 +19,8 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import bench_kernel_matmul as bkm  # noqa: E402
+from gpscale._ext import launch  # noqa: E402
+from session_script import session_tcbh_builds, session_text  # noqa: E402
 import bench_precision as bp  # noqa: E402
 import lowp_perturbation as lp  # noqa: E402
 import tune_tcb  # noqa: E402
@@ -26,7 +28,7 @@ import tune_tcb  # noqa: E402
 
 def _session_commands() -> list[list[str]]:
     """The python commands of gpu_session.sh (continuation lines joined, ``$OUT`` substituted)."""
-    text = (BENCH / "gpu_session.sh").read_text().replace("\\\n", " ")
+    text = session_text()
     cmds = []
     for line in text.splitlines():
         m = re.match(r"\s*step \S+ \d+ python3 (benchmarks/\S+\.py) (.*)$", line)
@@ -44,6 +46,7 @@ def test_gpu_session_script_is_valid_bash_and_its_commands_parse():
         if script.endswith("bench_kernel_matmul.py"):
             args = bkm.parse_args(argv)
             assert args.device == "cuda"
+            assert args.tcbh_build is None or launch.parse_build(args.tcbh_build)
         elif script.endswith("tune_tcb.py"):
             assert all(len(c) == tune_tcb.NOPTS for c in tune_tcb.parse_args(argv).configs)
         else:
@@ -62,6 +65,23 @@ def test_kernel_matmul_benchmark_runs_products_and_the_mll_on_cpu(tmp_path):
     mll = doc["mll"]
     assert mll["rank"] == 50 and mll["max_iter"] == 40 and mll["stats"]["preconditioner_rank"] == 50
     assert mll["stats"]["iterations_max"] <= 40 and mll["forward_seconds"] > 0
+
+
+def test_the_session_tests_and_times_a_candidate_tcbh_build_other_than_the_shipped_one():
+    (k8,) = session_tcbh_builds()
+    assert "-DTCB_DF16=2" in k8 and k8 != launch.DEFINES["tcbh"]
+    assert "--tcbh-build" in session_text().split("step tests_k8", 1)[1].split("\n", 1)[0]
+
+
+def test_kernel_matmul_benchmark_times_a_candidate_tcbh_build(tmp_path, monkeypatch):
+    monkeypatch.setitem(launch.DEFINES, "tcbh", launch.DEFINES["tcbh"])  # the benchmark sets it for its process
+    out = tmp_path / "km.json"
+    assert bkm.main(["--device", "cpu", "--sizes", "300", "--kernels", "rbf", "--backends", "torch", "--repeats", "1",
+                     "--ref-rows", "8", "--tcbh-build", "-DTCB_DF16=2 -DTCB_BN=128", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["meta"]["tcbh_build"] == ["-DTCB_DF16=2", "-DTCB_BN=128"]
+    assert launch.DEFINES["tcbh"] == ("-DTCB_DF16=2", "-DTCB_BN=128")
+    with pytest.raises(SystemExit, match="--tcbh-build"):
+        bkm.main(["--device", "cpu", "--tcbh-build", "TCB_DF16=2", "--out", str(out)])
 
 
 def test_kernel_matmul_mll_only(tmp_path):

@@ -123,15 +123,24 @@ CASES = [("rbf", "f", (300, 150, 5, 17), 1.0), ("rbf", "f_dq", (70, 130, 13, 3),
 
 
 CASE_IDS = [f"{k}-{m}-{'x'.join(map(str, s))}-l{ls}" for k, m, s, ls in CASES]
-DF16, ACC1, ACCS2 = "-DTCB_DF16=1", "-DTCB_ACC1=1", "-DTCB_ACCS=2"
+DF16, DK8, ACC1, ACCS2 = "-DTCB_DF16=1", "-DTCB_DF16=2", "-DTCB_ACC1=1", "-DTCB_ACCS=2"
 #: (build, -D options, copy schedule) run on every case: the shipped tcb and tcbh (f16 splits of the
 #: distance operands, two m16n8k16 MMAs per k-step) in both schedules, their one-level-accumulation
 #: builds (fewer registers, for more resident warps) and tcbh with totals in shared memory flushed every
-#: 2 tiles (TCB_ACCS; the cases' 2-3 tiles flush both at a multiple of 2 and at the last) in the harsher one
+#: 2 tiles (TCB_ACCS; the cases' 2-3 tiles flush both at a multiple of 2 and at the last) in the harsher one;
+#: and tcbh with xh.zl in an m16n8k8 (TCB_DF16 = 2), alone in both schedules and on the shipped options
 BUILD_RUNS = ([("tcb", (), s) for s in SCHEDULES] + [("tcb-acc1", (ACC1,), "early-greedy")]
               + [("tcbh", (DF16,), s) for s in SCHEDULES] + [("tcbh-acc1", (DF16, ACC1), "early-greedy")]
               + [("tcbh-accs2", (DF16, ACCS2), "early-greedy")]
-              + [("tcbh-shipped", launch.DEFINES["tcbh"], "early-greedy")])
+              + [("tcbh-shipped", launch.DEFINES["tcbh"], "early-greedy")]
+              + [("tcbh-k8", (DK8,), s) for s in SCHEDULES]
+              + [("tcbh-k8-shipped", (DK8, *(o for o in launch.DEFINES["tcbh"] if not o.startswith("-DTCB_DF16="))),
+                  "early-greedy")])
+
+
+def _variant(defines) -> str:
+    """The packing a build takes: ``tcbh`` (f16 distance splits) for any TCB_DF16 > 0, else ``tcb``."""
+    return "tcbh" if any(o.startswith("-DTCB_DF16=") and not o.endswith("=0") for o in defines) else "tcb"
 
 
 @pytest.mark.parametrize("build,defines,schedule", BUILD_RUNS, ids=[f"{b}-{s}" for b, _, s in BUILD_RUNS])
@@ -140,8 +149,7 @@ def test_emulated_tcb_builds_match_the_float64_reference(tcb_builds, build, defi
                                                          ls):
     # every k-step count, kernel, mode and the 0.05 lengthscale, where |x|^2 and the cancellation are largest
     Xs, Zs, V = (A.float().double() for A in make_data(*size, ls, seed=sum(size)))
-    got = run_tcb(tcb_builds(*defines), Xs, Zs, V, kernel, mode, schedule=schedule,
-                  variant="tcbh" if DF16 in defines else "tcb")
+    got = run_tcb(tcb_builds(*defines), Xs, Zs, V, kernel, mode, schedule=schedule, variant=_variant(defines))
     assert_products(got, reference(Xs, Zs, V, kernel, mode, expansion=True), RTOL, mode)
 
 

@@ -65,6 +65,27 @@ def test_model_takes_the_slowest_resource(toy_variant):
     assert fewer["bound_by"] == "mufu" and fewer["pairs_per_sm_clock"] == 16.0
 
 
+def test_tensor_work_counts_an_f16_m16n8k8_as_half_an_m16n8k16():
+    # tf32 m16n8k8: half the multiply-adds at half the rate, so as long as a 16-bit m16n8k16
+    ops = ("HMMA.16816.F32", "HMMA.16816.F32.BF16", "HMMA.1688.F32.TF32", "HMMA.1688.F32", "HMMA.1688.F32.BF16")
+    assert [sass_model.tensor_work(op) for op in ops] == [1.0, 1.0, 1.0, 0.5, 0.5]
+    k16 = sass_model.model({"HMMA.16816.F32": 2, "MUFU.EX2": 1}, pairs=32, mma_efficiency=1.0)
+    k8 = sass_model.model({"HMMA.16816.F32": 1, "HMMA.1688.F32": 1, "MUFU.EX2": 1}, pairs=32, mma_efficiency=1.0)
+    assert k16["sm_cycles_per_32_pairs"]["tensor"] == 2.0 and k8["sm_cycles_per_32_pairs"]["tensor"] == 1.5
+    assert k8["warp_instructions_per_32_pairs"]["tensor"] == 2 and k8["tensor_work_per_32_pairs"] == 1.5
+
+
+def test_the_tcbh_model_variants_are_the_shipped_build_and_its_k8_twin():
+    from gpscale._ext import launch
+
+    shipped = dict(o[2:].split("=", 1) for o in launch.DEFINES["tcbh"])
+    assert sass_model.VARIANTS["tcbh"]["defines"] == shipped
+    assert sass_model.VARIANTS["tcbh2"]["defines"] == {**shipped, "TCB_DF16": "2"}
+    assert sass_model.VARIANTS["tcbh"]["pairs"] == 32 * int(shipped.get("TCB_BN", 64))
+    src = sass_model.probe_source("tcbh2", "rbf", 8, 16)
+    assert "#define TCB_DF16 2" in src and f"__launch_bounds__(256, {shipped.get('TCB_MINB', 1)})" in src
+
+
 def test_a_nested_loop_that_does_not_divide_its_count_is_refused(monkeypatch, toy_variant):
     monkeypatch.setitem(sass_model.VARIANTS["toy"], "nested", [("STS", 3)])
     ins, labels = sass_model.parse(LISTING.replace("STS [R1], R2 ;", "STS [R1], R2 ;\n        /*0028*/   STS [R1], R3 ;"))

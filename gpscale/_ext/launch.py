@@ -46,6 +46,22 @@ SPECIALISED_ON_KSTEPS = frozenset({"tcb", "tcbh"})
 #: rounding).  Inputs this large fail the expansion guard of the float32 path long before.
 F16_MAX = 16384.0
 
+
+
+def parse_build(text: str) -> tuple[str, ...]:
+    """``"-DTCB_DF16=2 -DTCB_BN=128"`` -> the options of a candidate kmm_tcb.cu build, as :data:`DEFINES` holds them.
+
+    For the benchmarks and the GPU tests (``--tcbh-build``), which time and test a build on a lent GPU
+    before it ships; raises ``ValueError`` on anything but ``-DTCB_NAME=VALUE`` options.
+    """
+    opts = tuple(text.split())
+    bad = [o for o in opts if not (o.startswith("-DTCB_") and "=" in o)]
+    if bad or not opts:
+        raise ValueError(f"a kmm_tcb.cu build is -DTCB_NAME=VALUE options, e.g. '-DTCB_DF16=2 -DTCB_BN=128'; got "
+                         f"{text!r}")
+    return opts
+
+
 _MODULES: dict = {}
 _LOCK = threading.Lock()
 

@@ -197,6 +197,12 @@ inline void mma_m16n8k16_f16(float (&c)[4], unsigned a0, unsigned a1, unsigned a
     const unsigned a[4] = {a0, a1, a2, a3};
     mma(MMA_F16, c, a, b0, b1);
 }
+// m16n8k8 (f16): the first half of m16n8k16's fragments, its k = 8..15 zero (PTX ISA, "Matrix fragments
+// for mma.m16n8k8": a0 row g, a1 row g + 8, k pairs 2c, 2c + 1; b0 k pair 2c, 2c + 1 of column g).
+inline void mma_m16n8k8_f16(float (&c)[4], unsigned a0, unsigned a1, unsigned b0) {
+    const unsigned a[4] = {a0, a1, 0u, 0u};
+    mma(MMA_F16, c, a, b0, 0u);
+}
 
 inline float shfl_xor(float v, unsigned mask) {
     return collective(SHFL_XOR, [&](Slot& t) { t.v = v, t.mask = mask; }).d[0];

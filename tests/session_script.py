@@ -1,0 +1,28 @@
+"""``benchmarks/gpu_session.sh`` as data, for the tests that check it without a GPU.
+
+A lent GPU runs that script with 30 minutes of device time and no second chance, so its commands are
+parsed (tests/test_bench_smoke.py) and the candidate kernel builds it tests and times are compiled
+(tests/test_csrc_compile.py) in CI first.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from gpscale._ext import launch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_session.sh"
+
+
+def session_text() -> str:
+    """gpu_session.sh with continuation lines joined and its ``NAME="..."`` variables substituted."""
+    text = SCRIPT.read_text().replace("\\\n", " ")
+    for name, value in re.findall(r'^(\w+)="([^"$]*)"$', text, re.M):
+        text = text.replace(f'"${name}"', f'"{value}"')
+    return text
+
+
+def session_tcbh_builds() -> list[tuple[str, ...]]:
+    """The candidate ``tcbh`` builds (kmm_tcb.cu ``-D`` options) the script tests and times (``--tcbh-build``)."""
+    return sorted({launch.parse_build(b) for b in re.findall(r'--tcbh-build "([^"]*)"', session_text())})
