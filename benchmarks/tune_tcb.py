@@ -157,7 +157,7 @@ def main(argv=None):
     if a.sym:
         Zs = Xs
     Vf = pack_v(V)
-    data = {df16: (Xs, *pack_z(Zs, 1, f16=bool(df16)), Vf) for df16 in {c[4] for c in a.configs}}  # tcb / tcbh
+    data = {df16: (Xs, *pack_z(Zs, 1, f16=df16), Vf) for df16 in {c[4] for c in a.configs}}  # Z as each build reads it
     refs = {k: reference(Xs, Zs, V, k, a.ref_rows) for k in KERNELS}
     results = []
     for cfg in a.configs:

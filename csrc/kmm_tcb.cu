@@ -87,11 +87,17 @@
 // 3.6e-3 relative error (mma.sync's accumulator truncates); TCB_ACCS keeps its registers without that.
 //
 // Sixth pass (no GPU; the model's binding resource is still the tensor pipe, 1.25 m16n8k16 per 32 pairs
-// of which 0.5 the distance): TCB_DF16 = 2 forms (xh + xl).(zh + zl) from [xh | xl].[zh ; zh] in an
-// m16n8k16 and xh.zl in an m16n8k8 whose fragments are the first halves of the m16n8k16 ones (the same
-// registers and shared words), dropping xl.zl (<= 2^-22 |x_k z_k| per feature: the size of lo's own f16
-// rounding, and the term 3xTF32 drops in tcb).  The same instructions issue, with 1.125 instead of 1.25 m16n8k16's worth of tensor work
-// per 32 pairs; opt-in (tune_tcb.py DF16 = 2) until a lent GPU has timed and tested it.
+// of which 0.5 the distance): TCB_DF16 = 2 forms the two cross terms xh.zl + xl.zh from [xh | xl]
+// against [zl ; zh] in an m16n8k16 and xh.zh in an m16n8k8, whose A fragment is the first half of the
+// m16n8k16 one (the same registers), dropping xl.zl (<= 2^-22 |x_k z_k| per feature: the size of lo's
+// own f16 rounding, and the term 3xTF32 drops in tcb).  The same instructions issue, with 1.125 instead
+// of 1.25 m16n8k16's worth of tensor work per 32 pairs.  Z's words shrink to {lo, hi} (8 bytes,
+// tcb_pack.pack_z(f16=2)): the m16n8k16 B pair as loaded and hi alone, so no register is copied (B =
+// [zh ; zh] would need zh twice in a register pair: +0.35 instructions per 32 pairs in the SASS), half
+// the shared-memory traffic of Z (the model's wavefronts 1.70 -> 1.45 per 32 pairs), and tiles small
+// enough that TCB_ACCS's totals fit 48 KB beside 128-row tiles (then RBF fits 64 registers, 4 blocks per
+// SM, with an 8-byte spill; 80 without one at 3).  Opt-in (gpu_session.sh's K8 / K8A, tune_tcb.py DF16 = 2) until a lent GPU
+// has timed and tested it.
 //
 // Entry points: gpscale_kmm_tcb_k{1,2,3,4}_{rbf,matern12,matern32,matern52}_{f,f_dq,d}, k = ceil(d / 8)
 //   (tcbh: gpscale_kmm_tcbh_k...)
@@ -198,7 +204,10 @@ __device__ __forceinline__ void cp_async_wait_all_but_one() {
 }
 
 // One 64-row tile of Z and V in fragment order (see the header), as the host packed it.
-#if TCB_DF16
+#if TCB_DF16 == 2
+typedef uint2 TcbZWord;  // per 8-row n-tile and k-step, each lane's f16 B fragments {lo, hi} (pairs)
+#define TCB_AL 1
+#elif TCB_DF16
 typedef uint4 TcbZWord;  // per 8-row n-tile and k-step, each lane's f16 B fragments {hi, hi, lo, lo} (pairs)
 #define TCB_AL 1         // the A fragment [xh | xl] is whole in ah; al is unused (optimised away)
 #else
@@ -324,15 +333,18 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
     }
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
-#if TCB_DF16  // A = [xh | xl] against B = [zl ; zl], then [zh ; zh]: (xh + xl).(zh + zl) in two MMAs
+#if TCB_DF16 == 2  // [xh | xl] against [zl ; zh] (the two cross terms), then xh.zh in an m16n8k8 (a0, a1 = xh)
+        const uint2 b = s.z[nt][ks][lane];  // {lo, hi}: the m16n8k16 B pair as it lies, hi alone the m16n8k8 B
+#pragma unroll
+        for (int mt = 0; mt < TCB_MT; ++mt) {  // small terms first
+            mma_f16(q[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], b.x, b.y);
+            mma_f16_k8(q[mt], ah[mt][ks][0], ah[mt][ks][1], b.y);
+        }
+#elif TCB_DF16  // A = [xh | xl] against B = [zl ; zl], then [zh ; zh]: (xh + xl).(zh + zl) in two MMAs
         const uint4 b = s.z[nt][ks][lane];
 #pragma unroll
         for (int mt = 0; mt < TCB_MT; ++mt) {  // small terms first
-#if TCB_DF16 == 2  // xh.zl alone, in an m16n8k8 (a0, a1 = xh; b0 = zl): 1.5 instead of 2 MMAs' tensor work
-            mma_f16_k8(q[mt], ah[mt][ks][0], ah[mt][ks][1], b.z);
-#else
             mma_f16(q[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], b.z, b.w);
-#endif
             mma_f16(q[mt], ah[mt][ks][0], ah[mt][ks][1], ah[mt][ks][2], ah[mt][ks][3], b.x, b.y);
         }
 #else
@@ -466,7 +478,7 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     // TCB_ACCS = F keeps acc across F tiles and then adds it into totals in shared memory: the
     // registers of one level (80 without spills at TCB_MINB = 3) and the accuracy of two; mode F only
     // (f_dq would need twice the totals), and only where the tiles leave room in 48 KB of static shared
-    // memory (KS <= 2 at TCB_BN = 64, none at 128).
+    // memory (KS <= 2 at TCB_BN = 64, none at 128; with TCB_DF16 = 2's compact Z words, every KS).
     constexpr bool smem_tot = TCB_ACCS > 0 && MODE == GPS_MODE_F &&  // and where it fits 48 KB
                               2 * sizeof(TcbTile<KS>) + 2 * TCB_MT * 32 * TCB_WARPS * 16 <= 48 * 1024;
     constexpr int flush_every = TCB_ACCS > 0 ? TCB_ACCS : 1;

@@ -68,9 +68,14 @@ def test_kernel_matmul_benchmark_runs_products_and_the_mll_on_cpu(tmp_path):
 
 
 def test_the_session_tests_and_times_a_candidate_tcbh_build_other_than_the_shipped_one():
-    (k8,) = session_tcbh_builds()
-    assert "-DTCB_DF16=2" in k8 and k8 != launch.DEFINES["tcbh"]
-    assert "--tcbh-build" in session_text().split("step tests_k8", 1)[1].split("\n", 1)[0]
+    builds = session_tcbh_builds()
+    assert builds and all("-DTCB_DF16=2" in b and b != launch.DEFINES["tcbh"] for b in builds)
+    text = session_text()
+    for b in builds:  # each candidate is tested against the reference, timed alone and in the sweep
+        opts = " ".join(b)
+        tested = [ln for ln in text.splitlines() if ln.startswith("step tests") and f'--tcbh-build "{opts}"' in ln]
+        timed = [ln for ln in text.splitlines() if "bench_kernel_matmul" in ln and f'--tcbh-build "{opts}"' in ln]
+        assert tested and timed, f"gpu_session.sh must test and time the candidate {opts}"
 
 
 def test_kernel_matmul_benchmark_times_a_candidate_tcbh_build(tmp_path, monkeypatch):

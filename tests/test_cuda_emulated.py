@@ -96,12 +96,15 @@ def emulated_tc(tmp_path_factory):
 SCHEDULES = {"late": (0, 0), "early-greedy": (1, 1)}
 
 
-def run_tcb(so, X, Z, V, kernel, mode, symmetric=False, schedule="late", variant="tcb"):
-    """``launch.kernel_matmul(..., variant="tcb" | "tcbh")`` with the launch replaced by the emulation."""
+def run_tcb(so, X, Z, V, kernel, mode, symmetric=False, schedule="late", variant="tcb", layout=None):
+    """``launch.kernel_matmul(..., variant="tcb" | "tcbh")`` with the launch replaced by the emulation.
+
+    ``layout``: the build's TCB_DF16 (how Z is packed); by default 1 for ``tcbh``, 0 for ``tcb``.
+    """
     X, Z, V = (A.float().contiguous() for A in (X, Z, V))
     n, d = X.shape
     m, t = V.shape
-    Zf, Zn = pack_z(Z, ksteps(d), f16=variant == "tcbh")
+    Zf, Zn = pack_z(Z, ksteps(d), f16=int(variant == "tcbh") if layout is None else layout)
     Vf = pack_v(V)
     O0, O1 = torch.zeros(n, t), torch.zeros(n, t)
     err = ctypes.create_string_buffer(512)
@@ -128,19 +131,21 @@ DF16, DK8, ACC1, ACCS2 = "-DTCB_DF16=1", "-DTCB_DF16=2", "-DTCB_ACC1=1", "-DTCB_
 #: distance operands, two m16n8k16 MMAs per k-step) in both schedules, their one-level-accumulation
 #: builds (fewer registers, for more resident warps) and tcbh with totals in shared memory flushed every
 #: 2 tiles (TCB_ACCS; the cases' 2-3 tiles flush both at a multiple of 2 and at the last) in the harsher one;
-#: and tcbh with xh.zl in an m16n8k8 (TCB_DF16 = 2), alone in both schedules and on the shipped options
+#: and tcbh with xh.zl in an m16n8k8 and compact Z words (TCB_DF16 = 2), alone in both schedules, on the
+#: shipped options, and with the totals in shared memory beside 128-row tiles (which fits 48 KB only so)
 BUILD_RUNS = ([("tcb", (), s) for s in SCHEDULES] + [("tcb-acc1", (ACC1,), "early-greedy")]
               + [("tcbh", (DF16,), s) for s in SCHEDULES] + [("tcbh-acc1", (DF16, ACC1), "early-greedy")]
               + [("tcbh-accs2", (DF16, ACCS2), "early-greedy")]
               + [("tcbh-shipped", launch.DEFINES["tcbh"], "early-greedy")]
               + [("tcbh-k8", (DK8,), s) for s in SCHEDULES]
               + [("tcbh-k8-shipped", (DK8, *(o for o in launch.DEFINES["tcbh"] if not o.startswith("-DTCB_DF16="))),
-                  "early-greedy")])
+                  "early-greedy")]
+              + [("tcbh-k8-accs2-bn128", (DK8, ACCS2, "-DTCB_BN=128"), "early-greedy")])
 
 
-def _variant(defines) -> str:
-    """The packing a build takes: ``tcbh`` (f16 distance splits) for any TCB_DF16 > 0, else ``tcb``."""
-    return "tcbh" if any(o.startswith("-DTCB_DF16=") and not o.endswith("=0") for o in defines) else "tcb"
+def _layout(defines) -> int:
+    """The Z packing a build takes: its TCB_DF16 (0: ``tcb``; 1, 2: ``tcbh``'s f16 splits)."""
+    return int(([o.split("=")[1] for o in defines if o.startswith("-DTCB_DF16=")] or ["0"])[-1])
 
 
 @pytest.mark.parametrize("build,defines,schedule", BUILD_RUNS, ids=[f"{b}-{s}" for b, _, s in BUILD_RUNS])
@@ -149,7 +154,9 @@ def test_emulated_tcb_builds_match_the_float64_reference(tcb_builds, build, defi
                                                          ls):
     # every k-step count, kernel, mode and the 0.05 lengthscale, where |x|^2 and the cancellation are largest
     Xs, Zs, V = (A.float().double() for A in make_data(*size, ls, seed=sum(size)))
-    got = run_tcb(tcb_builds(*defines), Xs, Zs, V, kernel, mode, schedule=schedule, variant=_variant(defines))
+    layout = _layout(defines)
+    got = run_tcb(tcb_builds(*defines), Xs, Zs, V, kernel, mode, schedule=schedule,
+                  variant="tcbh" if layout else "tcb", layout=layout)
     assert_products(got, reference(Xs, Zs, V, kernel, mode, expansion=True), RTOL, mode)
 
 
@@ -193,7 +200,7 @@ def test_the_emulation_catches_a_wrong_tcbh_layout(emulated_h, monkeypatch):
     """Teeth for the f16 Z packing: the two features of each pair swapped give wrong distances."""
     Xs, Zs, V = (A.float().double() for A in make_data(40, 70, 4, 16, 1.0, seed=1))
 
-    def swapped(Z, ks, f16=False, real=pack_z):
+    def swapped(Z, ks, f16=0, real=pack_z):
         Zf, Zn = real(Z, ks, f16)
         u = Zf.to(torch.int64) & 0xFFFFFFFF
         return _as_int32((u >> 16) | ((u & 0xFFFF) << 16)), Zn

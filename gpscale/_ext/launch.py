@@ -48,6 +48,13 @@ F16_MAX = 16384.0
 
 
 
+def z_layout(variant: str) -> int:
+    """How :func:`gpscale._ext.tcb_pack.pack_z` lays out ``Z`` for a ``tcb``-family variant: its build's
+    ``TCB_DF16`` (0 for ``tcb``; 1 or 2 for ``tcbh``, whichever build :data:`DEFINES` holds)."""
+    df16 = [o.split("=", 1)[1] for o in DEFINES.get(variant, ()) if o.startswith("-DTCB_DF16=")]
+    return int(df16[-1]) if df16 else 0
+
+
 def parse_build(text: str) -> tuple[str, ...]:
     """``"-DTCB_DF16=2 -DTCB_BN=128"`` -> the options of a candidate kmm_tcb.cu build, as :data:`DEFINES` holds them.
 
@@ -202,7 +209,7 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
         if variant in ("tcb", "tcbh"):  # split and in fragment order, once per product (see tcb_pack)
             if variant == "tcbh":
                 _check_f16_range(X, Z, inputs_max_abs)
-            Zf, Zn = pack_z(Z, ksteps(d), f16=variant == "tcbh")
+            Zf, Zn = pack_z(Z, ksteps(d), f16=z_layout(variant))  # the layout of the build that runs
             inputs = [Zf, Zn, pack_v(V)]
         with torch.cuda.device(X.device):
             fn(grid, (threads, 1, 1), [X, *inputs, O0, O1, n, m, d, t, int(bool(symmetric))])

@@ -17,6 +17,9 @@ Layouts (PTX ISA, "Matrix fragments for mma.m16n8k8 / m16n8k16", lane ``l = 4 g 
   the low half) and ``L`` the same of ``lo`` -- the m16n8k16 B-fragment registers ``b0, b1`` of
   ``B = [hi ; hi]`` and of ``B = [lo ; lo]`` (16 deep: the features twice, against ``A = [xh | xl]``),
   with ``hi = f16(z)`` and ``lo = f16(z - hi)``, both rounded to nearest even.
+* ``Zf`` of a ``TCB_DF16 = 2`` build (``pack_z(..., f16=2)``): ``(m_pad / 8, ks, 32, 2)`` int32, ``L, H``: the
+  m16n8k16 B pair of ``B = [lo ; hi]`` (against ``A = [xh | xl]``: the cross terms) whose ``H`` is also the
+  m16n8k8 B register (against ``xh``): half the bytes per tile to copy and read, and no register copies.
 * ``Zn``: ``(m_pad,)`` float32, ``|z|^2`` (accumulated in float64); for ``tcbh`` ``(2 m_pad,)``: per
   8-row group ``r`` and ``c``, ``zn[8r + 2c], zn[8r + 2c + 1]`` twice (one 16-byte read gives the
   distance MMA's initial accumulator).
@@ -60,12 +63,15 @@ def _upper_half(x: torch.Tensor) -> torch.Tensor:
     return (x.contiguous().view(torch.int32).to(torch.int64) >> 16) & 0xFFFF
 
 
-def pack_z(Z: torch.Tensor, ksteps: int, f16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_z(Z: torch.Tensor, ksteps: int, f16: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Zf, Zn)`` of a float32 ``(m, d)`` tensor with ``d <= 8 ksteps`` (module docstring).
 
-    ``f16=True`` packs for the ``tcbh`` build (f16 distance splits); the caller keeps ``|z|`` below
-    f16's largest value (:data:`gpscale._ext.launch.F16_MAX`).
+    ``f16`` is the kernel build's ``TCB_DF16``: 0 (``tcb``, 3xTF32 splits), 1 (``tcbh``, f16 splits) or 2
+    (f16 splits, compact words); for 1 and 2 the caller keeps ``|z|`` below f16's largest value
+    (:data:`gpscale._ext.launch.F16_MAX`).
     """
+    if f16 not in (0, 1, 2):
+        raise ValueError(f"f16 is a kmm_tcb.cu build's TCB_DF16: 0, 1 or 2, got {f16!r}")
     m, d = Z.shape
     mp = -(-m // PAD_ROWS) * PAD_ROWS
     Zp = torch.zeros(mp, 8 * ksteps, dtype=torch.float32, device=Z.device)
@@ -73,7 +79,7 @@ def pack_z(Z: torch.Tensor, ksteps: int, f16: bool = False) -> tuple[torch.Tenso
     Zn = Zp.double().square().sum(1).float()
     if f16:  # |z|^2 as {zn[2c], zn[2c + 1]} twice per 8-row group and c: the kernel's accumulator quad
         pairs = Zn.view(mp // 8, 4, 2)
-        return _pack_z_f16(Zp, ksteps), torch.cat([pairs, pairs], dim=-1).reshape(-1).contiguous()
+        return _pack_z_f16(Zp, ksteps, compact=f16 == 2), torch.cat([pairs, pairs], dim=-1).reshape(-1).contiguous()
     hi = _round_bits(Zp, 13)
     lo = Zp - hi
 
@@ -84,8 +90,9 @@ def pack_z(Z: torch.Tensor, ksteps: int, f16: bool = False) -> tuple[torch.Tenso
     return Zf.reshape(mp // 8, ksteps, 32, 4).contiguous(), Zn
 
 
-def _pack_z_f16(Zp: torch.Tensor, ksteps: int) -> torch.Tensor:
-    """``Zf`` of ``tcbh``: f16 hi / lo pairs in m16n8k16 B-fragment order (module docstring)."""
+def _pack_z_f16(Zp: torch.Tensor, ksteps: int, compact: bool = False) -> torch.Tensor:
+    """``Zf`` of ``tcbh``: f16 hi / lo pairs in m16n8k16 B-fragment order, ``H, H, L, L`` or ``L, H`` (module
+    docstring)."""
     mp = Zp.shape[0]
     hi = Zp.half()
     lo = (Zp - hi.float()).half()
@@ -96,8 +103,8 @@ def _pack_z_f16(Zp: torch.Tensor, ksteps: int) -> torch.Tensor:
         return pairs.view(mp // 8, 8, ksteps, 4).permute(0, 2, 1, 3)
 
     H, L = frag(hi), frag(lo)
-    Zf = torch.stack([H, H, L, L], dim=-1)  # (r, s, g, c, register)
-    return _as_int32(Zf.reshape(mp // 8, ksteps, 32, 4)).contiguous()
+    Zf = torch.stack([L, H] if compact else [H, H, L, L], dim=-1)  # (r, s, g, c, register)
+    return _as_int32(Zf.reshape(mp // 8, ksteps, 32, Zf.shape[-1])).contiguous()
 
 
 def pack_v(V: torch.Tensor) -> torch.Tensor:
