@@ -149,8 +149,21 @@ def test_tcbh_refuses_inputs_outside_the_f16_range():
 
     ok = torch.full((3, 2), F16_MAX)
     _check_f16_range(ok, -ok)
-    for bad in (2 * F16_MAX, float("nan"), float("inf")):
+    for bad, says in ((2 * F16_MAX, "variant 'tcb'"), (-2 * F16_MAX, "variant 'tcb'"), (float("nan"), "NaN or Inf"),
+                      (float("inf"), "NaN or Inf"), (-float("inf"), "NaN or Inf")):
         X = ok.clone()
         X[1, 1] = bad
-        with pytest.raises(ValueError, match="variant 'tcb'"):
+        with pytest.raises(ValueError, match=says):  # too large: another variant; not finite: the inputs
             _check_f16_range(ok, X)
+
+
+def test_z_layout_follows_the_build_that_runs(monkeypatch):
+    from gpscale._ext import launch
+
+    assert launch.z_layout("tcb") == 0 and launch.z_layout("tcbh") == 1  # as shipped: -DTCB_DF16=1
+    monkeypatch.setitem(launch.DEFINES, "tcbh", launch.parse_build("-DTCB_DF16=2 -DTCB_BN=128"))
+    assert launch.z_layout("tcbh") == 2
+    with pytest.raises(ValueError, match="-DTCB_NAME=VALUE"):
+        launch.parse_build("TCB_DF16=2")
+    with pytest.raises(ValueError, match="-DTCB_NAME=VALUE"):
+        launch.parse_build("  ")

@@ -61,6 +61,18 @@ def rebuild_z_f16(Zf: np.ndarray):
     return hi, lo
 
 
+@pytest.mark.parametrize("m,d", [(1, 1), (70, 8), (130, 13)])
+def test_compact_tcbh_z_words_are_lo_and_hi_of_the_full_ones(m, d):
+    # TCB_DF16 = 2 reads {lo, hi} (B = [zl ; zh], hi alone for the m16n8k8): the same pairs, no copies
+    Z, _ = _data(m, d, 1, seed=m + d)
+    full, zn = pack_z(Z, ksteps(d), f16=1)
+    compact, zn2 = pack_z(Z, ksteps(d), f16=2)
+    assert compact.shape == (*full.shape[:-1], 2) and torch.equal(zn, zn2)
+    assert torch.equal(compact[..., 0], full[..., 2]) and torch.equal(compact[..., 1], full[..., 0])
+    with pytest.raises(ValueError, match="TCB_DF16"):
+        pack_z(Z, ksteps(d), f16=3)
+
+
 @pytest.mark.parametrize("m,d", [(1, 1), (70, 8), (130, 13), (64, 32)])
 def test_tcbh_z_fragments_hold_the_f16_split_in_ptx_order(m, d):
     Z, _ = _data(m, d, 1, seed=m + d)
@@ -191,6 +203,7 @@ def test_the_tile_sizes_are_the_kernels():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_packing_on_the_gpu_is_bit_identical_to_the_cpu():
     Z, V = _data(200, 11, 21, seed=5)
-    for got, want in zip((*pack_z(Z.cuda(), 2), *pack_z(Z.cuda(), 2, f16=True), pack_v(V.cuda())),
-                         (*pack_z(Z, 2), *pack_z(Z, 2, f16=True), pack_v(V))):
+    for got, want in zip((*pack_z(Z.cuda(), 2), *pack_z(Z.cuda(), 2, f16=1), *pack_z(Z.cuda(), 2, f16=2),
+                          pack_v(V.cuda())),
+                         (*pack_z(Z, 2), *pack_z(Z, 2, f16=1), *pack_z(Z, 2, f16=2), pack_v(V))):
         assert torch.equal(got.cpu().view(torch.int32), want.view(torch.int32))

@@ -159,7 +159,10 @@ def max_abs(X: torch.Tensor, Z: torch.Tensor) -> float:
 def _check_f16_range(X: torch.Tensor, Z: torch.Tensor, big: float | None = None) -> None:
     # big: max_abs(X, Z) when the caller already knows it (an operator, once), else measured here
     big = max_abs(X, Z) if big is None else big
-    if not big <= F16_MAX:  # NaN fails the test too
+    if big != big or big == float("inf"):  # no variant can help: the inputs themselves are broken
+        raise ValueError(f"the scaled inputs X / lengthscale contain NaN or Inf (max |x| = {big:g}); find them with "
+                         "torch.isfinite(X) and check the lengthscales are finite and positive")
+    if not big <= F16_MAX:
         raise ValueError(f"variant 'tcbh' splits the scaled inputs into f16 and needs |x| <= {F16_MAX:g}, got "
                          f"{big:g}; use variant 'tcb' (or centre the inputs and check the lengthscales)")
 
