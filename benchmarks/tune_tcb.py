@@ -9,7 +9,8 @@ thread's 4 accumulator entries per fragment take their exp on the FMA pipes (``g
 than the special-function unit; ``TCB_ACC1`` accumulates ``P V`` straight into the totals (16 fewer
 live floats per output set); ``TCB_DF16`` (the ``tcbh`` variant) forms the distances from two f16
 ``m16n8k16`` MMAs per k-step instead of three tf32 ones (the SASS model's binding resource is the tensor
-pipe: 1.5 -> 1.25 MMAs per 32 pairs, 13 fewer registers); ``TCB_DPATCH`` sets the symmetric
+pipe: 1.5 -> 1.25 MMAs per 32 pairs, 13 fewer registers), ``TCB_DF16 = 2`` from an m16n8k16 and an
+m16n8k8 with compact Z words (1.125 m16n8k16s' worth per 32 pairs; Z packed with ``pack_z(f16=2)``); ``TCB_DPATCH`` sets the symmetric
 diagonal ``q_ii = 0`` in a warp-uniform branch per n-tile instead of testing every pair (only
 ``--sym`` products differ); ``TCB_ACCS = F`` keeps ``P V`` in registers for F tiles and then adds it
 into per-thread totals in shared memory (one level's registers, two levels' accuracy); ``TCB_BN`` the
@@ -49,9 +50,11 @@ from gpscale._ext.tcb_pack import pack_v, pack_z
 #: 0.525 s, DF16 + ACC1 + MINB 3 0.493 s but 3.6e-3 relative error (mma.sync's fp32 accumulator
 #: truncates; one level over 1M columns), so ACC1 is out; ACCS keeps ACC1's 80 registers at 1.5e-5.
 #: BN = 128 with MINB 3 (80 registers, no spills): 0.492 s (results/tune_tcb_bn128_h100.json), shipped
-#: as tcbh (launch.DEFINES).  Default sweep: the shipped tcb and tcbh builds and their neighbours.
-CONFIGS = [(2, 1, 0, 0, 0, 0, 0, 0), (2, 3, 0, 0, 1, 0, 0, 128), (2, 4, 0, 0, 1, 0, 0, 128), (2, 1, 0, 0, 1, 0, 0, 128),
-           (2, 3, 0, 0, 1, 0, 4, 0)]
+#: as tcbh (launch.DEFINES).  DF16 = 2 (kmm_tcb.cu's sixth pass, CPU only): model 0.249 -> 0.239 s, with
+#: ACCS at BN 128 now fitting 48 KB (MINB 4: 64 registers).  Default sweep: the shipped tcb and tcbh builds
+#: and their neighbours.
+CONFIGS = [(2, 1, 0, 0, 0, 0, 0, 0), (2, 3, 0, 0, 1, 0, 0, 128), (2, 3, 0, 0, 2, 0, 0, 128), (2, 4, 0, 0, 2, 0, 4, 128),
+           (2, 3, 0, 0, 2, 0, 4, 128)]
 NOPTS = 8
 KERNELS = ("rbf", "matern52")
 

@@ -126,13 +126,21 @@ def test_ill_conditioned_needs_many_iterations():
 def test_results_agree_across_forms_of_A():
     """The operator and a callable wrapping it give identical runs; a dense tensor (different
     rounding in the products: exact differences vs the expanded distance) agrees to the solve
-    accuracy and within two iterations at rtol 1e-8."""
+    accuracy, and each run stops where the other's residual is at the tolerance too.
+
+    Not "within k iterations": CG's residual is not monotone, and where it hovers at the threshold
+    (on one machine a column went 1.01e-8, 1.27e-8, 1.54e-8, 5e-10 against 1e-8 in one form and
+    9.8e-9 in the other) a 3% rounding difference moves the stop by several steps."""
     case = CATALOGUE[0]
-    dense, op, fn = [gpscale.cg(_as_form(case, f), case.B, rtol=1e-8) for f in A_FORMS]
+    dense, op, fn = [gpscale.cg(_as_form(case, f), case.B, rtol=1e-8, record_history=True) for f in A_FORMS]
     assert torch.equal(op.iterations, fn.iterations)
     assert torch.equal(op.x, fn.x)
-    assert int((dense.iterations - op.iterations).abs().max()) <= 2
     assert float((dense.x - op.x).norm() / op.x.norm()) < 1e-6
+    for a, b in ((dense, op), (op, dense)):  # b's residual where a stopped (flat after b's own stop)
+        at = a.iterations.clamp(max=b.residual_history.shape[0] - 1)
+        other = b.residual_history.gather(0, at.unsqueeze(0))[0]
+        assert bool((other <= 2 * b.tolerance).all()), (a.iterations, b.iterations, other / b.tolerance)
+    assert int((dense.iterations - op.iterations).abs().max()) < 8  # and both stop where the residual is small
 
 
 def test_vector_rhs_returns_vector():
