@@ -321,7 +321,8 @@ def main(argv=None):
             # measured / model ratio: latency hiding is what the model leaves out.
             entry = launch.entry_name(_launched(variant), kernel, "f", torch.float32, args.d)
             regs, smem = entry_resources(log)[entry]
-            rec.update(entry=entry, registers=regs, warps_per_sm=warps_per_sm(regs, smem, launch.VARIANTS[_launched(variant)][3]))
+            threads = launch.VARIANTS[_launched(variant)][3]
+            rec.update(entry=entry, registers=regs, warps_per_sm=warps_per_sm(regs, smem, threads))
             rate = rec["pairs_per_sm_clock"] * args.sms * args.clock_ghz * 1e9
             rec["model_seconds"] = {str(n): round(n * n * -(-args.t // 16) / rate, 4) for n in (100_000, 1_000_000)}
             if (kernel, variant) in meas:
@@ -339,7 +340,8 @@ def render_row(rec: dict) -> str:
     w = rec["warp_instructions_per_32_pairs"]
     meas = rec.get("measured_pairs_per_sm_clock")
     return (f"{rec['kernel']:9s} {rec['variant']:5s} instr/32 pairs: issue {w['issue']:6.2f} alu {w['alu']:5.2f} "
-            f"fma {w['fma']:5.2f} mufu {w['mufu']:4.2f} hmma {w['tensor']:4.2f} ({rec['tensor_work_per_32_pairs']:4.3f}) shared {w['shared']:4.2f} | bound "
+            f"fma {w['fma']:5.2f} mufu {w['mufu']:4.2f} hmma {w['tensor']:4.2f} "
+            f"({rec['tensor_work_per_32_pairs']:4.3f}) shared {w['shared']:4.2f} | bound "
             f"{rec['bound_by']:6s} {rec['pairs_per_sm_clock']:5.2f} pairs/SM clk, 1M: {rec['model_seconds']['1000000']:.3f} s"
             f" | {rec['registers']} regs, {rec['warps_per_sm']} warps/SM"
             + (f" | measured {meas:.2f} ({rec['measured_over_model']:.0%})" if meas else ""))

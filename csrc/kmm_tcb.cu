@@ -96,8 +96,8 @@
 // [zh ; zh] would need zh twice in a register pair: +0.35 instructions per 32 pairs in the SASS), half
 // the shared-memory traffic of Z (the model's wavefronts 1.70 -> 1.45 per 32 pairs), and tiles small
 // enough that TCB_ACCS's totals fit 48 KB beside 128-row tiles (then RBF fits 64 registers, 4 blocks per
-// SM, with an 8-byte spill; 80 without one at 3).  Opt-in (gpu_session.sh's K8 / K8A, tune_tcb.py DF16 = 2) until a lent GPU
-// has timed and tested it.
+// SM, with an 8-byte spill; 80 without one at 3).  Opt-in (gpu_session.sh's K8 / K8A, tune_tcb.py
+// DF16 = 2) until a lent GPU has timed and tested it.
 //
 // Entry points: gpscale_kmm_tcb_k{1,2,3,4}_{rbf,matern12,matern32,matern52}_{f,f_dq,d}, k = ceil(d / 8)
 //   (tcbh: gpscale_kmm_tcbh_k...)

@@ -47,7 +47,6 @@ SPECIALISED_ON_KSTEPS = frozenset({"tcb", "tcbh"})
 F16_MAX = 16384.0
 
 
-
 def z_layout(variant: str) -> int:
     """How :func:`gpscale._ext.tcb_pack.pack_z` lays out ``Z`` for a ``tcb``-family variant: its build's
     ``TCB_DF16`` (0 for ``tcb``; 1 or 2 for ``tcbh``, whichever build :data:`DEFINES` holds)."""
