@@ -12,10 +12,10 @@ live floats per output set); ``TCB_DF16`` (the ``tcbh`` variant) forms the dista
 pipe: 1.5 -> 1.25 MMAs per 32 pairs, 13 fewer registers), ``TCB_DF16 = 2`` from an m16n8k16 and an
 m16n8k8 with compact Z words (1.125 m16n8k16s' worth per 32 pairs; Z packed with ``pack_z(f16=2)``);
 ``TCB_DPATCH`` sets the symmetric diagonal ``q_ii = 0`` in a warp-uniform branch per n-tile instead
-of testing every pair (only ``--sym`` products differ); ``TCB_ACCS = F`` keeps ``P V`` in registers for F tiles and then adds it
-into per-thread totals in shared memory (one level's registers, two levels' accuracy); ``TCB_BN`` the
-Z rows per shared-memory tile (64 or 128: half the barriers and loop overhead per pair).  Each configuration is
-compiled from the k1 (d <= 8) entry points with NVRTC, timed on the issue's product (n = m = 1M,
+of testing every pair (only ``--sym`` products differ); ``TCB_ACCS = F`` keeps ``P V`` in registers
+for F tiles and then adds it into per-thread totals in shared memory (one level's registers, two levels'
+accuracy); ``TCB_BN`` the Z rows per shared-memory tile (64 or 128: half the barriers and loop overhead
+per pair).  Each configuration is compiled from the k1 (d <= 8) entry points with NVRTC, timed on the issue's product (n = m = 1M,
 d = 8, t = 16, uniform inputs, lengthscale 0.5 as in bench_kernel_matmul.py) and checked against a
 float64 reference on a subset of rows.  ``--sym`` times the symmetric product ``K(X, X) V`` that CG
 runs (the kernel then patches ``q_ii = 0``) instead of ``K(X, Z) V``.
