@@ -194,8 +194,9 @@ def parse_args(argv=None):
     p.add_argument("--mll-backend", default="auto", choices=["auto", "cuda", "keops", "torch"],
                    help="product backend of the --mll run (the cuda variant: GPSCALE_CUDA_VARIANT)")
     p.add_argument("--tcbh-build", default=None, metavar="OPTIONS",
-                   help="time this candidate build of 'tcbh' (kmm_tcb.cu -D options, e.g. '-DTCB_DF16=2 -DTCB_MINB=3 "
-                        "-DTCB_BN=128') instead of the shipped gpscale._ext.launch.DEFINES['tcbh']")
+                   help="time this candidate build of 'tcbh' (kmm_tcb.cu -D options, e.g. "
+                        "--tcbh-build='-DTCB_DF16=2 -DTCB_BN=128', with '=') instead of the shipped "
+                        "gpscale._ext.launch.DEFINES['tcbh']")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernel_matmul_<device>.json)")
     return p.parse_args(argv)
 

@@ -38,9 +38,9 @@ if [ "$stage" = kernels ]; then
 # 1. the candidates against the float64 reference (tcbh tests only: the shipped builds' 440 passed on the
 #    third H100; a first call compiles 48 entry points, ~150 s per build from a cold compile cache)
 step tests_k8 170 python3 -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -rf -k tcbh --maxfail 20 \
-    --tcbh-build "$K8"
+    --tcbh-build="$K8"
 step tests_k8a 170 python3 -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -rf -k tcbh --maxfail 20 \
-    --tcbh-build "$K8A"
+    --tcbh-build="$K8A"
 # 2. issue 5's open figure, RBF <= 0.5 s on average at 1M: the shipped tcbh build (2,3,0,0,1,0,0,128)
 #    against K8 (2,3,0,0,2,0,0,128), K8A (2,4,0,0,2,0,4,128) and K8A at 3 blocks, 5 repeats each; then
 #    the symmetric product CG runs.
@@ -53,9 +53,9 @@ if [ "$stage" = products ]; then
 step km_1m 150 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --repeats 4 \
     --backends cuda:tcbh cuda:tcb keops --out "$OUT/kernel_matmul_h100_1m.json"
 step km_1m_k8 90 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --repeats 4 \
-    --backends cuda:tcbh --tcbh-build "$K8" --out "$OUT/kernel_matmul_h100_1m_k8.json"
+    --backends cuda:tcbh --tcbh-build="$K8" --out "$OUT/kernel_matmul_h100_1m_k8.json"
 step km_1m_k8a 90 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --repeats 4 \
-    --backends cuda:tcbh --tcbh-build "$K8A" --out "$OUT/kernel_matmul_h100_1m_k8a.json"
+    --backends cuda:tcbh --tcbh-build="$K8A" --out "$OUT/kernel_matmul_h100_1m_k8a.json"
 # every other variant against the float64 reference (unchanged since they last passed)
 step tests 170 python3 -m pytest tests/test_cuda_kernels.py tests/test_backends.py -q -p no:cacheprovider -rf \
     -k "not tcb"

@@ -135,7 +135,7 @@ def small_spd_problem():
 def pytest_addoption(parser):
     parser.addoption("--tcbh-build", default=None, metavar="OPTIONS",
                      help="run the CUDA tests on this candidate build of the float32 default 'tcbh' (kmm_tcb.cu "
-                          "-D options, e.g. '-DTCB_DF16=2 -DTCB_MINB=3 -DTCB_BN=128') instead of the shipped "
+                          "-D options, e.g. --tcbh-build='-DTCB_DF16=2 -DTCB_BN=128', with '=') instead of the shipped "
                           "gpscale._ext.launch.DEFINES['tcbh']: a build is tested on a lent GPU before it ships")
 
 

@@ -24,5 +24,9 @@ def session_text() -> str:
 
 
 def session_tcbh_builds() -> list[tuple[str, ...]]:
-    """The candidate ``tcbh`` builds (kmm_tcb.cu ``-D`` options) the script tests and times (``--tcbh-build``)."""
-    return sorted({launch.parse_build(b) for b in re.findall(r'--tcbh-build "([^"]*)"', session_text())})
+    """The candidate ``tcbh`` builds (kmm_tcb.cu ``-D`` options) the script tests and times.
+
+    Always ``--tcbh-build="..."``: argparse (pytest's too) takes a value starting with ``-`` as an option
+    unless it holds a space, so ``--tcbh-build "-DTCB_DF16=2"`` alone would not parse.
+    """
+    return sorted({launch.parse_build(b) for b in re.findall(r'--tcbh-build="([^"]*)"', session_text())})

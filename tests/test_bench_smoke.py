@@ -71,10 +71,11 @@ def test_the_session_tests_and_times_a_candidate_tcbh_build_other_than_the_shipp
     builds = session_tcbh_builds()
     assert builds and all("-DTCB_DF16=2" in b and b != launch.DEFINES["tcbh"] for b in builds)
     text = session_text()
+    assert "--tcbh-build " not in text, 'write --tcbh-build="...": a lone -D value would parse as an option'
     for b in builds:  # each candidate is tested against the reference, timed alone and in the sweep
         opts = " ".join(b)
-        tested = [ln for ln in text.splitlines() if ln.startswith("step tests") and f'--tcbh-build "{opts}"' in ln]
-        timed = [ln for ln in text.splitlines() if "bench_kernel_matmul" in ln and f'--tcbh-build "{opts}"' in ln]
+        tested = [ln for ln in text.splitlines() if ln.startswith("step tests") and f'--tcbh-build="{opts}"' in ln]
+        timed = [ln for ln in text.splitlines() if "bench_kernel_matmul" in ln and f'--tcbh-build="{opts}"' in ln]
         assert tested and timed, f"gpu_session.sh must test and time the candidate {opts}"
 
 
