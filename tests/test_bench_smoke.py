@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -88,6 +89,26 @@ def test_kernel_matmul_benchmark_times_a_candidate_tcbh_build(tmp_path, monkeypa
     assert launch.DEFINES["tcbh"] == ("-DTCB_DF16=2", "-DTCB_BN=128")
     with pytest.raises(SystemExit, match="--tcbh-build"):
         bkm.main(["--device", "cpu", "--tcbh-build", "TCB_DF16=2", "--out", str(out)])
+
+
+def test_tune_tcb_records_best_and_median_of_each_configuration(monkeypatch):
+    # a fake build (the real one needs NVRTC and a GPU) whose products take 3, 1 and 2 time units
+    monkeypatch.setattr(tune_tcb.torch.cuda, "synchronize", lambda: None)
+    ticks = iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0] * 2)  # (start, end) of each timed run, both kernels
+    monkeypatch.setattr(tune_tcb.time, "perf_counter", lambda: next(ticks))
+    n, d, t = 300, 2, 3
+    entries = {f"{tune_tcb.prefix(1)}_{k}_f": (lambda grid, block, args: None) for k in tune_tcb.KERNELS}
+    monkeypatch.setattr(tune_tcb, "build", lambda *cfg: (entries, 0.5))
+    Xs = torch.rand(n, d, generator=torch.Generator().manual_seed(0))
+    V = torch.randn(n, t, generator=torch.Generator().manual_seed(1))
+    refs = {k: torch.ones(8, t, dtype=torch.float64) for k in tune_tcb.KERNELS}
+    a = tune_tcb.parse_args(["--n", str(n), "--d", str(d), "--t", str(t), "--repeats", "3", "--ref-rows", "8",
+                             "--configs", "2,3,0,0,2,0,0,128"])
+    out = tune_tcb.time_config(a.configs[0], {2: (Xs, None, None, V)}, refs, a)
+    assert [r["kernel"] for r in out] == list(tune_tcb.KERNELS)
+    rec = out[0]
+    assert rec["df16"] == 2 and rec["bn"] == 128 and rec["seconds_all"] == [3.0, 1.0, 2.0]
+    assert rec["seconds"] == 1.0 and rec["seconds_median"] == 2.0 and rec["compile_s"] == 0.5
 
 
 def test_kernel_matmul_mll_only(tmp_path):
