@@ -96,7 +96,7 @@ def _launched(variant: str) -> str:
 
 
 _SHIPPED_TCBH = _defines(launch.DEFINES["tcbh"])
-#: tcbh as shipped, and with the distance's small cross term in an m16n8k8 (TCB_DF16 = 2, kmm_tcb.cu's sixth pass)
+#: tcbh as shipped, and with the distance's xh.zh in an m16n8k8 (TCB_DF16 = 2, kmm_tcb.cu's sixth pass)
 VARIANTS["tcbh"] = _tcb_build(_SHIPPED_TCBH)
 VARIANTS["tcbh2"] = _tcb_build({**_SHIPPED_TCBH, "TCB_DF16": "2"})
 

@@ -118,7 +118,7 @@
 #define TCB_EMU 0
 #endif
 #ifndef TCB_DF16  // 1: distances from two f16 MMAs per k-step instead of three tf32 ones: variant "tcbh" (below);
-                  // 2: the same with the small cross term in an m16n8k8 (sixth pass, below)
+                  // 2: the cross terms in one m16n8k16 and xh.zh in an m16n8k8 (sixth pass, below)
 #define TCB_DF16 0
 #endif
 #ifndef TCB_ACCS  // F > 0: mode F accumulates P V in registers for F tiles, then adds it into per-thread

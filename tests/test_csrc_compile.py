@@ -163,6 +163,7 @@ def test_z_layout_follows_the_build_that_runs(monkeypatch):
     assert launch.z_layout("tcb") == 0 and launch.z_layout("tcbh") == 1  # as shipped: -DTCB_DF16=1
     monkeypatch.setitem(launch.DEFINES, "tcbh", launch.parse_build("-DTCB_DF16=2 -DTCB_BN=128"))
     assert launch.z_layout("tcbh") == 2
+    assert launch.build_df16(("-DTCB_BN=128",)) == 0 and launch.build_df16(("-DTCB_DF16=1", "-DTCB_DF16=2")) == 2
     with pytest.raises(ValueError, match="-DTCB_NAME=VALUE"):
         launch.parse_build("TCB_DF16=2")
     with pytest.raises(ValueError, match="-DTCB_NAME=VALUE"):

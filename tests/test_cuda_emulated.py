@@ -131,7 +131,7 @@ DF16, DK8, ACC1, ACCS2 = "-DTCB_DF16=1", "-DTCB_DF16=2", "-DTCB_ACC1=1", "-DTCB_
 #: distance operands, two m16n8k16 MMAs per k-step) in both schedules, their one-level-accumulation
 #: builds (fewer registers, for more resident warps) and tcbh with totals in shared memory flushed every
 #: 2 tiles (TCB_ACCS; the cases' 2-3 tiles flush both at a multiple of 2 and at the last) in the harsher one;
-#: and tcbh with xh.zl in an m16n8k8 and compact Z words (TCB_DF16 = 2), alone in both schedules, on the
+#: and tcbh with xh.zh in an m16n8k8 and compact Z words (TCB_DF16 = 2), alone in both schedules, on the
 #: shipped options, and with the totals in shared memory beside 128-row tiles (which fits 48 KB only so)
 BUILD_RUNS = ([("tcb", (), s) for s in SCHEDULES] + [("tcb-acc1", (ACC1,), "early-greedy")]
               + [("tcbh", (DF16,), s) for s in SCHEDULES] + [("tcbh-acc1", (DF16, ACC1), "early-greedy")]
@@ -143,18 +143,13 @@ BUILD_RUNS = ([("tcb", (), s) for s in SCHEDULES] + [("tcb-acc1", (ACC1,), "earl
               + [("tcbh-k8-accs2-bn128", (DK8, ACCS2, "-DTCB_BN=128"), "early-greedy")])
 
 
-def _layout(defines) -> int:
-    """The Z packing a build takes: its TCB_DF16 (0: ``tcb``; 1, 2: ``tcbh``'s f16 splits)."""
-    return int(([o.split("=")[1] for o in defines if o.startswith("-DTCB_DF16=")] or ["0"])[-1])
-
-
 @pytest.mark.parametrize("build,defines,schedule", BUILD_RUNS, ids=[f"{b}-{s}" for b, _, s in BUILD_RUNS])
 @pytest.mark.parametrize("kernel,mode,size,ls", CASES, ids=CASE_IDS)
 def test_emulated_tcb_builds_match_the_float64_reference(tcb_builds, build, defines, schedule, kernel, mode, size,
                                                          ls):
     # every k-step count, kernel, mode and the 0.05 lengthscale, where |x|^2 and the cancellation are largest
     Xs, Zs, V = (A.float().double() for A in make_data(*size, ls, seed=sum(size)))
-    layout = _layout(defines)
+    layout = launch.build_df16(defines)  # the Z packing the build reads: 0 tcb, 1 / 2 tcbh's f16 splits
     got = run_tcb(tcb_builds(*defines), Xs, Zs, V, kernel, mode, schedule=schedule,
                   variant="tcbh" if layout else "tcb", layout=layout)
     assert_products(got, reference(Xs, Zs, V, kernel, mode, expansion=True), RTOL, mode)

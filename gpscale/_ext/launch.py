@@ -47,11 +47,16 @@ SPECIALISED_ON_KSTEPS = frozenset({"tcb", "tcbh"})
 F16_MAX = 16384.0
 
 
+def build_df16(options: tuple[str, ...]) -> int:
+    """``TCB_DF16`` of a kmm_tcb.cu build's ``-D`` options (the last one wins, as in the compiler); 0 if unset."""
+    df16 = [o.split("=", 1)[1] for o in options if o.startswith("-DTCB_DF16=")]
+    return int(df16[-1]) if df16 else 0
+
+
 def z_layout(variant: str) -> int:
     """How :func:`gpscale._ext.tcb_pack.pack_z` lays out ``Z`` for a ``tcb``-family variant: its build's
     ``TCB_DF16`` (0 for ``tcb``; 1 or 2 for ``tcbh``, whichever build :data:`DEFINES` holds)."""
-    df16 = [o.split("=", 1)[1] for o in DEFINES.get(variant, ()) if o.startswith("-DTCB_DF16=")]
-    return int(df16[-1]) if df16 else 0
+    return build_df16(DEFINES.get(variant, ()))
 
 
 def parse_build(text: str) -> tuple[str, ...]:

@@ -84,6 +84,16 @@ def _max_sq_norms(op) -> float:
     return r2
 
 
+def _inputs_max_abs(op) -> float:
+    """``max |x|`` over the operator's scaled inputs (``tcbh``'s f16 range check), computed once per operator."""
+    big = getattr(op, "_cuda_max_abs", None)
+    if big is None:
+        from .. import _ext  # noqa: PLC0415
+
+        big = op._cuda_max_abs = _ext.launch.max_abs(op._Xs, op._Zs)  # one host sync per operator
+    return big
+
+
 def products(op, V: torch.Tensor, mode: str):
     """Profile products of operator ``op`` through the fused CUDA kernels (see ``backends.fused_products``)."""
     from .. import _ext  # noqa: PLC0415
@@ -94,10 +104,6 @@ def products(op, V: torch.Tensor, mode: str):
     if mode not in chosen:
         chosen[mode] = variant_for(op._Xs.dtype, op.kernel, mode, _max_sq_norms(op))
     variant = op.cuda_variant = chosen[mode]  # reported by the operator (and in the solver statistics)
-    big = None
-    if variant == "tcbh":  # its f16 range check, on inputs fixed for the operator: one sync, not one per product
-        big = op.__dict__.get("_cuda_max_abs")
-        if big is None:
-            big = op._cuda_max_abs = _ext.launch.max_abs(op._Xs, op._Zs)
+    big = _inputs_max_abs(op) if variant == "tcbh" else None  # inputs fixed for the operator: not per product
     return _ext.kernel_matmul(op._Xs, op._Zs, V, op.kernel.name, mode=mode, variant=variant,
                               symmetric=op._symmetric, inputs_max_abs=big)
