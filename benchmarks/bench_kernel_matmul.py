@@ -197,8 +197,37 @@ def parse_args(argv=None):
                    help="time this candidate build of 'tcbh' (kmm_tcb.cu -D options, e.g. "
                         "--tcbh-build='-DTCB_DF16=2 -DTCB_BN=128', with '=') instead of the shipped "
                         "gpscale._ext.launch.DEFINES['tcbh']")
+    p.add_argument("--splits", nargs="+", default=["1"], metavar="S",
+                   help="column splits of the cuda:tcb / cuda:tcbh launches, each timed in turn: positive ints or "
+                        "'auto' (gpscale/_ext/splits.py), e.g. --splits 1 auto")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernel_matmul_<device>.json)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    try:
+        a.splits = [s if s == "auto" else int(s) for s in a.splits]
+    except ValueError:
+        p.error(f"--splits takes positive ints or 'auto', got {a.splits}")
+    if any(s != "auto" and s < 1 for s in a.splits):
+        p.error(f"--splits takes positive ints or 'auto', got {a.splits}")
+    return a
+
+
+def _with_splits(backend: str, splits, run):
+    """``run()`` with the CUDA backend's column splits set to ``splits``; the record says which were taken."""
+    from gpscale.operators import cuda_backend  # noqa: PLC0415
+
+    chosen, occupancy = [], []
+    saved = cuda_backend.COLUMN_SPLITS, launch.choose_splits, launch.resident_blocks
+    launch.choose_splits = lambda *a, **k: chosen.append(saved[1](*a, **k)) or chosen[-1]
+    launch.resident_blocks = lambda *a, **k: occupancy.append(saved[2](*a, **k)) or occupancy[-1]
+    cuda_backend.COLUMN_SPLITS = splits
+    try:
+        rec = run()
+    finally:
+        cuda_backend.COLUMN_SPLITS, launch.choose_splits, launch.resident_blocks = saved
+    if backend in ("cuda:tcb", "cuda:tcbh"):
+        rec.update(splits=splits, splits_taken=sorted(set(chosen)) if splits == "auto" else [splits],
+                   blocks_per_sm=sorted(set(occupancy), key=str))
+    return rec
 
 
 def main(argv=None) -> int:
@@ -231,10 +260,11 @@ def main(argv=None) -> int:
                     continue
                 if backend.startswith("cuda") and dev.type != "cuda":
                     continue
-                rec = run_one(backend, name, n, args, dev, (X, Z, V), ref)
-                results.append(rec)
-                save()
-                print(json.dumps({k: v for k, v in rec.items() if k != "seconds_all"}), flush=True)
+                for splits in args.splits if backend in ("cuda:tcb", "cuda:tcbh") else [1]:
+                    rec = _with_splits(backend, splits, lambda: run_one(backend, name, n, args, dev, (X, Z, V), ref))
+                    results.append(rec)
+                    save()
+                    print(json.dumps({k: v for k, v in rec.items() if k != "seconds_all"}), flush=True)
     if args.mll or args.mll_only:
         doc["mll"] = run_mll(max(args.sizes), args, dev)
         print(json.dumps(doc["mll"]), flush=True)

@@ -18,6 +18,10 @@
 # shipped otherwise, K8A with the totals in shared memory (TCB_ACCS, now beside 128-row tiles), which
 # lets RBF fit 64 registers (an 8-byte spill): 4 blocks (32 warps) per SM.  The faster one that passes
 # becomes launch.DEFINES["tcbh"] (one line), and its km_1m_k8* file is the figure.
+# Column splits (grid z, gpscale/_ext/splits.py; CPU-emulated only): "auto" splits a grid whose last wave
+# would leave slots idle -- K8A's 4 blocks per SM make 1M 7.4 waves (predicted 7% faster split 5 ways), and
+# 100k-125k rows (one GPU's share of a row split) 1-2 waves.  If it is faster where predicted and never
+# slower, cuda_backend.COLUMN_SPLITS becomes "auto" (one line).
 K8="-DTCB_DF16=2 -DTCB_MINB=3 -DTCB_BN=128"
 K8A="-DTCB_DF16=2 -DTCB_MINB=4 -DTCB_ACCS=4 -DTCB_BN=128"
 set -u
@@ -37,15 +41,17 @@ stage=${1:-kernels}
 if [ "$stage" = kernels ]; then
 # 1. the candidates against the float64 reference (tcbh tests only: the shipped builds' 440 passed on the
 #    third H100; a first call compiles 48 entry points, ~150 s per build from a cold compile cache)
-step tests_k8 170 python3 -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -rf -k tcbh --maxfail 20 \
-    --tcbh-build="$K8"
-step tests_k8a 170 python3 -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -rf -k tcbh --maxfail 20 \
-    --tcbh-build="$K8A"
+step tests_k8 170 python3 -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -rf -k "tcbh or column_splits" \
+    --maxfail 20 --tcbh-build="$K8"
+step tests_k8a 170 python3 -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -rf -k "tcbh or column_splits" \
+    --maxfail 20 --tcbh-build="$K8A"
 # 2. issue 5's open figure, RBF <= 0.5 s on average at 1M: the shipped tcbh build (2,3,0,0,1,0,0,128)
 #    against K8 (2,3,0,0,2,0,0,128), K8A (2,4,0,0,2,0,4,128) and K8A at 3 blocks, 5 repeats each; then
 #    the symmetric product CG runs.
 step tune 150 python3 benchmarks/tune_tcb.py --repeats 5 --configs 2,3,0,0,1,0,0,128 2,3,0,0,2,0,0,128 \
     2,4,0,0,2,0,4,128 2,3,0,0,2,0,4,128 --out "$OUT/tune_tcb_h100.json"
+step tune_split 70 python3 benchmarks/tune_tcb.py --repeats 5 --configs 2,4,0,0,2,0,4,128 --splits 1 auto \
+    --out "$OUT/tune_tcb_split_h100.json"
 step tune_sym 80 python3 benchmarks/tune_tcb.py --sym --configs 2,3,0,0,1,0,0,128 2,3,0,0,2,0,0,128 \
     2,4,0,0,2,0,4,128 --out "$OUT/tune_tcb_sym_h100.json"
 fi
@@ -54,11 +60,14 @@ step km_1m 150 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1
     --backends cuda:tcbh cuda:tcb keops --out "$OUT/kernel_matmul_h100_1m.json"
 step km_1m_k8 90 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --repeats 4 \
     --backends cuda:tcbh --tcbh-build="$K8" --out "$OUT/kernel_matmul_h100_1m_k8.json"
-step km_1m_k8a 90 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --repeats 4 \
-    --backends cuda:tcbh --tcbh-build="$K8A" --out "$OUT/kernel_matmul_h100_1m_k8a.json"
+step km_1m_k8a 120 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --repeats 4 \
+    --backends cuda:tcbh --tcbh-build="$K8A" --splits 1 auto --out "$OUT/kernel_matmul_h100_1m_k8a.json"
+# column splits where the grid is 1-2 waves (the shipped build; 100k = one GPU, 125k = 1M rows over 8)
+step km_split 60 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 100000 125000 --repeats 10 \
+    --backends cuda:tcbh --splits 1 auto --out "$OUT/kernel_matmul_h100_splits.json"
 # every other variant against the float64 reference (unchanged since they last passed)
 step tests 170 python3 -m pytest tests/test_cuda_kernels.py tests/test_backends.py -q -p no:cacheprovider -rf \
-    -k "not tcb"
+    -k "not tcb or column_splits"
 fi
 if [ "$stage" = mll ]; then
 # 3. end-to-end MLL + gradient at 1M (backend auto: tcbh since the third H100).  Rank 2000: rank 100

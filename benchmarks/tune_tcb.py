@@ -37,6 +37,7 @@ import torch
 from gpscale._ext import nvrtc
 from gpscale._ext.compiler import OPTIONS
 from gpscale._ext.sources import read_source
+from gpscale._ext.splits import choose_splits, resident_blocks
 from gpscale._ext.tcb_pack import pack_v, pack_z
 
 #: (TCB_MT, TCB_MINB, TCB_EMU, TCB_ACC1[, TCB_DF16[, TCB_DPATCH[, TCB_ACCS[, TCB_BN]]]]), missing trailing
@@ -97,11 +98,23 @@ def build(mt: int, minb: int, emu: int = 0, acc1: int = 0, df16: int = 0, dpatch
     return _cuda_load_module(cubin, names), time.perf_counter() - t0
 
 
-def run(fn, mt, Xs, Zf, Zn, Vf, n, m, d, t, sym=0):
-    O = torch.zeros(n, t, device=Xs.device)
+def run(fn, mt, Xs, Zf, Zn, Vf, n, m, d, t, sym=0, splits=1):
+    """One product; with ``splits`` > 1 column splits (grid z), whose partial outputs are then added."""
+    O = torch.zeros(n, t, device=Xs.device) if splits == 1 else torch.empty(splits, n, t, device=Xs.device)
     rows = 16 * mt * 8
-    fn(((n + rows - 1) // rows, (t + 15) // 16, 1), (256, 1, 1), [Xs, Zf, Zn, Vf, O, O, n, m, d, t, sym])
-    return O
+    fn(((n + rows - 1) // rows, (t + 15) // 16, splits), (256, 1, 1), [Xs, Zf, Zn, Vf, O, O, n, m, d, t, sym])
+    return O if splits == 1 else O.sum(0)
+
+
+def resolve_splits(fn, splits, mt, bn, n, m, t) -> tuple[int, int | None]:
+    """``(S, blocks per SM)``: ``"auto"`` chosen as the launcher does (gpscale/_ext/splits.py), else ``splits``."""
+    per_sm = resident_blocks(fn, 256)
+    if splits != "auto":
+        return splits, per_sm
+    slots = (per_sm or 2) * torch.cuda.get_device_properties(0).multi_processor_count
+    rows = 16 * mt * 8
+    blocks = -(-n // rows) * -(-t // 16)
+    return choose_splits(blocks, -(-m // (bn or 64)), slots, partial_bytes=4 * n * t), per_sm
 
 
 def parse_args(argv=None):
@@ -114,8 +127,13 @@ def parse_args(argv=None):
     p.add_argument("--configs", nargs="+", default=None, metavar="MT,MINB,EMU,ACC1[,DF16[,DPATCH[,ACCS[,BN]]]]",
                    help="configurations to run instead of CONFIGS, e.g. 2,1,0,0 2,3,0,1,1 2,3,0,1,1,1")
     p.add_argument("--sym", action="store_true", help="time K(X, X) V (what CG runs) instead of K(X, Z) V")
+    p.add_argument("--splits", nargs="+", default=["1"], metavar="S",
+                   help="column splits to time each configuration with: positive ints or 'auto' (e.g. 1 auto)")
     p.add_argument("--out", default="tune_tcb.json")
     a = p.parse_args(argv)
+    if any(s != "auto" and not (s.isdigit() and int(s) >= 1) for s in a.splits):
+        p.error(f"--splits takes positive ints or 'auto', got {a.splits}")
+    a.splits = [s if s == "auto" else int(s) for s in a.splits]
     a.configs = [tuple(int(v) for v in c.split(",")) for c in a.configs] if a.configs else CONFIGS
     if any(not 4 <= len(c) <= NOPTS for c in a.configs):
         p.error("each --configs entry is MT,MINB,EMU,ACC1[,DF16[,DPATCH[,ACCS[,BN]]]] (four to eight integers)")
@@ -136,21 +154,28 @@ def time_config(cfg, data, refs, a) -> list[dict]:
     out = []
     for k in KERNELS:
         fn = mod[f"{prefix(df16)}_{k}_f"]
-        args = (mt, *data[df16], a.n, a.n, a.d, a.t, int(a.sym))
-        O = run(fn, *args)
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(a.repeats):
-            t0 = time.perf_counter()
-            run(fn, *args)
-            torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-        err = ((O[: a.ref_rows].double() - refs[k]).norm() / refs[k].norm()).item()
-        # best and median: runs alternate by a few percent, and what ships is judged on the median
-        out.append({**tag, "kernel": k, "seconds": min(ts) if ts else None,
-                    "seconds_median": statistics.median(ts) if ts else None, "seconds_all": ts, "rel_err": err,
-                    "compile_s": secs})
+        for splits in a.splits:
+            S, per_sm = resolve_splits(fn, splits, mt, bn, a.n, a.n, a.t)
+            O, ts = time_runs(fn, (mt, *data[df16], a.n, a.n, a.d, a.t, int(a.sym), S), a.repeats)
+            err = ((O[: a.ref_rows].double() - refs[k]).norm() / refs[k].norm()).item()
+            # best and median: runs alternate by a few percent, and what ships is judged on the median
+            out.append({**tag, "kernel": k, "splits": splits, "splits_taken": S, "blocks_per_sm": per_sm,
+                        "seconds": min(ts) if ts else None, "seconds_median": statistics.median(ts) if ts else None,
+                        "seconds_all": ts, "rel_err": err, "compile_s": secs})
     return out
+
+
+def time_runs(fn, args, repeats: int):
+    """The product of one warm-up run and the seconds of ``repeats`` more."""
+    O = run(fn, *args)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(fn, *args)
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return O, ts
 
 
 def main(argv=None):

@@ -102,8 +102,9 @@
 // Entry points: gpscale_kmm_tcb_k{1,2,3,4}_{rbf,matern12,matern32,matern52}_{f,f_dq,d}, k = ceil(d / 8)
 //   (tcbh: gpscale_kmm_tcbh_k...)
 //   (X[n,d], Zf, Zn, Vf, O0[n,t], O1[n,t], n, m, d, t, sym), float32, row-major X and O, Zf / Zn /
-//   Vf from gpscale/_ext/tcb_pack.py (pack_tcb); grid (ceil(n / TCB_ROWS), ceil(t / TCB_TCH)),
-//   block 32 * TCB_WARPS.  Needs sm_80+, d <= TCB_DMAX.
+//   Vf from gpscale/_ext/tcb_pack.py (pack_tcb); grid (ceil(n / TCB_ROWS), ceil(t / TCB_TCH), S),
+//   block 32 * TCB_WARPS; with S > 1 column splits, O0 and O1 are S partial outputs of n x t each, to be
+//   summed.  Needs sm_80+, d <= TCB_DMAX.
 #include "mma.cuh"
 #include "profiles.cuh"
 
@@ -466,7 +467,19 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     const int c0 = blockIdx.y * TCB_TCH, ntiles = (m + BN - 1) / BN;
     // V's column chunks lie m_pad = ceil(m / TCB_PAD) TCB_PAD rows apart, which can be more than ntiles tiles
     const int vtiles = (m + TCB_PAD - 1) / TCB_PAD * (TCB_PAD / BN);
-    tcb_copy_tile<KS>(buf[0], Zf, Zn, Vf, 0, vtiles);
+    // Column splits (gridDim.z = S > 1; Flash-Decoding's split of the keys): block z sums over its own
+    // run of Z tiles [i0, i1) into its own partial output, O + z n t, and the host adds the S partials.
+    // More blocks of less work each: a grid of a few waves' blocks leaves most SMs idle in its last
+    // wave (wave quantisation); the launcher picks S (gpscale/_ext/splits.py).  A run may be empty.
+    // The buffers alternate by the global tile index and the output offset is formed after the loop, so
+    // only i and i1 live through it (as i and ntiles did); an empty run's block copies a valid tile it
+    // never reads.  What ptxas does differently is the first copy's run-time tile index (any, even a
+    // pointer offset): the d <= 8 builds now keep 4-8 of the per-thread totals in local memory, reloaded
+    // once per tile (~8 of ~1200 instructions per 128-column tile); the SASS model counts 7.38
+    // instructions per 32 RBF pairs in the shipped build against 7.50 before (benchmarks/sass_model.py).
+    const int run = (ntiles + (int)gridDim.z - 1) / (int)gridDim.z;
+    const int i0 = (int)blockIdx.z * run, i1 = min(ntiles, i0 + run);
+    tcb_copy_tile<KS>(buf[i0 & 1], Zf, Zn, Vf, min(i0, ntiles - 1), vtiles);
     cp_async_commit();
     unsigned ah[TCB_MT][KS][4], al[TCB_MT][KS][TCB_AL];
     float na[TCB_MT], nb[TCB_MT];
@@ -488,8 +501,8 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     float acc0[TCB_MT][2][4] = {}, acc1[TCB_MT][2][4] = {};
     float tot0[TCB_MT][2][4] = {}, tot1[TCB_MT][2][4] = {};
 
-    for (int i = 0; i < ntiles; ++i) {
-        if (i + 1 < ntiles) tcb_copy_tile<KS>(buf[(i + 1) & 1], Zf, Zn, Vf, i + 1, vtiles);
+    for (int i = i0; i < i1; ++i) {
+        if (i + 1 < i1) tcb_copy_tile<KS>(buf[(i + 1) & 1], Zf, Zn, Vf, i + 1, vtiles);
         cp_async_commit();  // an empty group on the last tile keeps the wait below uniform
         cp_async_wait_all_but_one();  // this thread's copies of tile i have landed ...
         __syncthreads();              // ... and everyone's
@@ -504,7 +517,7 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
             if (MODE == GPS_MODE_FDQ) tcb_pv<KS>(acc1, p1, s, kk);
         }
         if (smem_tot) {
-            if ((i + 1) % flush_every == 0 || i + 1 == ntiles) tcb_flush_smem(tsum, acc0);
+            if ((i + 1) % flush_every == 0 || i + 1 == i1) tcb_flush_smem(tsum, acc0);
         } else if (!TCB_ACC1) {
             tcb_each_output([&](int mt, int vn, int u) {
                 tot0[mt][vn][u] += acc0[mt][vn][u];
@@ -513,10 +526,12 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
                 if (MODE == GPS_MODE_FDQ) acc1[mt][vn][u] = 0.f;
             });
         }
-        __syncthreads();  // buf[i & 1] is consumed before iteration i + 1 copies tile i + 2 into it
+        __syncthreads();  // this tile's buffer is consumed before iteration i + 1 copies tile i + 2 into it
     }
     if (smem_tot)
         tcb_each_output([&](int mt, int vn, int u) { tot0[mt][vn][u] = tcb_f4(tsum[mt * 2 + vn][threadIdx.x], u); });
+    O0 += (long long)blockIdx.z * n * t;  // this split's partial output
+    O1 += (long long)blockIdx.z * n * t;
     tcb_each_output([&](int mt, int vn, int u) {
         const int ri = row0 + mt * 16 + g + (u >> 1) * 8, cc = c0 + vn * 8 + 2 * c + (u & 1);
         if (ri < n && cc < t) {

@@ -242,9 +242,10 @@ def test_cuda_products_choose_the_variant_per_call_and_measure_the_inputs_once(m
     from gpscale import _ext
 
     monkeypatch.delenv("GPSCALE_CUDA_VARIANT", raising=False)
-    calls = []
-    monkeypatch.setattr(_ext, "kernel_matmul", lambda X, Z, V, name, mode, variant, symmetric, inputs_max_abs:
-                        calls.append((name, mode, variant)) or V)
+    monkeypatch.setattr(cuda_backend, "COLUMN_SPLITS", "auto")  # passed to tcb-family launches only
+    calls, splits_seen = [], []
+    monkeypatch.setattr(_ext, "kernel_matmul", lambda X, Z, V, name, mode, variant, symmetric, inputs_max_abs, splits:
+                        calls.append((name, mode, variant)) or splits_seen.append(splits) or V)
     X = torch.zeros(30, 2)
     X[0] = torch.tensor([3.0, 4.0])  # max |x|^2 = 25: r2 = 50
     xn = X.pow(2).sum(1)  # the operator's squared row norms, which the guard reads
@@ -259,6 +260,7 @@ def test_cuda_products_choose_the_variant_per_call_and_measure_the_inputs_once(m
     cuda_backend.products(op, torch.ones(30, 1), "f_dq")
     assert op._cuda_r2 == pytest.approx(50.0) and calls[-1] == ("matern12", "f_dq", "simt")
     assert backends.backend_label(op) == "cuda:simt"
+    assert splits_seen == ["auto", 1]
     assert backends.backend_label(SimpleNamespace(backend="torch", cuda_variant="tc3")) == "torch"
 
 
@@ -268,7 +270,7 @@ def test_tcbh_products_measure_the_f16_range_once_per_operator(monkeypatch):
 
     monkeypatch.setenv("GPSCALE_CUDA_VARIANT", "tcbh")
     seen, measured = [], []
-    monkeypatch.setattr(_ext, "kernel_matmul", lambda X, Z, V, name, mode, variant, symmetric, inputs_max_abs:
+    monkeypatch.setattr(_ext, "kernel_matmul", lambda X, Z, V, name, mode, variant, symmetric, inputs_max_abs, splits:
                         seen.append((variant, inputs_max_abs)) or V)
     real = launch.max_abs
     monkeypatch.setattr(launch, "max_abs", lambda X, Z: measured.append(1) or real(X, Z))

@@ -91,6 +91,28 @@ def test_kernel_matmul_benchmark_times_a_candidate_tcbh_build(tmp_path, monkeypa
         bkm.main(["--device", "cpu", "--tcbh-build", "TCB_DF16=2", "--out", str(out)])
 
 
+def test_kernel_matmul_benchmark_records_the_column_splits_each_run_took(monkeypatch):
+    from gpscale._ext import splits as splits_mod
+    from gpscale.operators import cuda_backend
+
+    assert bkm.parse_args(["--splits", "1", "auto", "4"]).splits == [1, "auto", 4]
+    with pytest.raises(SystemExit):
+        bkm.parse_args(["--splits", "0"])
+
+    def product():  # what a CUDA product does inside: the launcher's choice, through launch's names
+        assert cuda_backend.COLUMN_SPLITS == "auto"
+        launch.resident_blocks(object(), 256)
+        return {"backend": "cuda:tcbh", "chosen": launch.choose_splits(391, 782, 528)}
+
+    rec = bkm._with_splits("cuda:tcbh", "auto", product)
+    want = splits_mod.choose_splits(391, 782, 528)
+    assert rec["splits"] == "auto" and rec["splits_taken"] == [rec["chosen"]] == [want]
+    assert rec["blocks_per_sm"] == [None]
+    # everything restored for the next backend
+    assert cuda_backend.COLUMN_SPLITS == 1 and launch.choose_splits is splits_mod.choose_splits
+    assert launch.resident_blocks is splits_mod.resident_blocks
+
+
 def test_tune_tcb_records_best_and_median_of_each_configuration(monkeypatch):
     # a fake build (the real one needs NVRTC and a GPU) whose products take 3, 1 and 2 time units
     monkeypatch.setattr(tune_tcb.torch.cuda, "synchronize", lambda: None)
@@ -109,6 +131,32 @@ def test_tune_tcb_records_best_and_median_of_each_configuration(monkeypatch):
     rec = out[0]
     assert rec["df16"] == 2 and rec["bn"] == 128 and rec["seconds_all"] == [3.0, 1.0, 2.0]
     assert rec["seconds"] == 1.0 and rec["seconds_median"] == 2.0 and rec["compile_s"] == 0.5
+
+
+def test_tune_tcb_times_each_configuration_at_each_column_split(monkeypatch):
+    from types import SimpleNamespace
+
+    from gpscale._ext.splits import choose_splits
+
+    monkeypatch.setattr(tune_tcb.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(tune_tcb.torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(multi_processor_count=132))
+    grids = []
+    entries = {f"{tune_tcb.prefix(2)}_{k}_f": (lambda grid, block, args: grids.append(grid)) for k in tune_tcb.KERNELS}
+    monkeypatch.setattr(tune_tcb, "build", lambda *cfg: (entries, 0.5))
+    n, d, t = 100_000, 2, 16
+    Xs, V = torch.zeros(n, d), torch.zeros(n, t)
+    refs = {k: torch.ones(8, t, dtype=torch.float64) for k in tune_tcb.KERNELS}
+    a = tune_tcb.parse_args(["--n", str(n), "--d", str(d), "--t", str(t), "--repeats", "1", "--ref-rows", "8",
+                             "--configs", "2,4,0,0,2,0,4,128", "--splits", "1", "3", "auto"])
+    out = tune_tcb.time_config(a.configs[0], {2: (Xs, None, None, V)}, refs, a)
+    # 391 blocks of 256 rows, 782 tiles of 128 columns; no driver here: 2 blocks per SM assumed
+    auto = choose_splits(391, 782, 2 * 132, partial_bytes=4 * n * t)
+    assert [(r["kernel"], r["splits"], r["splits_taken"]) for r in out] == [
+        (k, s, auto if s == "auto" else s) for k in tune_tcb.KERNELS for s in (1, 3, "auto")]
+    assert grids[:4] == [(391, 1, 1)] * 2 + [(391, 1, 3)] * 2  # warm-up and one timed run per split
+    with pytest.raises(SystemExit):
+        tune_tcb.parse_args(["--splits", "0"])
 
 
 def test_kernel_matmul_mll_only(tmp_path):

@@ -20,6 +20,7 @@ import ctypes
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -96,22 +97,25 @@ def emulated_tc(tmp_path_factory):
 SCHEDULES = {"late": (0, 0), "early-greedy": (1, 1)}
 
 
-def run_tcb(so, X, Z, V, kernel, mode, symmetric=False, schedule="late", variant="tcb", layout=None):
+def run_tcb(so, X, Z, V, kernel, mode, symmetric=False, schedule="late", variant="tcb", layout=None, splits=1):
     """``launch.kernel_matmul(..., variant="tcb" | "tcbh")`` with the launch replaced by the emulation.
 
     ``layout``: the build's TCB_DF16 (how Z is packed); by default 1 for ``tcbh``, 0 for ``tcb``.
+    ``splits``: column splits (grid z); their partial outputs are summed as the launcher does.
     """
     X, Z, V = (A.float().contiguous() for A in (X, Z, V))
     n, d = X.shape
     m, t = V.shape
     Zf, Zn = pack_z(Z, ksteps(d), f16=int(variant == "tcbh") if layout is None else layout)
     Vf = pack_v(V)
-    O0, O1 = torch.zeros(n, t), torch.zeros(n, t)
+    # NaN-filled: an output a block fails to write shows (the launcher's partials are torch.empty)
+    O0, O1 = torch.full((splits, n, t), float("nan")), torch.full((splits, n, t), float("nan"))
     err = ctypes.create_string_buffer(512)
     ptr = [ctypes.c_void_p(a.data_ptr()) for a in (X, Zf, Zn, Vf, O0, O1)]
     rc = so.gps_emu_tcb(entry_name(variant, kernel, mode, torch.float32, d).encode(), *ptr, n, m, d, t,
-                        int(symmetric), *SCHEDULES[schedule], err, len(err))
+                        int(symmetric), splits, *SCHEDULES[schedule], err, len(err))
     assert rc == 0, f"emulation failed ({rc}): {err.value.decode()}"
+    O0, O1 = O0.sum(0), O1.sum(0)
     return (O0, O1) if mode == "f_dq" else O0
 
 
@@ -275,3 +279,72 @@ def test_emulated_tc_variants_match_the_reference_as_on_the_h100(emulated_tc, va
     Xs, Zs, V = (A.float().double() for A in make_data(*size, 1.0, seed=2))
     got = run_tc(emulated_tc, Xs, Zs, V, kernel, mode, variant)
     assert_products(got, reference(Xs, Zs, V, kernel, mode, expansion=True), rtol, mode, f"{variant} {kernel}")
+
+
+# ----------------------------------------------------------------------------- column splits (grid z)
+#: (build, -D options): the shipped tcbh, the K8 candidate with shared-memory totals flushed every 2 tiles
+#: of a run (the flush counts from the run's first tile) and 64-row tiles, so more tiles per split
+SPLIT_BUILDS = [("tcbh-shipped", launch.DEFINES["tcbh"]), ("tcbh-k8-accs2", (DK8, ACCS2)), ("tcb", ())]
+
+
+@pytest.mark.parametrize("splits", [2, 4, 7])
+@pytest.mark.parametrize("build,defines", SPLIT_BUILDS, ids=[b for b, _ in SPLIT_BUILDS])
+@pytest.mark.parametrize("kernel,mode,size,ls", [("rbf", "f", (300, 700, 5, 17), 1.0),
+                                                 ("matern52", "f_dq", (70, 450, 13, 3), 0.5)], ids=["rbf-f", "m52-fdq"])
+def test_emulated_column_splits_sum_to_the_reference(tcb_builds, build, defines, splits, kernel, mode, size, ls):
+    # 700 columns are 6 tiles of 128 (11 of 64): 7 splits leave empty runs (their blocks write zeros); 4 splits of
+    # 11 tiles are runs of 3, 3, 3, 2 (the totals in shared memory, flushed every 2 tiles, must also be flushed at
+    # the end of each run, not only at the last tile of Z)
+    Xs, Zs, V = (A.float().double() for A in make_data(*size, ls, seed=sum(size)))
+    layout = launch.build_df16(defines)
+    got = run_tcb(tcb_builds(*defines), Xs, Zs, V, kernel, mode, schedule="early-greedy",
+                  variant="tcbh" if layout else "tcb", layout=layout, splits=splits)
+    assert_products(got, reference(Xs, Zs, V, kernel, mode, expansion=True), RTOL, mode)
+
+
+def test_emulated_column_splits_keep_the_symmetric_diagonal_exact(emulated_h):
+    # the diagonal pairs lie in different runs of tiles: each split must test them by global column
+    Xs, _, V = (A.float().double() for A in make_data(300, 300, 5, 17, 0.4, seed=8))
+    Xs[11] = Xs[5]
+    got = run_tcb(emulated_h, Xs, Xs, V, "matern12", "f", symmetric=True, variant="tcbh", splits=3)
+    assert_products(got, reference(Xs, Xs, V, "matern12", "f", expansion=True, symmetric=True), RTOL, "f")
+
+
+@pytest.fixture
+def emulated_launcher(tcb_builds, monkeypatch):
+    """``launch.kernel_matmul`` itself on CPU tensors, its launch run by the emulation of the shipped ``tcbh``
+    build: the device checks, the module loader and the device's SM count replaced (``launches`` records each
+    launch's grid)."""
+    so, launches = tcb_builds(*launch.DEFINES["tcbh"]), []
+
+    def launcher(name):
+        def call(grid, block, args):
+            launches.append(grid)
+            X, Zf, Zn, Vf, P0, P1, n, m, d, t, sym = args
+            ptr = [ctypes.c_void_p(a.data_ptr()) for a in (X, Zf, Zn, Vf, P0, P1)]
+            err = ctypes.create_string_buffer(512)
+            assert so.gps_emu_tcb(name.encode(), *ptr, n, m, d, t, sym, grid[2], 1, 1, err, len(err)) == 0, err.value
+        return call
+
+    class Module(dict):
+        def __missing__(self, name):
+            return launcher(name)
+
+    monkeypatch.setattr(launch, "_check", lambda *a: None)
+    monkeypatch.setattr(launch, "_module", lambda variant, device: Module())
+    monkeypatch.setattr(torch.cuda, "device", lambda device: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=4))
+    return launches
+
+
+@pytest.mark.parametrize("mode", ["f", "f_dq"])
+def test_the_launcher_adds_the_partial_outputs_of_column_splits(emulated_launcher, mode):
+    Xs, Zs, V = (A.float().double() for A in make_data(40, 1000, 4, 16, 1.0, seed=5))
+    want = reference(Xs, Zs, V, "rbf", mode, expansion=True)
+    # one block and 8 tiles of 128 columns; 4 SMs x 2 blocks (the fallback occupancy): "auto" fills the
+    # 8 slots with 8 splits of one tile each; 5 splits leave runs of 2, 2, 2, 2 and none
+    for splits, S in ((1, 1), (5, 5), ("auto", 8)):
+        got = launch.kernel_matmul(Xs.float(), Zs.float(), V.float(), "rbf", mode=mode, variant="tcbh",
+                                   splits=splits, inputs_max_abs=1.0)
+        assert emulated_launcher[-1] == (1, 1, S)
+        assert_products(got, want, RTOL, mode)

@@ -86,6 +86,24 @@ def test_symmetric_products_keep_the_diagonal_exact(variant, name):
     assert_within(got, ref, rtol, "symmetric F V")
 
 
+SPLIT_CASES = list(itertools.product(("tcb", "tcbh"), ("rbf", "matern12"), ("f", "f_dq", "d"), (3, 7, "auto")))
+
+
+@pytest.mark.parametrize("var,name,mode,splits", SPLIT_CASES, ids=["-".join(map(str, c)) for c in SPLIT_CASES])
+def test_column_splits_match_float64_reference(var, name, mode, splits):
+    """Grid z = S blocks per output tile, each summing a run of Z tiles into a partial output the launcher adds
+    (gpscale/_ext/splits.py): 1025 columns are 9 tiles of 128 (17 of 64), so 7 splits leave an empty run."""
+    Xs, Zs, V = (A.float().double() for A in make_data(333, 1025, 8, 16, 1.0, seed=11))
+    dev = torch.device("cuda")
+    got = _ext.kernel_matmul(Xs.to(dev).float(), Zs.to(dev).float(), V.to(dev).float(), name, mode=mode,
+                             variant=var, splits=splits)
+    assert_products(got, reference(Xs, Zs, V, name, mode, expansion=True), 1e-4, mode)
+    Xd = Xs.to(dev).float()
+    sym = _ext.kernel_matmul(Xd, Xd, V[:333].to(dev).float(), name, mode="f", variant=var, symmetric=True,
+                             splits=splits)
+    assert_within(sym, reference(Xs, Xs, V[:333], name, "f", expansion=True, symmetric=True)[0], 1e-4, "split F V")
+
+
 def test_clear_errors():
     dev = torch.device("cuda")
     X = torch.rand(10, 33, device=dev)

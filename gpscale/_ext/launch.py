@@ -21,6 +21,7 @@ import threading
 import torch
 
 from .compiler import load_module
+from .splits import choose_splits, resident_blocks
 from .tcb_pack import pack_v, pack_z
 
 #: variant -> (source file, X rows per block, output columns per block, threads per block)
@@ -47,10 +48,20 @@ SPECIALISED_ON_KSTEPS = frozenset({"tcb", "tcbh"})
 F16_MAX = 16384.0
 
 
+def build_value(options: tuple[str, ...], name: str, default: int = 0) -> int:
+    """``-D<name>=<int>`` of a build's options (the last one wins, as in the compiler); ``default`` if unset."""
+    vals = [o.split("=", 1)[1] for o in options if o.startswith(f"-D{name}=")]
+    return int(vals[-1]) if vals else default
+
+
 def build_df16(options: tuple[str, ...]) -> int:
-    """``TCB_DF16`` of a kmm_tcb.cu build's ``-D`` options (the last one wins, as in the compiler); 0 if unset."""
-    df16 = [o.split("=", 1)[1] for o in options if o.startswith("-DTCB_DF16=")]
-    return int(df16[-1]) if df16 else 0
+    """``TCB_DF16`` of a kmm_tcb.cu build's ``-D`` options; 0 if unset."""
+    return build_value(options, "TCB_DF16", 0)
+
+
+def tile_rows(variant: str, d: int) -> int:
+    """Rows of ``Z`` per tile of a ``tcb``-family entry point: ``TCB_BN`` of its build at ``d <= 8``, else 64."""
+    return build_value(DEFINES.get(variant, ()), "TCB_BN", 64) if ksteps(d) == 1 else 64
 
 
 def z_layout(variant: str) -> int:
@@ -172,7 +183,8 @@ def _check_f16_range(X: torch.Tensor, Z: torch.Tensor, big: float | None = None)
 
 
 def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str, *, mode: str = "f",
-                  variant: str = "tc3", symmetric: bool = False, inputs_max_abs: float | None = None):
+                  variant: str = "tc3", symmetric: bool = False, inputs_max_abs: float | None = None,
+                  splits: int | str = 1):
     """Profile products of scaled inputs on the GPU: ``F V`` (and ``(F' o Q) V`` / ``F' V``).
 
     Parameters
@@ -189,6 +201,10 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
     inputs_max_abs : float, optional
         :func:`max_abs` of ``X`` and ``Z`` if the caller knows it (``tcbh`` checks its f16 range with it;
         without it, ``tcbh`` measures it: one host synchronisation per call).
+    splits : int or "auto"
+        Column splits of ``tcb`` / ``tcbh`` launches (:mod:`gpscale._ext.splits`): each output tile summed
+        over this many runs of ``Z`` tiles by separate blocks, into partial outputs that are then added.
+        ``"auto"`` picks it from the grid and the device's occupancy; other variants take 1.
 
     Returns
     -------
@@ -200,6 +216,10 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
     outputs (and for ``tcb`` split copies of ``Z`` and ``V``, :mod:`gpscale._ext.tcb_pack`).  The
     first call per variant and device compiles ``csrc/`` (seconds) or loads the cached cubin.
     """
+    if splits != "auto" and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"splits must be a positive int or 'auto', got {splits!r}")
+    if splits not in (1, "auto") and variant not in ("tcb", "tcbh"):
+        raise ValueError(f"column splits are a tcb / tcbh launch option; variant {variant!r} takes splits=1")
     _check(X, Z, V, variant, kernel, mode)
     X, Z, V = X.contiguous(), Z.contiguous(), V.contiguous()
     n, d = X.shape
@@ -211,13 +231,32 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
     if m > 0:
         _, rows, tch, threads = VARIANTS[variant]
         fn = _module(variant, X.device)[entry_name(variant, kernel, mode, X.dtype, d)]
-        grid = ((n + rows - 1) // rows, (t + tch - 1) // tch, 1)
-        inputs = [Z, V]
-        if variant in ("tcb", "tcbh"):  # split and in fragment order, once per product (see tcb_pack)
+        blocks = ((n + rows - 1) // rows, (t + tch - 1) // tch)
+        inputs, tcb = [Z, V], variant in ("tcb", "tcbh")
+        if tcb:  # split and in fragment order, once per product (see tcb_pack)
             if variant == "tcbh":
                 _check_f16_range(X, Z, inputs_max_abs)
             Zf, Zn = pack_z(Z, ksteps(d), f16=z_layout(variant))  # the layout of the build that runs
             inputs = [Zf, Zn, pack_v(V)]
+        if splits == "auto":
+            splits = _auto_splits(variant, fn, X.device, blocks, -(-m // tile_rows(variant, d)) if tcb else 1,
+                                  threads, O0.numel() * O0.element_size() * (2 if mode == "f_dq" else 1))
+        S = splits
+        P0 = torch.empty(S, n, t, dtype=X.dtype, device=X.device) if S > 1 else O0  # S partial outputs
+        P1 = (torch.empty_like(P0) if S > 1 else O1) if mode == "f_dq" else P0
         with torch.cuda.device(X.device):
-            fn(grid, (threads, 1, 1), [X, *inputs, O0, O1, n, m, d, t, int(bool(symmetric))])
+            fn((*blocks, S), (threads, 1, 1), [X, *inputs, P0, P1, n, m, d, t, int(bool(symmetric))])
+        if S > 1:
+            torch.sum(P0, 0, out=O0)
+            if mode == "f_dq":
+                torch.sum(P1, 0, out=O1)
     return (O0, O1) if mode == "f_dq" else O0
+
+
+def _auto_splits(variant, fn, device, blocks, tiles, threads, partial_bytes) -> int:
+    """``splits="auto"``: the column splits :func:`.splits.choose_splits` predicts fastest for this launch."""
+    if variant not in ("tcb", "tcbh"):
+        return 1
+    per_sm = resident_blocks(fn, threads) or 2  # 2: the tcb builds' usual occupancy when the driver can't say
+    slots = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return choose_splits(blocks[0] * blocks[1], tiles, slots, partial_bytes=partial_bytes)

@@ -41,6 +41,10 @@ EXPANSION_TOL = 1e-4
 #: lent H100: all its GPU tests passed, RBF 1M product 0.49 s against ``tcb``'s 0.57 s at the same error.
 #: Its f16 range (|x| <= launch.F16_MAX) is far beyond what the expansion guard lets through.
 FLOAT32_VARIANT = "tcbh"
+#: Column splits of the ``tcb`` / ``tcbh`` launches (``launch.kernel_matmul(splits=...)``, :mod:`gpscale._ext.splits`):
+#: 1 until a lent GPU has tested and timed ``"auto"``, which splits grids whose last wave would leave most
+#: SMs idle (written without a GPU; checked on the CPU emulation).  Benchmarks set it (``--splits``).
+COLUMN_SPLITS: int | str = 1
 
 
 def available(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
@@ -105,5 +109,6 @@ def products(op, V: torch.Tensor, mode: str):
         chosen[mode] = variant_for(op._Xs.dtype, op.kernel, mode, _max_sq_norms(op))
     variant = op.cuda_variant = chosen[mode]  # reported by the operator (and in the solver statistics)
     big = _inputs_max_abs(op) if variant == "tcbh" else None  # inputs fixed for the operator: not per product
+    splits = COLUMN_SPLITS if variant in ("tcb", "tcbh") else 1
     return _ext.kernel_matmul(op._Xs, op._Zs, V, op.kernel.name, mode=mode, variant=variant,
-                              symmetric=op._symmetric, inputs_max_abs=big)
+                              symmetric=op._symmetric, inputs_max_abs=big, splits=splits)

@@ -47,6 +47,7 @@ struct uint2 { unsigned x, y; };
 struct uint4 { unsigned x, y, z, w; };
 struct gps_dim3 { unsigned x = 0, y = 0, z = 0; };
 
+inline int min(int a, int b) { return a < b ? a : b; }  // CUDA's integer min (device code calls it unqualified)
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline float __expf(float x) { return std::exp(x); }

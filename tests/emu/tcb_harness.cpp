@@ -20,16 +20,18 @@ const gps_emu::Row<Entry> kEntries[] = {
 };
 }  // namespace
 
-// Launch `entry` as launch.kernel_matmul does for tcb: grid (ceil(n / TCB_ROWS), ceil(t / TCB_TCH)),
-// block 32 TCB_WARPS.  Returns 0, 1 for an unknown entry, 2 for an emulation error (message in err).
+// Launch `entry` as launch.kernel_matmul does for tcb: grid (ceil(n / TCB_ROWS), ceil(t / TCB_TCH), splits),
+// block 32 TCB_WARPS (O0, O1: splits partial outputs of n x t each).  Returns 0, 1 for an unknown entry, 2 for
+// an emulation error (message in err).
 extern "C" int gps_emu_tcb(const char* entry, const float* X, const float* Zf, const float* Zn, const int* Vf,
-                           float* O0, float* O1, int n, int m, int d, int t, int sym, int early, int greedy,
-                           char* err, int err_len) {
+                           float* O0, float* O1, int n, int m, int d, int t, int sym, int splits, int early,
+                           int greedy, char* err, int err_len) {
     const Entry fn = gps_emu::find_entry(kEntries, entry);
     if (!fn) return 1;
     auto call = [=] {
         fn(X, reinterpret_cast<const float4*>(Zf), Zn, reinterpret_cast<const uint4*>(Vf), O0, O1, n, m, d, t, sym);
     };
-    return gps_emu::run(call, {unsigned((n + TCB_ROWS - 1) / TCB_ROWS), unsigned((t + TCB_TCH - 1) / TCB_TCH), 1},
+    return gps_emu::run(call, {unsigned((n + TCB_ROWS - 1) / TCB_ROWS), unsigned((t + TCB_TCH - 1) / TCB_TCH),
+                         unsigned(splits)},
                         {32 * TCB_WARPS, 1, 1}, early, greedy, err, err_len);
 }
