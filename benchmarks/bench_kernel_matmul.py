@@ -44,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import write_json  # noqa: E402
 from gpscale._ext import launch  # noqa: E402 - pure Python: NVRTC is loaded only when a kernel compiles
+from gpscale._ext import splits as splits_mod  # noqa: E402
+from gpscale._ext.splits import splits_arg  # noqa: E402
 from gpscale.kernels import RBF, Matern  # noqa: E402
 from gpscale.operators import CrossKernelOperator  # noqa: E402
 
@@ -197,18 +199,16 @@ def parse_args(argv=None):
                    help="time this candidate build of 'tcbh' (kmm_tcb.cu -D options, e.g. "
                         "--tcbh-build='-DTCB_DF16=2 -DTCB_BN=128', with '=') instead of the shipped "
                         "gpscale._ext.launch.DEFINES['tcbh']")
-    p.add_argument("--splits", nargs="+", default=["1"], metavar="S",
+    p.add_argument("--splits", nargs="+", type=splits_arg, default=[1], metavar="S",
                    help="column splits of the cuda:tcb / cuda:tcbh launches, each timed in turn: positive ints or "
                         "'auto' (gpscale/_ext/splits.py), e.g. --splits 1 auto")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernel_matmul_<device>.json)")
-    a = p.parse_args(argv)
-    try:
-        a.splits = [s if s == "auto" else int(s) for s in a.splits]
-    except ValueError:
-        p.error(f"--splits takes positive ints or 'auto', got {a.splits}")
-    if any(s != "auto" and s < 1 for s in a.splits):
-        p.error(f"--splits takes positive ints or 'auto', got {a.splits}")
-    return a
+    return p.parse_args(argv)
+
+
+def _splittable(backend: str) -> bool:
+    """``cuda:tcb`` / ``cuda:tcbh``: the backends whose launches take column splits."""
+    return backend.partition(":")[2] in launch.TCB_FAMILY
 
 
 def _with_splits(backend: str, splits, run):
@@ -216,15 +216,15 @@ def _with_splits(backend: str, splits, run):
     from gpscale.operators import cuda_backend  # noqa: PLC0415
 
     chosen, occupancy = [], []
-    saved = cuda_backend.COLUMN_SPLITS, launch.choose_splits, launch.resident_blocks
-    launch.choose_splits = lambda *a, **k: chosen.append(saved[1](*a, **k)) or chosen[-1]
-    launch.resident_blocks = lambda *a, **k: occupancy.append(saved[2](*a, **k)) or occupancy[-1]
+    saved = cuda_backend.COLUMN_SPLITS, splits_mod.choose_splits, splits_mod.resident_blocks
+    splits_mod.choose_splits = lambda *a, **k: chosen.append(saved[1](*a, **k)) or chosen[-1]
+    splits_mod.resident_blocks = lambda *a, **k: occupancy.append(saved[2](*a, **k)) or occupancy[-1]
     cuda_backend.COLUMN_SPLITS = splits
     try:
         rec = run()
     finally:
-        cuda_backend.COLUMN_SPLITS, launch.choose_splits, launch.resident_blocks = saved
-    if backend in ("cuda:tcb", "cuda:tcbh"):
+        cuda_backend.COLUMN_SPLITS, splits_mod.choose_splits, splits_mod.resident_blocks = saved
+    if _splittable(backend):
         rec.update(splits=splits, splits_taken=sorted(set(chosen)) if splits == "auto" else [splits],
                    blocks_per_sm=sorted(set(occupancy), key=str))
     return rec
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
                     continue
                 if backend.startswith("cuda") and dev.type != "cuda":
                     continue
-                for splits in args.splits if backend in ("cuda:tcb", "cuda:tcbh") else [1]:
+                for splits in args.splits if _splittable(backend) else [1]:
                     rec = _with_splits(backend, splits, lambda: run_one(backend, name, n, args, dev, (X, Z, V), ref))
                     results.append(rec)
                     save()

@@ -37,7 +37,7 @@ import torch
 from gpscale._ext import nvrtc
 from gpscale._ext.compiler import OPTIONS
 from gpscale._ext.sources import read_source
-from gpscale._ext.splits import choose_splits, resident_blocks
+from gpscale._ext.splits import auto_splits, resident_blocks, splits_arg
 from gpscale._ext.tcb_pack import pack_v, pack_z
 
 #: (TCB_MT, TCB_MINB, TCB_EMU, TCB_ACC1[, TCB_DF16[, TCB_DPATCH[, TCB_ACCS[, TCB_BN]]]]), missing trailing
@@ -108,13 +108,10 @@ def run(fn, mt, Xs, Zf, Zn, Vf, n, m, d, t, sym=0, splits=1):
 
 def resolve_splits(fn, splits, mt, bn, n, m, t) -> tuple[int, int | None]:
     """``(S, blocks per SM)``: ``"auto"`` chosen as the launcher does (gpscale/_ext/splits.py), else ``splits``."""
-    per_sm = resident_blocks(fn, 256)
     if splits != "auto":
-        return splits, per_sm
-    slots = (per_sm or 2) * torch.cuda.get_device_properties(0).multi_processor_count
-    rows = 16 * mt * 8
-    blocks = -(-n // rows) * -(-t // 16)
-    return choose_splits(blocks, -(-m // (bn or 64)), slots, partial_bytes=4 * n * t), per_sm
+        return splits, resident_blocks(fn, 256)
+    blocks = -(-n // (16 * mt * 8)) * -(-t // 16)
+    return auto_splits(fn, 256, 0, blocks, -(-m // (bn or 64)), 4 * n * t), resident_blocks(fn, 256)
 
 
 def parse_args(argv=None):
@@ -127,13 +124,10 @@ def parse_args(argv=None):
     p.add_argument("--configs", nargs="+", default=None, metavar="MT,MINB,EMU,ACC1[,DF16[,DPATCH[,ACCS[,BN]]]]",
                    help="configurations to run instead of CONFIGS, e.g. 2,1,0,0 2,3,0,1,1 2,3,0,1,1,1")
     p.add_argument("--sym", action="store_true", help="time K(X, X) V (what CG runs) instead of K(X, Z) V")
-    p.add_argument("--splits", nargs="+", default=["1"], metavar="S",
+    p.add_argument("--splits", nargs="+", type=splits_arg, default=[1], metavar="S",
                    help="column splits to time each configuration with: positive ints or 'auto' (e.g. 1 auto)")
     p.add_argument("--out", default="tune_tcb.json")
     a = p.parse_args(argv)
-    if any(s != "auto" and not (s.isdigit() and int(s) >= 1) for s in a.splits):
-        p.error(f"--splits takes positive ints or 'auto', got {a.splits}")
-    a.splits = [s if s == "auto" else int(s) for s in a.splits]
     a.configs = [tuple(int(v) for v in c.split(",")) for c in a.configs] if a.configs else CONFIGS
     if any(not 4 <= len(c) <= NOPTS for c in a.configs):
         p.error("each --configs entry is MT,MINB,EMU,ACC1[,DF16[,DPATCH[,ACCS[,BN]]]] (four to eight integers)")

@@ -21,7 +21,7 @@ import threading
 import torch
 
 from .compiler import load_module
-from .splits import choose_splits, resident_blocks
+from .splits import auto_splits, check_splits
 from .tcb_pack import pack_v, pack_z
 
 #: variant -> (source file, X rows per block, output columns per block, threads per block)
@@ -41,8 +41,9 @@ KINDS = ("rbf", "matern12", "matern32", "matern52")
 MODES = ("f", "f_dq", "d")
 #: Largest input dimension the kernels hold in registers.
 DMAX = 32
-#: Variants compiled once per k-step count ``ceil(d / 8)`` (entry suffix ``_k1`` .. ``_k4``).
-SPECIALISED_ON_KSTEPS = frozenset({"tcb", "tcbh"})
+#: The variants built from kmm_tcb.cu: compiled once per k-step count ``ceil(d / 8)`` (entry suffix ``_k1`` ..
+#: ``_k4``), their ``Z`` and ``V`` packed by :mod:`.tcb_pack`, their launches split by columns (:mod:`.splits`).
+TCB_FAMILY = frozenset({"tcb", "tcbh"})
 #: Largest ``|x|`` (scaled inputs) ``tcbh`` takes: ``-2 x`` must stay below f16's 65504 (with room for
 #: rounding).  Inputs this large fail the expansion guard of the float32 path long before.
 F16_MAX = 16384.0
@@ -96,7 +97,7 @@ def entry_names(variant: str) -> list[str]:
 def _prefixes(variant: str) -> list[str]:
     if variant == "simt":
         return ["gpscale_kmm_simt_f32", "gpscale_kmm_simt_f64"]
-    if variant in SPECIALISED_ON_KSTEPS:
+    if variant in TCB_FAMILY:
         return [f"gpscale_kmm_{variant}_k{ks}" for ks in range(1, DMAX // 8 + 1)]
     return [f"gpscale_kmm_{variant}"]
 
@@ -114,7 +115,7 @@ def entry_name(variant: str, kernel: str, mode: str, dtype: torch.dtype, d: int)
     """The entry point a product runs: by dtype for ``simt``, by ``ceil(d / 8)`` for ``tcb``."""
     if variant == "simt":
         prefix = f"gpscale_kmm_simt_{'f64' if dtype == torch.float64 else 'f32'}"
-    elif variant in SPECIALISED_ON_KSTEPS:
+    elif variant in TCB_FAMILY:
         prefix = f"gpscale_kmm_{variant}_k{ksteps(d)}"
     else:
         prefix = f"gpscale_kmm_{variant}"
@@ -216,9 +217,8 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
     outputs (and for ``tcb`` split copies of ``Z`` and ``V``, :mod:`gpscale._ext.tcb_pack`).  The
     first call per variant and device compiles ``csrc/`` (seconds) or loads the cached cubin.
     """
-    if splits != "auto" and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
-        raise ValueError(f"splits must be a positive int or 'auto', got {splits!r}")
-    if splits not in (1, "auto") and variant not in ("tcb", "tcbh"):
+    check_splits(splits)
+    if splits not in (1, "auto") and variant not in TCB_FAMILY:
         raise ValueError(f"column splits are a tcb / tcbh launch option; variant {variant!r} takes splits=1")
     _check(X, Z, V, variant, kernel, mode)
     X, Z, V = X.contiguous(), Z.contiguous(), V.contiguous()
@@ -232,16 +232,17 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
         _, rows, tch, threads = VARIANTS[variant]
         fn = _module(variant, X.device)[entry_name(variant, kernel, mode, X.dtype, d)]
         blocks = ((n + rows - 1) // rows, (t + tch - 1) // tch)
-        inputs, tcb = [Z, V], variant in ("tcb", "tcbh")
+        inputs, tcb = [Z, V], variant in TCB_FAMILY
         if tcb:  # split and in fragment order, once per product (see tcb_pack)
             if variant == "tcbh":
                 _check_f16_range(X, Z, inputs_max_abs)
             Zf, Zn = pack_z(Z, ksteps(d), f16=z_layout(variant))  # the layout of the build that runs
             inputs = [Zf, Zn, pack_v(V)]
         if splits == "auto":
-            splits = _auto_splits(variant, fn, X.device, blocks, -(-m // tile_rows(variant, d)) if tcb else 1,
-                                  threads, O0.numel() * O0.element_size() * (2 if mode == "f_dq" else 1))
-        S = splits
+            S = auto_splits(fn, threads, X.device, blocks[0] * blocks[1], -(-m // tile_rows(variant, d)),
+                            O0.numel() * O0.element_size() * (2 if mode == "f_dq" else 1)) if tcb else 1
+        else:
+            S = splits
         P0 = torch.empty(S, n, t, dtype=X.dtype, device=X.device) if S > 1 else O0  # S partial outputs
         P1 = (torch.empty_like(P0) if S > 1 else O1) if mode == "f_dq" else P0
         with torch.cuda.device(X.device):
@@ -252,11 +253,3 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
                 torch.sum(P1, 0, out=O1)
     return (O0, O1) if mode == "f_dq" else O0
 
-
-def _auto_splits(variant, fn, device, blocks, tiles, threads, partial_bytes) -> int:
-    """``splits="auto"``: the column splits :func:`.splits.choose_splits` predicts fastest for this launch."""
-    if variant not in ("tcb", "tcbh"):
-        return 1
-    per_sm = resident_blocks(fn, threads) or 2  # 2: the tcb builds' usual occupancy when the driver can't say
-    slots = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    return choose_splits(blocks[0] * blocks[1], tiles, slots, partial_bytes=partial_bytes)

@@ -20,6 +20,7 @@ from the driver's occupancy calculator for the entry point that runs (:func:`res
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import math
 
@@ -72,6 +73,32 @@ def choose_splits(blocks: int, tiles: int, slots: int, *, partial_bytes: int = 0
         if cost < best_cost:
             best, best_cost = s, cost
     return best if best_cost <= (1.0 - MIN_GAIN) * base else 1
+
+
+def check_splits(splits) -> None:
+    """``ValueError`` unless ``splits`` is what ``launch.kernel_matmul`` takes: a positive int or ``"auto"``."""
+    if splits != "auto" and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"splits must be a positive int or 'auto', got {splits!r}")
+
+
+def splits_arg(text: str) -> int | str:
+    """``argparse`` type of the benchmarks' ``--splits``: ``"auto"`` or a positive int."""
+    try:
+        splits = text if text == "auto" else int(text)
+        check_splits(splits)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--splits takes positive ints or 'auto', got {text!r}") from None
+    return splits
+
+
+def auto_splits(fn, threads: int, device, blocks: int, tiles: int, partial_bytes: int) -> int:
+    """``splits="auto"`` of a launch of ``blocks`` blocks of ``threads`` threads of entry point ``fn``, each
+    sweeping ``tiles`` tiles: :func:`choose_splits` with the device's slots (SMs x :func:`resident_blocks`,
+    2 per SM -- the tcb builds' usual occupancy -- when the driver can't say)."""
+    import torch  # noqa: PLC0415 - CUDA launches only
+
+    slots = (resident_blocks(fn, threads) or 2) * torch.cuda.get_device_properties(device).multi_processor_count
+    return choose_splits(blocks, tiles, slots, partial_bytes=partial_bytes)
 
 
 def resident_blocks(fn, threads: int) -> int | None:

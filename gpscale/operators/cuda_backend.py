@@ -109,6 +109,6 @@ def products(op, V: torch.Tensor, mode: str):
         chosen[mode] = variant_for(op._Xs.dtype, op.kernel, mode, _max_sq_norms(op))
     variant = op.cuda_variant = chosen[mode]  # reported by the operator (and in the solver statistics)
     big = _inputs_max_abs(op) if variant == "tcbh" else None  # inputs fixed for the operator: not per product
-    splits = COLUMN_SPLITS if variant in ("tcb", "tcbh") else 1
+    splits = COLUMN_SPLITS if variant in _ext.launch.TCB_FAMILY else 1
     return _ext.kernel_matmul(op._Xs, op._Zs, V, op.kernel.name, mode=mode, variant=variant,
                               symmetric=op._symmetric, inputs_max_abs=big, splits=splits)
