@@ -2,12 +2,16 @@
 # Everything the open issues still need from a lent GPU, in device calls under the 10-minute limit,
 # most important first:
 #
-#   run(command="bash benchmarks/gpu_session.sh kernels", timeout_s=600)                  # issue 5
-#   run(command="bash benchmarks/gpu_session.sh products", carry=[".whl"], timeout_s=600) # issue 5
-#   run(command="bash benchmarks/gpu_session.sh mll", carry=[".whl"], timeout_s=400)      # issues 5, 4
-#   run(command="bash benchmarks/gpu_session.sh profile", timeout_s=200)                  # issue 5, ncu
+#   run(command="bash benchmarks/gpu_session.sh kernels", carry=[".cubin-cache"], timeout_s=600)  # issue 5
+#   run(command="bash benchmarks/gpu_session.sh products", carry=[".cubin-cache", ".whl"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_session.sh mll", carry=[".cubin-cache", ".whl"], timeout_s=400)  # 5, 4
+#   run(command="bash benchmarks/gpu_session.sh profile", timeout_s=200)                          # 5, ncu
 #
-# .whl/ holds the pykeops + keopscore wheels (pip wheel --no-deps -w .whl pykeops==2.3 keopscore==2.3).
+# Before the first call, here (no GPU; both git-ignored, neither survives a fresh checkout):
+#   pip wheel --no-deps -w .whl pykeops==2.3 keopscore==2.3          # KeOps for the lent machine
+#   GPSCALE_NVRTC=<libnvrtc.so.13> python benchmarks/prebuild_cubins.py   # its cubins (~35 s, 9 MiB)
+# A machine idle for 30 s goes back and the next call starts bare, so without .cubin-cache every call
+# would compile its builds again (~12 s each of kmm_tcb.cu's, ~1.5 min of the lease in all).
 # Every step has its own time limit and writes under $OUT (fetched after the call), so a slow or
 # failing step never loses the earlier ones.  The figures go to benchmarks/results/ by hand after.
 # Third lent H100 (2026-11-24): tcbh (MINB 3, BN 128 at d <= 8) became the float32 default (all 440
@@ -31,12 +35,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD
+if [ -d .cubin-cache ]; then export GPSCALE_CACHE_DIR=$PWD/.cubin-cache; fi  # prebuilt: loaded, not compiled
+ncubins() { ls "${GPSCALE_CACHE_DIR:-$HOME/.cache/gpscale/cuda}" 2>/dev/null | grep -c '\.cubin$'; }
 step() {  # step NAME SECONDS CMD...: run, log to $OUT/NAME.log, print the tail
     local name=$1 secs=$2; shift 2
     echo "=== $name (limit ${secs}s)"
     timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?"; tail -n 6 "$OUT/$name.log"
 }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+python3 -c "import torch; from gpscale._ext import nvrtc; print(torch.__version__, nvrtc.version())" >> "$OUT/gpu.txt" 2>&1
+echo "cubins cached at the start: $(ncubins)" >> "$OUT/gpu.txt"
 stage=${1:-kernels}
 if [ "$stage" = kernels ]; then
 # 1. the candidates against the float64 reference (tcbh tests only: the shipped builds' 440 passed on the
@@ -86,4 +94,6 @@ step ncu 150 ncu --clock-control none -k regex:gpscale_kmm_tcb --launch-count 4 
     --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     python3 benchmarks/tune_tcb.py --n 100000 --repeats 0 --ref-rows 64 --configs 2,1,0,0 2,3,0,0,1,0,0,128 --out "$OUT/t.json"
 fi
-echo "=== done"; ls -la "$OUT"
+echo "cubins cached at the end: $(ncubins) (above the start's count: prebuilt keys missed)" >> "$OUT/gpu.txt"
+echo "=== done"; cat "$OUT/gpu.txt"
+ls -la "$OUT"

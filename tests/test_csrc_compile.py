@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +22,9 @@ import torch
 from gpscale._ext import VARIANTS, cu_files, entry_names
 from gpscale._ext.launch import builds
 from gpscale._ext.sources import read_source
-from session_script import session_tcbh_builds
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from session_script import session_tcbh_builds  # noqa: E402
 
 NVCC = shutil.which("nvcc")
 ARCHS = ("80", "90")

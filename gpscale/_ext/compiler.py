@@ -9,14 +9,18 @@ Three routes, tried in order:
    private and it wants ``CUDA_HOME`` for include paths, hence second.
 3. **cupy** (``cupy.RawModule``), when installed.
 
-The compiled cubin of each (source hash, architecture, options, route) is stored under
-``$GPSCALE_CACHE_DIR`` (default ``~/.cache/gpscale/cuda``), so each kernel family is compiled once
-per machine; later processes only load it (milliseconds).
+The compiled cubin of each (source hash, architecture, options, route, CUDA and NVRTC versions) is
+stored under ``$GPSCALE_CACHE_DIR`` (default ``~/.cache/gpscale/cuda``), so each kernel family is
+compiled once per machine; later processes only load it (milliseconds).  A cached cubin the driver
+refuses (a truncated file, another driver) is compiled again, not raised.  :func:`compile_to_cache`
+fills such a directory without a GPU (``benchmarks/prebuild_cubins.py``: a lent GPU's short lease
+then loads its kernels instead of compiling them).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,6 +78,42 @@ def _compile(how: str, text: str, first: str, arch: str, opts: tuple = OPTIONS) 
     return cubin
 
 
+def cubin_path(filename: str, text: str, arch: str, how: str, opts: tuple, cuda: str | None,
+               directory: Path | None = None) -> Path:
+    """Where the cubin of ``text`` (csrc/``filename``) built with ``opts`` for ``sm_<arch>`` is cached.
+
+    The key holds everything that changes the binary or whether the driver takes it: the source (local
+    includes inlined), architecture, options, compile route, torch's CUDA version and, on the NVRTC
+    route, NVRTC's own (a toolkit's libnvrtc may differ from torch's CUDA).
+    """
+    extra = (arch, how, *opts, str(cuda))
+    if how == "nvrtc":
+        from .nvrtc import version  # noqa: PLC0415
+
+        extra += ("nvrtc", str(version()))
+    return (directory or cache_dir()) / f"{Path(filename).stem}-sm{arch}-{source_hash(text, *extra)}.cubin"
+
+
+def _store(path: Path, cubin: bytes) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(cubin)
+    tmp.replace(path)  # atomic: concurrent processes never read half a file
+
+
+def compile_to_cache(filename: str, options: tuple, arch: str, cuda: str, directory: Path | None = None) -> Path:
+    """Compile csrc/``filename`` with NVRTC for ``sm_<arch>`` into the cache; no GPU needed.
+
+    ``cuda`` is the ``torch.version.cuda`` of the machine that will load it (part of the key).  Returns
+    the cubin's path; an existing one is kept.  For ``benchmarks/prebuild_cubins.py``.
+    """
+    text, opts = read_source(filename), (*OPTIONS, *options)
+    path = cubin_path(filename, text, arch, "nvrtc", opts, cuda, directory)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _store(path, _compile("nvrtc", text, Path(filename).stem, arch, opts))
+    return path
+
+
 def load_module(filename: str, entries: list[str], device: torch.device, options: tuple = ()) -> dict:
     """Compile (or load from the disk cache) ``csrc/<filename>``; return ``{entry: launcher}``.
 
@@ -87,20 +127,20 @@ def load_module(filename: str, entries: list[str], device: torch.device, options
     arch = f"{major}{minor}"
     text = read_source(filename)
     opts = (*OPTIONS, *options)
-    key = source_hash(text, arch, how, *opts, str(torch.version.cuda))
     with torch.cuda.device(device):
         if how == "cupy":
             return _load_cupy(text, entries, opts)
-        path = cache_dir() / f"{Path(filename).stem}-sm{arch}-{key}.cubin"
-        if path.is_file():
-            cubin = path.read_bytes()
-        else:
-            cubin = _compile(how, text, entries[0], arch, opts)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(cubin)
-            tmp.replace(path)  # atomic: concurrent processes never read half a file
         from torch.cuda._utils import _cuda_load_module  # noqa: PLC0415
 
+        path = cubin_path(filename, text, arch, how, opts, torch.version.cuda)
+        if path.is_file():
+            try:
+                return _cuda_load_module(path.read_bytes(), entries)
+            except Exception as exc:  # noqa: BLE001 - any refusal: the compile below replaces the file
+                warnings.warn(f"gpscale: the cached cubin {path} did not load ({type(exc).__name__}: {exc}); "
+                              "compiling it again", RuntimeWarning, stacklevel=2)
+        cubin = _compile(how, text, entries[0], arch, opts)
+        _store(path, cubin)
         return _cuda_load_module(cubin, entries)
 
 

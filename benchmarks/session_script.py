@@ -1,8 +1,9 @@
-"""``benchmarks/gpu_session.sh`` as data, for the tests that check it without a GPU.
+"""``benchmarks/gpu_session.sh`` as data, for what checks and prepares it without a GPU.
 
 A lent GPU runs that script with 30 minutes of device time and no second chance, so its commands are
-parsed (tests/test_bench_smoke.py) and the candidate kernel builds it tests and times are compiled
-(tests/test_csrc_compile.py) in CI first.
+parsed (tests/test_bench_smoke.py), the candidate kernel builds it tests and times are compiled
+(tests/test_csrc_compile.py) in CI first, and their cubins are built before the lease
+(benchmarks/prebuild_cubins.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from gpscale._ext import launch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_session.sh"
+SCRIPT = Path(__file__).resolve().parent / "gpu_session.sh"
 
 
 def session_text() -> str:
