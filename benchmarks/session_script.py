@@ -9,6 +9,7 @@ parsed (tests/test_bench_smoke.py), the candidate kernel builds it tests and tim
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 from gpscale._ext import launch
@@ -31,3 +32,13 @@ def session_tcbh_builds() -> list[tuple[str, ...]]:
     unless it holds a space, so ``--tcbh-build "-DTCB_DF16=2"`` alone would not parse.
     """
     return sorted({launch.parse_build(b) for b in re.findall(r'--tcbh-build="([^"]*)"', session_text())})
+
+
+def session_commands() -> list[list[str]]:
+    """The python benchmark commands of the script, ``[script, *argv]`` (``$OUT`` read as ``/tmp/out``)."""
+    cmds = []
+    for line in session_text().splitlines():
+        m = re.match(r"\s*step \S+ \d+ (?:ncu .*?)?python3 (benchmarks/\S+\.py) (.*)$", line)  # ncu runs one too
+        if m and "pytest" not in line:
+            cmds.append([m.group(1), *shlex.split(m.group(2).replace('"$OUT', '"/tmp/out'))])
+    return cmds

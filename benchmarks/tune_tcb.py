@@ -15,10 +15,12 @@ m16n8k8 with compact Z words (1.125 m16n8k16s' worth per 32 pairs; Z packed with
 of testing every pair (only ``--sym`` products differ); ``TCB_ACCS = F`` keeps ``P V`` in registers
 for F tiles and then adds it into per-thread totals in shared memory (one level's registers, two levels'
 accuracy); ``TCB_BN`` the Z rows per shared-memory tile (64 or 128: half the barriers and loop overhead
-per pair).  Each configuration is compiled from the k1 (d <= 8) entry points with NVRTC, timed on the issue's product (n = m = 1M,
-d = 8, t = 16, uniform inputs, lengthscale 0.5 as in bench_kernel_matmul.py) and checked against a
-float64 reference on a subset of rows.  ``--sym`` times the symmetric product ``K(X, X) V`` that CG
-runs (the kernel then patches ``q_ii = 0``) instead of ``K(X, Z) V``.
+per pair).  Each configuration is compiled from the k1 (d <= 8) entry points with NVRTC, through
+gpscale's cubin cache (``compile_s`` is only a load where benchmarks/prebuild_cubins.py built it),
+timed on the issue's product (n = m = 1M, d = 8, t = 16, uniform inputs, lengthscale 0.5 as in
+bench_kernel_matmul.py) and checked against a float64 reference on a subset of rows.  ``--sym`` times
+the symmetric product ``K(X, X) V`` that CG runs (the kernel then patches ``q_ii = 0``) instead of
+``K(X, Z) V``.
 
 Usage (GPU machine)::
 
@@ -34,8 +36,7 @@ import time
 
 import torch
 
-from gpscale._ext import nvrtc
-from gpscale._ext.compiler import OPTIONS
+from gpscale._ext.compiler import OPTIONS, cached_cubin
 from gpscale._ext.sources import read_source
 from gpscale._ext.splits import auto_splits, resident_blocks, splits_arg
 from gpscale._ext.tcb_pack import pack_v, pack_z
@@ -80,22 +81,29 @@ def prefix(df16: int) -> str:
     return "gpscale_kmm_tcbh_k1" if df16 else "gpscale_kmm_tcb_k1"
 
 
-def build(mt: int, minb: int, emu: int = 0, acc1: int = 0, df16: int = 0, dpatch: int = 0, accs: int = 0,
-          bn: int = 0):
+def tune_source(mt: int, minb: int, emu: int = 0, acc1: int = 0, df16: int = 0, dpatch: int = 0, accs: int = 0,
+                bn: int = 0) -> tuple[str, str, tuple[str, ...]]:
+    """``(name, text, options)`` of one configuration: kmm_tcb.cu with only its k1 (d <= 8) entry points."""
     text = read_source("kmm_tcb.cu")
     keep = [ln for ln in text.splitlines()  # only the k1 (d <= 8) entry points: a quarter of the compile
             if not (ln.startswith("GPS_ENTRIES(GPS_TCB_ENTRY, gpscale_kmm_tcb") and "_k1," not in ln)]
-    major, minor = torch.cuda.get_device_capability()
     opts = (*OPTIONS, f"-DTCB_MT={mt}", f"-DTCB_MINB={minb}", f"-DTCB_EMU={emu}", f"-DTCB_ACC1={acc1}",
             f"-DTCB_DF16={df16}", f"-DTCB_DPATCH={dpatch}", f"-DTCB_ACCS={accs}",
             f"-DTCB_BN={bn or 64}")
+    return f"tune_tcb_{mt}_{minb}_{emu}_{acc1}_{df16}_{dpatch}_{accs}_{bn}.cu", "\n".join(keep), opts
+
+
+def build(*cfg):
+    """Load one configuration's entry points: ``(module, seconds)``, compiled through gpscale's cubin cache (a
+    cubin ``benchmarks/prebuild_cubins.py`` made is only loaded, in milliseconds)."""
+    name, text, opts = tune_source(*cfg)
+    major, minor = torch.cuda.get_device_capability()
     t0 = time.perf_counter()
-    cubin = nvrtc.compile_cubin("\n".join(keep), f"{major}{minor}", opts,
-                                f"tcb_{mt}_{minb}_{emu}_{acc1}_{df16}_{dpatch}_{accs}_{bn}.cu")
+    path = cached_cubin(name, text, f"{major}{minor}", opts, torch.version.cuda)
     from torch.cuda._utils import _cuda_load_module
 
-    names = [f"{prefix(df16)}_{k}_f" for k in KERNELS]
-    return _cuda_load_module(cubin, names), time.perf_counter() - t0
+    names = [f"{prefix(cfg[4] if len(cfg) > 4 else 0)}_{k}_f" for k in KERNELS]
+    return _cuda_load_module(path.read_bytes(), names), time.perf_counter() - t0
 
 
 def run(fn, mt, Xs, Zf, Zn, Vf, n, m, d, t, sym=0, splits=1):

@@ -8,8 +8,6 @@ the scripts write, never how fast anything is.
 from __future__ import annotations
 
 import json
-import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -21,26 +19,15 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import bench_kernel_matmul as bkm  # noqa: E402
 from gpscale._ext import launch  # noqa: E402
-from session_script import session_tcbh_builds, session_text  # noqa: E402
+from session_script import session_commands, session_tcbh_builds, session_text  # noqa: E402
 import bench_precision as bp  # noqa: E402
 import lowp_perturbation as lp  # noqa: E402
 import tune_tcb  # noqa: E402
 
 
-def _session_commands() -> list[list[str]]:
-    """The python commands of gpu_session.sh (continuation lines joined, ``$OUT`` substituted)."""
-    text = session_text()
-    cmds = []
-    for line in text.splitlines():
-        m = re.match(r"\s*step \S+ \d+ python3 (benchmarks/\S+\.py) (.*)$", line)
-        if m and "pytest" not in line:
-            cmds.append([m.group(1), *shlex.split(m.group(2).replace('"$OUT', '"/tmp/out'))])
-    return cmds
-
-
 def test_gpu_session_script_is_valid_bash_and_its_commands_parse():
     subprocess.run(["bash", "-n", str(BENCH / "gpu_session.sh")], check=True)
-    cmds = _session_commands()
+    cmds = session_commands()
     # (bench_precision.py left the script once its 200k figure was taken; its branch below stays for a next one)
     assert {c[0] for c in cmds} == {"benchmarks/bench_kernel_matmul.py", "benchmarks/tune_tcb.py"}
     for script, *argv in cmds:

@@ -105,21 +105,46 @@ def test_prebuild_covers_the_shipped_builds_and_the_session_s_candidates():
     assert ("kmm_tcb.cu", launch.DEFINES["tcbh"]) in got
 
 
+def test_prebuild_covers_the_session_s_tune_configurations():
+    import tune_tcb
+
+    got = prebuild_cubins.tune_configs()
+    assert (2, 4, 0, 0, 2, 0, 4, 128) in got  # K8A, swept in the kernels stage
+    assert all(len(c) == tune_tcb.NOPTS for c in got) and len(got) == len(set(got))
+
+
+def test_a_prebuilt_tune_configuration_is_loaded_not_compiled(fake_gpu, tmp_path):
+    import tune_tcb
+
+    cfg = (2, 4, 0, 0, 2, 0, 4, 128)
+    a = prebuild_cubins.parse_args([])
+    prebuild_cubins.build_one(("tune", cfg), a, tmp_path / "cache")
+    assert len(fake_gpu["compiled"]) == 1
+    mod, _ = tune_tcb.build(*cfg)
+    assert len(fake_gpu["compiled"]) == 1, "tune_tcb compiled a configuration that was prebuilt"
+    assert set(mod) == {f"{tune_tcb.prefix(2)}_{k}_f" for k in tune_tcb.KERNELS}
+
+
 def test_prebuild_script_writes_a_manifest_and_checks_nvrtc(monkeypatch, tmp_path):
     out = tmp_path / "c"
     monkeypatch.setattr(prebuild_cubins.nvrtc, "version", lambda: (13, 0))
 
-    def fake(name, options, arch, cuda, directory):
+    def fake(name, text, arch, opts, cuda, directory):
         directory.mkdir(parents=True, exist_ok=True)
-        p = directory / f"{Path(name).stem}-{arch}-{cuda}-{'_'.join(options)}.cubin"
+        p = directory / f"{Path(name).stem}-{arch}-{cuda}-{'_'.join(opts)}.cubin"
         p.write_bytes(b"x" * 10)
         return p
 
-    monkeypatch.setattr(prebuild_cubins, "compile_to_cache", fake)
+    monkeypatch.setattr(prebuild_cubins, "cached_cubin", fake)
+    monkeypatch.setattr(prebuild_cubins, "compile_to_cache",
+                        lambda name, options, arch, cuda, directory: fake(name, "", arch, options, cuda, directory))
     assert prebuild_cubins.main(["--out", str(out), "--jobs", "2"]) == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["arch"] == "90" and man["cuda"] == "13.0" and man["nvrtc"] == [13, 0]
-    assert [(b["file"], tuple(b["options"])) for b in man["builds"]] == prebuild_cubins.all_builds()
+    builds = prebuild_cubins.all_builds()
+    assert [(b["file"], tuple(b["options"])) for b in man["builds"][: len(builds)]] == builds
+    assert len(man["builds"]) == len(builds) + len(prebuild_cubins.tune_configs())
+    assert len({b["cubin"] for b in man["builds"]}) == len(man["builds"])
     with pytest.raises(SystemExit, match="NVRTC 13.0 cannot build for a CUDA 12.8 machine"):
         prebuild_cubins.main(["--out", str(out), "--cuda", "12.8"])
     monkeypatch.setattr(prebuild_cubins.nvrtc, "version", lambda: None)

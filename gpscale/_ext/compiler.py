@@ -100,18 +100,26 @@ def _store(path: Path, cubin: bytes) -> None:
     tmp.replace(path)  # atomic: concurrent processes never read half a file
 
 
-def compile_to_cache(filename: str, options: tuple, arch: str, cuda: str, directory: Path | None = None) -> Path:
-    """Compile csrc/``filename`` with NVRTC for ``sm_<arch>`` into the cache; no GPU needed.
+def cached_cubin(name: str, text: str, arch: str, opts: tuple, cuda: str, directory: Path | None = None) -> Path:
+    """The cubin of source ``text`` (named ``name``) compiled by NVRTC with ``opts`` for ``sm_<arch>``: its
+    path in the cache, compiled there first if missing (no GPU needed).
 
-    ``cuda`` is the ``torch.version.cuda`` of the machine that will load it (part of the key).  Returns
-    the cubin's path; an existing one is kept.  For ``benchmarks/prebuild_cubins.py``.
+    ``opts`` are the full options (:data:`OPTIONS` included); ``cuda`` is the ``torch.version.cuda`` of the
+    machine that will load it (part of the key).  For texts that are not a csrc/ file as it stands
+    (``benchmarks/tune_tcb.py``'s trimmed builds) and for :func:`compile_to_cache`.
     """
-    text, opts = read_source(filename), (*OPTIONS, *options)
-    path = cubin_path(filename, text, arch, "nvrtc", opts, cuda, directory)
+    path = cubin_path(name, text, arch, "nvrtc", opts, cuda, directory)
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        _store(path, _compile("nvrtc", text, Path(filename).stem, arch, opts))
+        _store(path, _compile("nvrtc", text, Path(name).stem, arch, opts))
     return path
+
+
+def compile_to_cache(filename: str, options: tuple, arch: str, cuda: str, directory: Path | None = None) -> Path:
+    """Compile csrc/``filename`` with extra ``options`` into the cache, as :func:`load_module` will look it
+    up on an ``sm_<arch>`` GPU under torch CUDA ``cuda``; returns the cubin's path (an existing one is
+    kept).  No GPU needed: ``benchmarks/prebuild_cubins.py``."""
+    return cached_cubin(filename, read_source(filename), arch, (*OPTIONS, *options), cuda, directory)
 
 
 def load_module(filename: str, entries: list[str], device: torch.device, options: tuple = ()) -> dict:
