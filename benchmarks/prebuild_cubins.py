@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tune_tcb  # noqa: E402
 from session_script import session_commands, session_tcbh_builds  # noqa: E402
 
-#: The carried cache, relative to the repository root (git-ignored; gpu_session.sh points
-#: GPSCALE_CACHE_DIR at it when it is there).
-DEFAULT_DIR = ".cubin-cache"
+#: The carried cache at the repository root (git-ignored; gpu_session.sh points GPSCALE_CACHE_DIR at it
+#: when it is there).
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / ".cubin-cache"
 
 
 def all_builds() -> list[tuple[str, tuple[str, ...]]]:

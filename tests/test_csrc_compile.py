@@ -24,7 +24,7 @@ from gpscale._ext.launch import builds
 from gpscale._ext.sources import read_source
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from session_script import session_tcbh_builds  # noqa: E402
+from prebuild_cubins import all_builds  # noqa: E402
 
 NVCC = shutil.which("nvcc")
 ARCHS = ("80", "90")
@@ -45,7 +45,7 @@ def test_sources_need_no_torch_or_system_headers():
 #: every (source, -D options) the launcher compiles: a file's default build and e.g. tcbh's TCB_DF16=1
 SHIPPED = sorted(builds())
 #: and the candidate tcbh builds the next lent GPU tests and times (benchmarks/gpu_session.sh --tcbh-build)
-BUILDS = SHIPPED + [("kmm_tcb.cu", b) for b in session_tcbh_builds() if ("kmm_tcb.cu", b) not in SHIPPED]
+BUILDS = all_builds()
 
 
 def _built_variants(name: str, defines: tuple) -> list[str]:
