@@ -93,16 +93,17 @@ def tune_source(mt: int, minb: int, emu: int = 0, acc1: int = 0, df16: int = 0, 
     return f"tune_tcb_{mt}_{minb}_{emu}_{acc1}_{df16}_{dpatch}_{accs}_{bn}.cu", "\n".join(keep), opts
 
 
-def build(*cfg):
+def build(mt: int, minb: int, emu: int = 0, acc1: int = 0, df16: int = 0, dpatch: int = 0, accs: int = 0,
+          bn: int = 0):
     """Load one configuration's entry points: ``(module, seconds)``, compiled through gpscale's cubin cache (a
     cubin ``benchmarks/prebuild_cubins.py`` made is only loaded, in milliseconds)."""
-    name, text, opts = tune_source(*cfg)
+    name, text, opts = tune_source(mt, minb, emu, acc1, df16, dpatch, accs, bn)
     major, minor = torch.cuda.get_device_capability()
     t0 = time.perf_counter()
     path = cached_cubin(name, text, f"{major}{minor}", opts, torch.version.cuda)
     from torch.cuda._utils import _cuda_load_module
 
-    names = [f"{prefix(cfg[4] if len(cfg) > 4 else 0)}_{k}_f" for k in KERNELS]
+    names = [f"{prefix(df16)}_{k}_f" for k in KERNELS]
     return _cuda_load_module(path.read_bytes(), names), time.perf_counter() - t0
 
 
