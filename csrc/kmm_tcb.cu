@@ -133,6 +133,9 @@
                   // only: the f_dq kernels hold twice the accumulators and spill at 80 registers, KS >= 2 too
 #define TCB_MINB 1
 #endif
+#ifndef TCB_TRI  // 1: a symmetric product (sym) sweeps one triangle of K and adds P^T V too (tcb_tri.cuh)
+#define TCB_TRI 0
+#endif
 #define TCB_ROWS (16 * TCB_MT * TCB_WARPS)  // X rows per block
 #ifndef TCB_BN  // Z rows per tile at d <= 8, 64 or 128 (the host pads to 128: tcb_pack.PAD_ROWS); larger
                 // k-step counts keep 64: their double-buffered tiles would outgrow 48 KB of static shared memory
@@ -175,6 +178,8 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #endif
 }
+
+#include "tcb_tri.cuh"
 
 // Asynchronous 16-byte global -> shared copy (sm_80+; inline PTX: compiles with NVRTC and bare nvcc).
 // The emulation copies at the commit and lands a group at the wait that retires it, so a read of
@@ -400,9 +405,10 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
 }
 
 // acc[mt][vn] += P V for one 16-deep k-step kk; P = two n-tiles (h = 0, 1) in C layout = A layout.
-template <int KS>
+// TRI: also acct += P^T V_I, vr this warp's rows of V (tcb_tri.cuh), from the same bf16 split of P.
+template <int KS, bool TRI = false>
 __device__ __forceinline__ void tcb_pv(float (&acc)[TCB_MT][2][4], const float (&p)[2][TCB_MT][4],
-                                      const TcbTile<KS>& s, int kk) {
+                                      const TcbTile<KS>& s, int kk, float (&acct)[2][4], const uint4* vr) {
     const int lane = threadIdx.x & 31;
     uint4 b[2];
 #pragma unroll
@@ -421,8 +427,14 @@ __device__ __forceinline__ void tcb_pv(float (&acc)[TCB_MT][2][4], const float (
             mma_bf16(acc[mt][vn], ph, b[vn].z, b[vn].w);
             mma_bf16(acc[mt][vn], ph, b[vn].x, b[vn].y);
         }
+        if (TRI) tcb_pvt(acct, ph, pl, vr + mt * 64);
     }
 }
+
+template <bool B>
+struct TcbFlag {
+    static constexpr bool value = B;
+};
 
 // f(mt, vn, u) for every accumulator entry of a warp's output fragments [TCB_MT][2][4] (fully
 // unrolled, so the register arrays f indexes stay in registers).
@@ -477,8 +489,13 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     // pointer offset): the d <= 8 builds now keep 4-8 of the per-thread totals in local memory, reloaded
     // once per tile (~8 of ~1200 instructions per 128-column tile); the SASS model counts 7.38
     // instructions per 32 RBF pairs in the shipped build against 7.50 before (benchmarks/sass_model.py).
-    const int run = (ntiles + (int)gridDim.z - 1) / (int)gridDim.z;
-    const int i0 = (int)blockIdx.z * run, i1 = min(ntiles, i0 + run);
+    // TCB_TRI (tcb_tri.cuh): a symmetric product's block starts at its diagonal square, tile `first`, and
+    // past the square adds P^T V into the rows of each tile as well (O must start at zero).
+    constexpr bool tri_build = TCB_TRI && MODE != GPS_MODE_FDQ;  // f_dq would need twice the partials
+    const bool tri = tri_build && sym;
+    const int first = tri ? (int)blockIdx.x * (TCB_ROWS / BN) : 0;
+    const int run = (ntiles - first + (int)gridDim.z - 1) / (int)gridDim.z;
+    const int i0 = first + (int)blockIdx.z * run, i1 = min(ntiles, i0 + run);
     tcb_copy_tile<KS>(buf[i0 & 1], Zf, Zn, Vf, min(i0, ntiles - 1), vtiles);
     cp_async_commit();
     unsigned ah[TCB_MT][KS][4], al[TCB_MT][KS][TCB_AL];
@@ -498,6 +515,14 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     __shared__ float4 tsum[smem_tot ? 2 * TCB_MT : 1][32 * TCB_WARPS];  // [mt * 2 + vn][thread]: no conflicts
     if (smem_tot)
         for (int q = 0; q < 2 * TCB_MT; ++q) tsum[q][threadIdx.x] = float4{0.f, 0.f, 0.f, 0.f};
+#if TCB_TRI
+    TCB_DYNAMIC_SMEM(dyn);  // [V_I words][warps' partials], TCB_TRI_SMEM(BN) bytes from the launcher
+    const uint4* const vr = dyn + (threadIdx.x >> 5) * TCB_MT * 64;  // this warp's rows of V
+    float4* const part = reinterpret_cast<float4*>(dyn + TCB_TRI_VWORDS) + (threadIdx.x >> 5) * (BN / 16) * 64;
+    if (tri) tcb_tri_load_v(dyn, Vf, vtiles, BN);  // read after the first tile's barrier
+#else
+    const uint4* const vr = nullptr;
+#endif
     float acc0[TCB_MT][2][4] = {}, acc1[TCB_MT][2][4] = {};
     float tot0[TCB_MT][2][4] = {}, tot1[TCB_MT][2][4] = {};
 
@@ -507,15 +532,39 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
         cp_async_wait_all_but_one();  // this thread's copies of tile i have landed ...
         __syncthreads();              // ... and everyone's
         const TcbTile<KS>& s = buf[i & 1];
+#if TCB_TRI
+        const bool off = tri && i >= first + TCB_ROWS / BN;  // block-uniform: the sweep is compiled twice
+        auto sweep = [&](auto off_flag) {
+            constexpr bool OFF = tri_build && decltype(off_flag)::value;
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                float p0[2][TCB_MT][4], p1[2][TCB_MT][4], acct[2][4] = {};
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    tcb_profile_tile<KIND, MODE, KS>(p0[h], p1[h], s, 2 * kk + h, ah, al, na, nb, row0, i * BN, sym);
+                tcb_pv<KS, OFF>(acc0, p0, s, kk, acct, vr);
+                if (MODE == GPS_MODE_FDQ) tcb_pv<KS>(acc1, p1, s, kk, acct, vr);
+                if (OFF)  // this warp's partial of P^T V for the k-step's 16 rows j, summed by tcb_tri_flush
+#pragma unroll
+                    for (int vn = 0; vn < 2; ++vn)
+                        part[(kk * 2 + vn) * 32 + lane] = float4{acct[vn][0], acct[vn][1], acct[vn][2], acct[vn][3]};
+            }
+        };
+        if (tri_build && off)
+            sweep(TcbFlag<true>{});
+        else
+            sweep(TcbFlag<false>{});
+#else  // the same sweep, once (the shipped builds' code unchanged by TCB_TRI)
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            float p0[2][TCB_MT][4], p1[2][TCB_MT][4];
+            float p0[2][TCB_MT][4], p1[2][TCB_MT][4], acct[2][4];
 #pragma unroll
             for (int h = 0; h < 2; ++h)
                 tcb_profile_tile<KIND, MODE, KS>(p0[h], p1[h], s, 2 * kk + h, ah, al, na, nb, row0, i * BN, sym);
-            tcb_pv<KS>(acc0, p0, s, kk);
-            if (MODE == GPS_MODE_FDQ) tcb_pv<KS>(acc1, p1, s, kk);
+            tcb_pv<KS>(acc0, p0, s, kk, acct, vr);
+            if (MODE == GPS_MODE_FDQ) tcb_pv<KS>(acc1, p1, s, kk, acct, vr);
         }
+#endif
         if (smem_tot) {
             if ((i + 1) % flush_every == 0 || i + 1 == i1) tcb_flush_smem(tsum, acc0);
         } else if (!TCB_ACC1) {
@@ -527,6 +576,9 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
             });
         }
         __syncthreads();  // this tile's buffer is consumed before iteration i + 1 copies tile i + 2 into it
+#if TCB_TRI  // every warp's partial is stored; the next writes follow the next iteration's barrier
+        if (off) tcb_tri_flush<BN>(reinterpret_cast<const float4*>(dyn + TCB_TRI_VWORDS), O0, i * BN, c0, n, t);
+#endif
     }
     if (smem_tot)
         tcb_each_output([&](int mt, int vn, int u) { tot0[mt][vn][u] = tcb_f4(tsum[mt * 2 + vn][threadIdx.x], u); });
@@ -535,7 +587,13 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     tcb_each_output([&](int mt, int vn, int u) {
         const int ri = row0 + mt * 16 + g + (u >> 1) * 8, cc = c0 + vn * 8 + 2 * c + (u & 1);
         if (ri < n && cc < t) {
-            O0[(long long)ri * t + cc] = TCB_ACC1 && !smem_tot ? acc0[mt][vn][u] : tot0[mt][vn][u];
+            const float o = TCB_ACC1 && !smem_tot ? acc0[mt][vn][u] : tot0[mt][vn][u];
+#if TCB_TRI
+            if (tri)  // other blocks' P^T V reach these rows too
+                tcb_red_add(O0 + (long long)ri * t + cc, o);
+            else
+#endif
+                O0[(long long)ri * t + cc] = o;
             if (MODE == GPS_MODE_FDQ)
                 O1[(long long)ri * t + cc] = TCB_ACC1 ? acc1[mt][vn][u] : tot1[mt][vn][u];
         }

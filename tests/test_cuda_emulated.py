@@ -97,11 +97,13 @@ def emulated_tc(tmp_path_factory):
 SCHEDULES = {"late": (0, 0), "early-greedy": (1, 1)}
 
 
-def run_tcb(so, X, Z, V, kernel, mode, symmetric=False, schedule="late", variant="tcb", layout=None, splits=1):
+def run_tcb(so, X, Z, V, kernel, mode, symmetric=False, schedule="late", variant="tcb", layout=None, splits=1,
+            zeros=False):
     """``launch.kernel_matmul(..., variant="tcb" | "tcbh")`` with the launch replaced by the emulation.
 
     ``layout``: the build's TCB_DF16 (how Z is packed); by default 1 for ``tcbh``, 0 for ``tcb``.
     ``splits``: column splits (grid z); their partial outputs are summed as the launcher does.
+    ``zeros``: outputs start at zero, as a ``TCB_TRI`` build's symmetric launch needs (it adds into them).
     """
     X, Z, V = (A.float().contiguous() for A in (X, Z, V))
     n, d = X.shape
@@ -109,7 +111,7 @@ def run_tcb(so, X, Z, V, kernel, mode, symmetric=False, schedule="late", variant
     Zf, Zn = pack_z(Z, ksteps(d), f16=int(variant == "tcbh") if layout is None else layout)
     Vf = pack_v(V)
     # NaN-filled: an output a block fails to write shows (the launcher's partials are torch.empty)
-    O0, O1 = torch.full((splits, n, t), float("nan")), torch.full((splits, n, t), float("nan"))
+    O0, O1 = (torch.full((splits, n, t), 0.0 if zeros else float("nan")) for _ in range(2))
     err = ctypes.create_string_buffer(512)
     ptr = [ctypes.c_void_p(a.data_ptr()) for a in (X, Zf, Zn, Vf, O0, O1)]
     rc = so.gps_emu_tcb(entry_name(variant, kernel, mode, torch.float32, d).encode(), *ptr, n, m, d, t,
@@ -348,3 +350,30 @@ def test_the_launcher_adds_the_partial_outputs_of_column_splits(emulated_launche
                                    splits=splits, inputs_max_abs=1.0)
         assert emulated_launcher[-1] == (1, 1, S)
         assert_products(got, want, RTOL, mode)
+
+
+# TCB_TRI (csrc/tcb_tri.cuh): symmetric products from one triangle of K, each pair's exp once, P^T V added
+# into the rows of the column tiles past a block's diagonal square.  Sizes span several 256-row blocks (so
+# rows get contributions from earlier blocks' transposed products) and divide neither blocks, tiles nor
+# column chunks; f_dq runs the full sweep in a TCB_TRI build (the kernel's own fallback).
+TRI_CASES = [("rbf", "f", (600, 5, 17), 1.0, ()), ("matern52", "d", (530, 13, 3), 0.7, ()),
+             ("matern12", "f", (300, 2, 5), 1.0, ()), ("rbf", "f_dq", (290, 8, 2), 1.0, ()),
+             ("matern32", "f", (700, 8, 16), 2.0, ("-DTCB_BN=128",)), ("rbf", "d", (513, 20, 1), 3.0, ())]
+
+
+@pytest.mark.parametrize("kernel,mode,size,ls,extra", TRI_CASES,
+                         ids=[f"{k}-{m}-{'x'.join(map(str, s))}-{len(e)}" for k, m, s, ls, e in TRI_CASES])
+def test_emulated_triangle_builds_match_the_symmetric_reference(tcb_builds, kernel, mode, size, ls, extra):
+    n, d, t = size
+    Xs, _, V = (A.float().double() for A in make_data(n, n, d, t, ls, seed=n + d))
+    so = tcb_builds(DF16, "-DTCB_TRI=1", *extra)
+    got = run_tcb(so, Xs, Xs, V, kernel, mode, symmetric=True, variant="tcbh", schedule="early-greedy",
+                  zeros=True)
+    assert_products(got, reference(Xs, Xs, V, kernel, mode, expansion=True, symmetric=True), RTOL, mode)
+
+
+def test_emulated_triangle_build_runs_non_symmetric_products_in_full(tcb_builds):
+    # sym = 0 in a TCB_TRI build: every block sweeps every tile and writes its rows (no zeros needed)
+    Xs, Zs, V = (A.float().double() for A in make_data(300, 290, 6, 9, 1.0, seed=3))
+    got = run_tcb(tcb_builds(DF16, "-DTCB_TRI=1"), Xs, Zs, V, "rbf", "f", variant="tcbh")
+    assert_products(got, reference(Xs, Zs, V, "rbf", "f", expansion=True), RTOL, "f")

@@ -11,7 +11,8 @@
 //   tables ("Matrix fragments for mma.m16n8k8 / m16n8k16", lane = 4 groupID + threadID_in_group),
 //   tf32 operands with their low 13 bits dropped, the sum formed in double and rounded to float once
 //   per instruction (the hardware rounds differently by a few float32 units);
-// * __shfl_xor_sync; ex2 / sqrt .approx.ftz as exp2f / sqrtf with results below 2^-126 flushed;
+// * __shfl_xor_sync; movmatrix.m8n8.trans.b16 (the 8 x 8 block of 16-bit values, one pair per lane as
+//   mma's C fragments hold it, transposed); ex2 / sqrt .approx.ftz as exp2f / sqrtf with results below 2^-126 flushed;
 //   cvt.rna.tf32 (round to nearest, ties away); cvt.rn.f16x2.f32 and back through g++'s _Float16
 //   (IEEE binary16, round to nearest even, subnormals kept);
 // * cp.async: a GPU may land a copy at any time between its issue and the wait that retires its
@@ -61,7 +62,7 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
 namespace gps_emu {
 
 enum Wait { RUN = 0, WARP = 1, BLOCK = 2, DONE = 3 };
-enum Op { MMA_TF32 = 1, MMA_BF16 = 2, SHFL_XOR = 3, MMA_F16 = 4 };
+enum Op { MMA_TF32 = 1, MMA_BF16 = 2, SHFL_XOR = 3, MMA_F16 = 4, MOVM_T = 5 };
 
 struct Copy { void* dst; const void* src; };
 struct Fiber {
@@ -116,6 +117,14 @@ inline void complete(Slot (&s)[32]) {
         if (s[l].op != op) throw std::logic_error("lanes of a warp met different collective instructions");
     if (op == SHFL_XOR) {
         for (int l = 0; l < 32; ++l) s[l].d[0] = s[l ^ s[l].mask].v;
+        return;
+    }
+    if (op == MOVM_T) {  // movmatrix.m8n8.trans.b16: lane 4 r + c holds M[r][2c] (low half), M[r][2c + 1]
+        unsigned short M[8][8];
+        for (int l = 0; l < 32; ++l)
+            M[l >> 2][2 * (l & 3)] = s[l].a[0] & 0xffffu, M[l >> 2][2 * (l & 3) + 1] = s[l].a[0] >> 16;
+        for (int l = 0; l < 32; ++l)  // and receives the transpose's M^T[r][2c], M^T[r][2c + 1]
+            s[l].b[0] = unsigned(M[2 * (l & 3)][l >> 2]) | (unsigned(M[2 * (l & 3) + 1][l >> 2]) << 16);
         return;
     }
     const int K = op == MMA_TF32 ? 8 : 16;
@@ -208,6 +217,15 @@ inline void mma_m16n8k8_f16(float (&c)[4], unsigned a0, unsigned a1, unsigned b0
 inline float shfl_xor(float v, unsigned mask) {
     return collective(SHFL_XOR, [&](Slot& t) { t.v = v, t.mask = mask; }).d[0];
 }
+
+inline unsigned movmatrix_trans(unsigned x) {
+    return collective(MOVM_T, [&](Slot& t) { t.a[0] = x; }).b[0];
+}
+
+// A launch's dynamic shared memory (extern __shared__): blocks run one after another, so one buffer serves.
+alignas(16) inline char g_dynamic_smem[256 * 1024];
+template <typename T>
+T* dynamic_smem() { return reinterpret_cast<T*>(g_dynamic_smem); }
 
 inline float flush(float y) { return std::fabs(y) < 0x1p-126f ? 0.f : y; }
 inline float ex2_ftz(float x) { return flush(std::exp2(flush(x))); }
