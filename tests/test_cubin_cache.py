@@ -160,3 +160,28 @@ def test_compile_to_cache_with_the_real_nvrtc(tmp_path):
     assert cubin[:4] == b"\x7fELF" and b"gpscale_kmm_simt_f32_rbf_f" in cubin
     assert path == compiler.cubin_path("kmm_simt.cu", read_source("kmm_simt.cu"), "90", "nvrtc", compiler.OPTIONS,
                                        "13.0", tmp_path)
+
+
+def test_allow_shared_memory_opts_in_once_above_48_kb_and_says_when_it_cannot():
+    from gpscale._ext.compiler import allow_shared_memory
+
+    class Kernel:  # torch's loaded kernel (torch.cuda._utils._CudaKernel): the opt-in and its record
+        _max_shared_mem_bytes = 0
+        calls: list = []
+
+        def set_shared_memory_config(self, nbytes):
+            self.calls.append(nbytes)
+            self._max_shared_mem_bytes = nbytes
+
+    k = Kernel()
+    allow_shared_memory(k, 40 * 1024)  # below 48 KB no opt-in is needed
+    allow_shared_memory(k, 65536)
+    allow_shared_memory(k, 60000)  # already allowed
+    assert k.calls == [65536]
+
+    def cupy_call(grid, block, args, shared_mem=0):
+        pass
+    cupy_call.sets_shared_memory = True  # compiler._load_cupy's launcher sets the attribute per launch
+    allow_shared_memory(cupy_call, 65536)
+    with pytest.raises(RuntimeError, match="48 KB"):
+        allow_shared_memory(lambda grid, block, args: None, 65536)

@@ -317,15 +317,29 @@ def emulated_launcher(tcb_builds, monkeypatch):
     """``launch.kernel_matmul`` itself on CPU tensors, its launch run by the emulation of the shipped ``tcbh``
     build: the device checks, the module loader and the device's SM count replaced (``launches`` records each
     launch's grid)."""
-    so, launches = tcb_builds(*launch.DEFINES["tcbh"]), []
+    return _emulate_launches(tcb_builds(*launch.DEFINES["tcbh"]), monkeypatch)
+
+
+class Launches(list):
+    """The grids of the emulated launches, and their dynamic shared memory in ``smem``."""
+
+    def __init__(self):
+        super().__init__()
+        self.smem = []
+
+
+def _emulate_launches(so, monkeypatch):
+    launches = Launches()
 
     def launcher(name):
-        def call(grid, block, args):
+        def call(grid, block, args, shared_mem=0):
             launches.append(grid)
+            launches.smem.append(shared_mem)
             X, Zf, Zn, Vf, P0, P1, n, m, d, t, sym = args
             ptr = [ctypes.c_void_p(a.data_ptr()) for a in (X, Zf, Zn, Vf, P0, P1)]
             err = ctypes.create_string_buffer(512)
             assert so.gps_emu_tcb(name.encode(), *ptr, n, m, d, t, sym, grid[2], 1, 1, err, len(err)) == 0, err.value
+        call.sets_shared_memory = True  # as compiler.py's cupy launcher: no opt-in call needed
         return call
 
     class Module(dict):
@@ -377,3 +391,23 @@ def test_emulated_triangle_build_runs_non_symmetric_products_in_full(tcb_builds)
     Xs, Zs, V = (A.float().double() for A in make_data(300, 290, 6, 9, 1.0, seed=3))
     got = run_tcb(tcb_builds(DF16, "-DTCB_TRI=1"), Xs, Zs, V, "rbf", "f", variant="tcbh")
     assert_products(got, reference(Xs, Zs, V, "rbf", "f", expansion=True), RTOL, "f")
+
+
+@pytest.mark.parametrize("tile", [64, 128])
+def test_the_launcher_runs_triangle_builds_on_zeroed_outputs_without_splits(tcb_builds, monkeypatch, tile):
+    # launch.kernel_matmul with a TCB_TRI tcbh build: symmetric f / d products get the triangle's dynamic
+    # shared memory, one run per block (splits ignored) and zeroed outputs; non-symmetric ones and f_dq neither
+    build = (DF16, "-DTCB_TRI=1", f"-DTCB_BN={tile}")
+    monkeypatch.setitem(launch.DEFINES, "tcbh", build)
+    launches = _emulate_launches(tcb_builds(*build), monkeypatch)
+    Xs, Zs, V = (A.float().double() for A in make_data(530, 530, 4, 16, 1.0, seed=7))
+    smem = (256 // 16 + 8 * tile // 16) * 2 * 32 * 16  # TCB_TRI_SMEM(BN) of csrc/tcb_tri.cuh
+    assert launch.triangle_smem("tcbh", 4) == smem and launch.triangle_smem("tcbh", 9) == 48 * 1024  # 64-row tiles
+    for mode in ("f", "d", "f_dq"):
+        got = launch.kernel_matmul(Xs.float(), Xs.float(), V.float(), "rbf", mode=mode, variant="tcbh",
+                                   symmetric=True, splits=3, inputs_max_abs=1.0)
+        assert_products(got, reference(Xs, Xs, V, "rbf", mode, expansion=True, symmetric=True), RTOL, mode)
+        assert (launches[-1], launches.smem[-1]) == (((3, 1, 3), 0) if mode == "f_dq" else ((3, 1, 1), smem))
+    got = launch.kernel_matmul(Xs.float(), Zs.float(), V.float(), "rbf", variant="tcbh", splits=2, inputs_max_abs=1.0)
+    assert_products(got, reference(Xs, Zs, V, "rbf", "f", expansion=True), RTOL, "f")
+    assert (launches[-1], launches.smem[-1]) == ((3, 1, 2), 0)

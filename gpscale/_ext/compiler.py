@@ -152,6 +152,21 @@ def load_module(filename: str, entries: list[str], device: torch.device, options
         return _cuda_load_module(cubin, entries)
 
 
+def allow_shared_memory(fn, nbytes: int) -> None:
+    """Let launches of ``fn`` (a :func:`load_module` launcher) take ``nbytes`` of dynamic shared memory.
+
+    Over 48 KB a kernel must opt in (``cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)``), once per
+    function; torch's loaded kernels do it in ``set_shared_memory_config``, the cupy launcher per call.
+    """
+    if nbytes < 48 * 1024 or getattr(fn, "_max_shared_mem_bytes", 0) >= nbytes:
+        return
+    if hasattr(fn, "set_shared_memory_config"):
+        fn.set_shared_memory_config(nbytes)
+    elif not getattr(fn, "sets_shared_memory", False):
+        raise RuntimeError(f"this torch ({torch.__version__}) cannot give a loaded kernel more than 48 KB of shared "
+                           f"memory ({nbytes} bytes asked); use a build without TCB_TRI or a newer torch")
+
+
 def _load_cupy(text: str, entries: list[str], opts: tuple = OPTIONS) -> dict:
     """cupy route: RawModule caches its own binaries (~/.cupy/kernel_cache)."""
     import cupy  # noqa: PLC0415
@@ -159,11 +174,14 @@ def _load_cupy(text: str, entries: list[str], opts: tuple = OPTIONS) -> dict:
     mod = cupy.RawModule(code=text, options=opts)
 
     def launcher(fn):
-        def call(grid, block, args):
+        def call(grid, block, args, shared_mem=0):
             conv = [cupy.asarray(a) if isinstance(a, torch.Tensor) else cupy.int32(a) for a in args]
+            if shared_mem >= 48 * 1024:
+                fn.max_dynamic_shared_size_bytes = shared_mem
             stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
             with stream:
-                fn(grid, block, tuple(conv))
+                fn(grid, block, tuple(conv), shared_mem=shared_mem)
+        call.sets_shared_memory = True
         return call
 
     return {e: launcher(mod.get_function(e)) for e in entries}

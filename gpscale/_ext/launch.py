@@ -20,7 +20,7 @@ import threading
 
 import torch
 
-from .compiler import load_module
+from .compiler import allow_shared_memory, load_module
 from .splits import auto_splits, check_splits
 from .tcb_pack import pack_v, pack_z
 
@@ -69,6 +69,20 @@ def z_layout(variant: str) -> int:
     """How :func:`gpscale._ext.tcb_pack.pack_z` lays out ``Z`` for a ``tcb``-family variant: its build's
     ``TCB_DF16`` (0 for ``tcb``; 1 or 2 for ``tcbh``, whichever build :data:`DEFINES` holds)."""
     return build_df16(DEFINES.get(variant, ()))
+
+
+def triangle_smem(variant: str, d: int) -> int:
+    """Dynamic shared memory (bytes) of a symmetric launch of a ``TCB_TRI`` build, 0 for other builds.
+
+    ``TCB_TRI = 1`` (csrc/tcb_tri.cuh) computes a symmetric product ``K(X, X) V`` from one triangle of
+    ``K``; a block keeps its rows of ``V`` (256 rows x 16 columns of bf16 hi + lo words, 16 KB) and every
+    warp's ``P^T V`` partial of a tile (8 warps x tile rows x 16 columns of float32) there: the
+    ``TCB_TRI_SMEM`` of the source.
+    """
+    if not build_value(DEFINES.get(variant, ()), "TCB_TRI"):
+        return 0
+    rows, warps = VARIANTS[variant][1], VARIANTS[variant][3] // 32
+    return (rows // 16 * 2 * 32 + warps * tile_rows(variant, d) // 16 * 2 * 32) * 16
 
 
 def parse_build(text: str) -> tuple[str, ...]:
@@ -205,7 +219,10 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
     splits : int or "auto"
         Column splits of ``tcb`` / ``tcbh`` launches (:mod:`gpscale._ext.splits`): each output tile summed
         over this many runs of ``Z`` tiles by separate blocks, into partial outputs that are then added.
-        ``"auto"`` picks it from the grid and the device's occupancy; other variants take 1.
+        ``"auto"`` picks it from the grid and the device's occupancy; other variants take 1, and so do the
+        symmetric ``f`` / ``d`` products of a ``TCB_TRI`` build (:func:`triangle_smem`), which sweep one
+        triangle of ``K`` and add ``P^T V`` into the rows past each block's diagonal (float atomics: their
+        last bits vary from run to run).
 
     Returns
     -------
@@ -238,7 +255,12 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
                 _check_f16_range(X, Z, inputs_max_abs)
             Zf, Zn = pack_z(Z, ksteps(d), f16=z_layout(variant))  # the layout of the build that runs
             inputs = [Zf, Zn, pack_v(V)]
-        if splits == "auto":
+        # TCB_TRI builds sweep one triangle of a symmetric product and add into the zeroed outputs (the
+        # f_dq kernels sweep all of K): one run of tiles per block, S = 1
+        smem = triangle_smem(variant, d) if symmetric and mode != "f_dq" else 0
+        if smem:
+            S = 1
+        elif splits == "auto":
             S = auto_splits(fn, threads, X.device, blocks[0] * blocks[1], -(-m // tile_rows(variant, d)),
                             O0.numel() * O0.element_size() * (2 if mode == "f_dq" else 1)) if tcb else 1
         else:
@@ -246,7 +268,12 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
         P0 = torch.empty(S, n, t, dtype=X.dtype, device=X.device) if S > 1 else O0  # S partial outputs
         P1 = (torch.empty_like(P0) if S > 1 else O1) if mode == "f_dq" else P0
         with torch.cuda.device(X.device):
-            fn((*blocks, S), (threads, 1, 1), [X, *inputs, P0, P1, n, m, d, t, int(bool(symmetric))])
+            args = [X, *inputs, P0, P1, n, m, d, t, int(bool(symmetric))]
+            if smem:
+                allow_shared_memory(fn, smem)
+                fn((*blocks, S), (threads, 1, 1), args, shared_mem=smem)
+            else:
+                fn((*blocks, S), (threads, 1, 1), args)
         if S > 1:
             torch.sum(P0, 0, out=O0)
             if mode == "f_dq":
