@@ -102,7 +102,8 @@ def run_one(backend, name, n, args, dev, data, ref):
     b, _, variant = backend.partition(":")
     if variant:
         os.environ["GPSCALE_CUDA_VARIANT"] = variant
-    rec = {"kernel": name, "n": n, "m": n, "d": args.d, "t": args.t, "backend": backend, "dtype": "float32"}
+    rec = {"kernel": name, "n": n, "m": n, "d": args.d, "t": args.t, "backend": backend, "dtype": "float32",
+           "symmetric": Z is X}
     try:
         op = CrossKernelOperator(X, Z, kernel, backend=b, cache=False)
         out, first, times = time_product(op, V, dev, args.repeats)
@@ -202,6 +203,9 @@ def parse_args(argv=None):
     p.add_argument("--splits", nargs="+", type=splits_arg, default=[1], metavar="S",
                    help="column splits of the cuda:tcb / cuda:tcbh launches, each timed in turn: positive ints or "
                         "'auto' (gpscale/_ext/splits.py), e.g. --splits 1 auto")
+    p.add_argument("--symmetric", action="store_true",
+                   help="time K(X, X) V (Z is X: the product CG runs, which a TCB_TRI build computes from one "
+                        "triangle of K, each pair's exp once) instead of K(X, Z) V")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernel_matmul_<device>.json)")
     return p.parse_args(argv)
 
@@ -252,6 +256,7 @@ def main(argv=None) -> int:
     for n in [] if args.mll_only else args.sizes:
         g = torch.Generator(device="cpu").manual_seed(n)
         X, Z = (torch.rand(n, args.d, generator=g).to(dev) for _ in range(2))
+        Z = X if args.symmetric else Z  # Z is X: the operators' symmetric products (q_ii = 0 exactly)
         V = torch.randn(n, args.t, generator=g).to(dev)
         for name in args.kernels:
             ref = reference_rows(X, Z, V, _kernel(name, args.lengthscale), args.ref_rows)

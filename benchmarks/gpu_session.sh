@@ -4,8 +4,8 @@
 #
 #   run(command="bash benchmarks/gpu_session.sh kernels", carry=[".cubin-cache"], timeout_s=600)  # issue 5
 #   run(command="bash benchmarks/gpu_session.sh products", carry=[".cubin-cache", ".whl"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_session.sh mll", carry=[".cubin-cache", ".whl"], timeout_s=400)  # 5, 4
-#   run(command="bash benchmarks/gpu_session.sh profile", timeout_s=200)                          # 5, ncu
+#   run(command="bash benchmarks/gpu_session.sh mll", carry=[".cubin-cache", ".whl"], timeout_s=480)  # 5, 4
+#   run(command="bash benchmarks/gpu_session.sh profile", timeout_s=120)                          # 5, ncu
 #
 # Before the first call, here (no GPU; both git-ignored, neither survives a fresh checkout):
 #   pip wheel --no-deps -w .whl pykeops==2.3 keopscore==2.3          # KeOps for the lent machine
@@ -26,6 +26,15 @@
 # would leave slots idle -- K8A's 4 blocks per SM make 1M 7.4 waves (predicted 7% faster split 5 ways), and
 # 100k-125k rows (one GPU's share of a row split) 1-2 waves.  If it is faster where predicted and never
 # slower, cuda_backend.COLUMN_SPLITS becomes "auto" (one line).
+# Since (no GPU, 2026-11-24): TCB_TRI = 1 (csrc/tcb_tri.cuh) computes the symmetric product CG runs,
+# K(X, X) V, from one triangle of K -- half the exps and distance MMAs, three more bf16 MMAs per 16 x 16
+# block for P^T V -- CPU-emulated only.  It is tested first (KT: 128 registers, 2 blocks per SM, 64-row
+# tiles: 48 KB of dynamic shared memory) and timed on the symmetric 1M product against the shipped build
+# (KT3: the same at 3 blocks per SM, 160 bytes of spills).  If it passes and is faster, it becomes
+# launch.DEFINES["tcbh"] (non-symmetric products run the shipped sweep's code, recompiled beside it:
+# km_1m_kt checks that they did not slow down) and km_1m_sym_kt* is issue 5's figure for the CG product.
+KT="-DTCB_DF16=1 -DTCB_TRI=1 -DTCB_MINB=2"
+KT3="-DTCB_DF16=1 -DTCB_TRI=1 -DTCB_MINB=3"
 K8="-DTCB_DF16=2 -DTCB_MINB=3 -DTCB_BN=128"
 K8A="-DTCB_DF16=2 -DTCB_MINB=4 -DTCB_ACCS=4 -DTCB_BN=128"
 set -u
@@ -54,19 +63,24 @@ stage=${1:-kernels}
 if [ "$stage" = kernels ]; then
 # 1. the candidates against the float64 reference (tcbh tests only: the shipped builds' 440 passed on the
 #    third H100 in 147 s, tcb's 440 in 83 s: CPU time, compiles and one-thread float64 references)
-step tests_k8 170 python3 -m pytest $XDIST tests/test_cuda_kernels.py -q -p no:cacheprovider -rf \
+step tests_kt 170 python3 -m pytest $XDIST tests/test_cuda_kernels.py -q -p no:cacheprovider -rf \
+    -k "tcbh or column_splits" --maxfail 20 --tcbh-build="$KT"
+# 2. issue 5's open figure, RBF <= 0.5 s on average at 1M: the symmetric product CG runs, from one
+#    triangle (KT, KT3) and from all of K (the shipped build); then the cross product K(X, Z) V of KT
+step km_1m_sym_kt 70 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --repeats 4 \
+    --symmetric --backends cuda:tcbh --tcbh-build="$KT" --out "$OUT/kernel_matmul_h100_1m_sym_kt.json"
+step km_1m_sym_kt3 70 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --repeats 4 \
+    --symmetric --backends cuda:tcbh --tcbh-build="$KT3" --out "$OUT/kernel_matmul_h100_1m_sym_kt3.json"
+step km_1m_sym 70 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --repeats 4 \
+    --symmetric --backends cuda:tcbh --out "$OUT/kernel_matmul_h100_1m_sym.json"
+step km_1m_kt 70 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --repeats 4 \
+    --kernels rbf --backends cuda:tcbh --tcbh-build="$KT" --out "$OUT/kernel_matmul_h100_1m_kt.json"
+# 3. the sixth pass's candidates: the shipped tcbh build (2,3,0,0,1,0,0,128) against K8 (2,3,0,0,2,0,0,128)
+#    and K8A (2,4,0,0,2,0,4,128), 5 repeats each (K8A's tests: the mll stage)
+step tests_k8 150 python3 -m pytest $XDIST tests/test_cuda_kernels.py -q -p no:cacheprovider -rf \
     -k "tcbh or column_splits" --maxfail 20 --tcbh-build="$K8"
-step tests_k8a 170 python3 -m pytest $XDIST tests/test_cuda_kernels.py -q -p no:cacheprovider -rf \
-    -k "tcbh or column_splits" --maxfail 20 --tcbh-build="$K8A"
-# 2. issue 5's open figure, RBF <= 0.5 s on average at 1M: the shipped tcbh build (2,3,0,0,1,0,0,128)
-#    against K8 (2,3,0,0,2,0,0,128), K8A (2,4,0,0,2,0,4,128) and K8A at 3 blocks, 5 repeats each; then
-#    the symmetric product CG runs.
-step tune 150 python3 benchmarks/tune_tcb.py --repeats 5 --configs 2,3,0,0,1,0,0,128 2,3,0,0,2,0,0,128 \
-    2,4,0,0,2,0,4,128 2,3,0,0,2,0,4,128 --out "$OUT/tune_tcb_h100.json"
-step tune_split 70 python3 benchmarks/tune_tcb.py --repeats 5 --configs 2,4,0,0,2,0,4,128 --splits 1 auto \
-    --out "$OUT/tune_tcb_split_h100.json"
-step tune_sym 80 python3 benchmarks/tune_tcb.py --sym --configs 2,3,0,0,1,0,0,128 2,3,0,0,2,0,0,128 \
-    2,4,0,0,2,0,4,128 --out "$OUT/tune_tcb_sym_h100.json"
+step tune 100 python3 benchmarks/tune_tcb.py --repeats 5 --configs 2,3,0,0,1,0,0,128 2,3,0,0,2,0,0,128 \
+    2,4,0,0,2,0,4,128 --out "$OUT/tune_tcb_h100.json"
 fi
 if [ "$stage" = products ]; then
 step km_1m 150 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --repeats 4 \
@@ -84,6 +98,8 @@ step tests 130 python3 -m pytest $XDIST tests/test_cuda_kernels.py -q -p no:cach
 step tests_backends 60 python3 -m pytest tests/test_backends.py -q -p no:cacheprovider -rf
 fi
 if [ "$stage" = mll ]; then
+step tests_k8a 150 python3 -m pytest $XDIST tests/test_cuda_kernels.py -q -p no:cacheprovider -rf \
+    -k "tcbh or column_splits" --maxfail 20 --tcbh-build="$K8A"
 # 3. end-to-end MLL + gradient at 1M (backend auto: tcbh since the third H100).  Rank 2000: rank 100
 #    would need ~650 CG iterations at 1M (measured growth ~sqrt(n) on CPU, see run_mll's docstring).
 step mll_1m 200 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 1000000 --mll-only \
@@ -96,7 +112,7 @@ fi
 if [ "$stage" = profile ]; then
 # 5. Nsight Compute (Firecracker machines; --clock-control none leaves the clocks alone) on the 100k
 #    RBF and Matérn-5/2 products of the shipped tcb and of tcbh with one-level accumulation
-step ncu 150 ncu --clock-control none -k regex:gpscale_kmm_tcb --launch-count 4 --section SpeedOfLight \
+step ncu 100 ncu --clock-control none -k regex:gpscale_kmm_tcb --launch-count 4 --section SpeedOfLight \
     --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     python3 benchmarks/tune_tcb.py --n 100000 --repeats 0 --ref-rows 64 --configs 2,1,0,0 2,3,0,0,1,0,0,128 --out "$OUT/t.json"
 fi

@@ -57,14 +57,29 @@ def test_kernel_matmul_benchmark_runs_products_and_the_mll_on_cpu(tmp_path):
 
 def test_the_session_tests_and_times_a_candidate_tcbh_build_other_than_the_shipped_one():
     builds = session_tcbh_builds()
-    assert builds and all("-DTCB_DF16=2" in b and b != launch.DEFINES["tcbh"] for b in builds)
+    assert builds and all(b != launch.DEFINES["tcbh"] for b in builds)
+    assert any("-DTCB_TRI=1" in b for b in builds) and any("-DTCB_DF16=2" in b for b in builds)
     text = session_text()
     assert "--tcbh-build " not in text, 'write --tcbh-build="...": a lone -D value would parse as an option'
-    for b in builds:  # each candidate is tested against the reference, timed alone and in the sweep
-        opts = " ".join(b)
-        tested = [ln for ln in text.splitlines() if ln.startswith("step tests") and f'--tcbh-build="{opts}"' in ln]
-        timed = [ln for ln in text.splitlines() if "bench_kernel_matmul" in ln and f'--tcbh-build="{opts}"' in ln]
-        assert tested and timed, f"gpu_session.sh must test and time the candidate {opts}"
+
+    def lines(b, what):
+        return [ln for ln in text.splitlines() if what(ln) and f'--tcbh-build="{" ".join(b)}"' in ln]
+
+    def semantics(b):  # TCB_MINB only steers ptxas's register allocation: the same kernel's results
+        return tuple(o for o in b if not o.startswith("-DTCB_MINB="))
+
+    tested = {semantics(b) for b in builds if lines(b, lambda ln: ln.startswith("step tests"))}
+    for b in builds:  # each candidate is timed, and tested against the reference (or its other allocation is)
+        assert lines(b, lambda ln: "bench_kernel_matmul" in ln), f"gpu_session.sh must time the candidate {b}"
+        assert semantics(b) in tested, f"gpu_session.sh must test the candidate {b}"
+
+
+def test_kernel_matmul_benchmark_times_the_symmetric_product(tmp_path):
+    out = tmp_path / "km.json"
+    assert bkm.main(["--device", "cpu", "--sizes", "300", "--kernels", "matern12", "--backends", "torch",
+                     "--repeats", "1", "--ref-rows", "300", "--symmetric", "--out", str(out)]) == 0
+    (rec,) = json.loads(out.read_text())["results"]
+    assert rec["symmetric"] and rec["rel_err"] < 1e-6  # against K(X, X) V: Matérn-1/2 shows a wrong diagonal
 
 
 def test_kernel_matmul_benchmark_times_a_candidate_tcbh_build(tmp_path, monkeypatch):
