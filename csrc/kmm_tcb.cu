@@ -99,12 +99,18 @@
 // SM, with an 8-byte spill; 80 without one at 3).  Opt-in (gpu_session.sh's K8 / K8A, tune_tcb.py
 // DF16 = 2) until a lent GPU has timed and tested it.
 //
+// Seventh pass (no GPU): TCB_TRI = 1 computes symmetric products (sym) from one triangle of K, each
+// off-diagonal pair's distance and exp once, adding P^T V into the rows of the tiles past a block's
+// diagonal square (tcb_tri.cuh; docs/backends.md).  Opt-in (gpu_session.sh's KT) until a lent GPU has
+// tested and timed it; with TCB_TRI = 0 the shipped builds' SASS is unchanged.
+//
 // Entry points: gpscale_kmm_tcb_k{1,2,3,4}_{rbf,matern12,matern32,matern52}_{f,f_dq,d}, k = ceil(d / 8)
 //   (tcbh: gpscale_kmm_tcbh_k...)
 //   (X[n,d], Zf, Zn, Vf, O0[n,t], O1[n,t], n, m, d, t, sym), float32, row-major X and O, Zf / Zn /
 //   Vf from gpscale/_ext/tcb_pack.py (pack_tcb); grid (ceil(n / TCB_ROWS), ceil(t / TCB_TCH), S),
 //   block 32 * TCB_WARPS; with S > 1 column splits, O0 and O1 are S partial outputs of n x t each, to be
-//   summed.  Needs sm_80+, d <= TCB_DMAX.
+//   summed.  A TCB_TRI build's symmetric f / d launch: S = 1, O0 zeroed, TCB_TRI_SMEM(BN) bytes of dynamic
+//   shared memory.  Needs sm_80+, d <= TCB_DMAX.
 #include "mma.cuh"
 #include "profiles.cuh"
 
