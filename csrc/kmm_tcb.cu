@@ -437,10 +437,6 @@ __device__ __forceinline__ void tcb_pv(float (&acc)[TCB_MT][2][4], const float (
     }
 }
 
-template <bool B>
-struct TcbFlag {
-    static constexpr bool value = B;
-};
 
 // f(mt, vn, u) for every accumulator entry of a warp's output fragments [TCB_MT][2][4] (fully
 // unrolled, so the register arrays f indexes stay in registers).
@@ -471,6 +467,30 @@ __device__ __forceinline__ void tcb_flush_smem(float4 (*tsum)[32 * TCB_WARPS], f
 #pragma unroll
             for (int u = 0; u < 4; ++u) acc[mt][vn][u] = 0.f;
         }
+}
+
+// One tile's sweep: profiles and P V for each 16-deep k-step, and with OFF (past the
+// block's diagonal square) P^T V, this warp's partial of which goes to its slots `part` (tcb_tri_flush).
+template <int KIND, int MODE, int KS, bool OFF>
+__device__ __forceinline__ void tcb_sweep(float (&acc0)[TCB_MT][2][4], float (&acc1)[TCB_MT][2][4],
+                                         const TcbTile<KS>& s, const unsigned (&ah)[TCB_MT][KS][4],
+                                         const unsigned (&al)[TCB_MT][KS][TCB_AL], const float (&na)[TCB_MT],
+                                         const float (&nb)[TCB_MT], int row0, int jt, int sym, const uint4* vr,
+                                         float4* part) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int kk = 0; kk < TCB_BN_K(KS) / 16; ++kk) {
+        float p0[2][TCB_MT][4], p1[2][TCB_MT][4], acct[2][4] = {};
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            tcb_profile_tile<KIND, MODE, KS>(p0[h], p1[h], s, 2 * kk + h, ah, al, na, nb, row0, jt, sym);
+        tcb_pv<KS, OFF>(acc0, p0, s, kk, acct, vr);
+        if (MODE == GPS_MODE_FDQ) tcb_pv<KS>(acc1, p1, s, kk, acct, vr);
+        if (OFF)  // this warp's partial of P^T V for the k-step's 16 rows j
+#pragma unroll
+            for (int vn = 0; vn < 2; ++vn)
+                part[(kk * 2 + vn) * 32 + lane] = float4{acct[vn][0], acct[vn][1], acct[vn][2], acct[vn][3]};
+    }
 }
 
 template <int KIND, int MODE, int KS>
@@ -526,8 +546,9 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     const uint4* const vr = dyn + (threadIdx.x >> 5) * TCB_MT * 64;  // this warp's rows of V
     float4* const part = reinterpret_cast<float4*>(dyn + TCB_TRI_VWORDS) + (threadIdx.x >> 5) * (BN / 16) * 64;
     if (tri) tcb_tri_load_v(dyn, Vf, vtiles, BN);  // read after the first tile's barrier
-#else
+#else  // no P^T V
     const uint4* const vr = nullptr;
+    float4* const part = nullptr;
 #endif
     float acc0[TCB_MT][2][4] = {}, acc1[TCB_MT][2][4] = {};
     float tot0[TCB_MT][2][4] = {}, tot1[TCB_MT][2][4] = {};
@@ -538,39 +559,11 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
         cp_async_wait_all_but_one();  // this thread's copies of tile i have landed ...
         __syncthreads();              // ... and everyone's
         const TcbTile<KS>& s = buf[i & 1];
-#if TCB_TRI
-        const bool off = tri && i >= first + TCB_ROWS / BN;  // block-uniform: the sweep is compiled twice
-        auto sweep = [&](auto off_flag) {
-            constexpr bool OFF = tri_build && decltype(off_flag)::value;
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                float p0[2][TCB_MT][4], p1[2][TCB_MT][4], acct[2][4] = {};
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-                    tcb_profile_tile<KIND, MODE, KS>(p0[h], p1[h], s, 2 * kk + h, ah, al, na, nb, row0, i * BN, sym);
-                tcb_pv<KS, OFF>(acc0, p0, s, kk, acct, vr);
-                if (MODE == GPS_MODE_FDQ) tcb_pv<KS>(acc1, p1, s, kk, acct, vr);
-                if (OFF)  // this warp's partial of P^T V for the k-step's 16 rows j, summed by tcb_tri_flush
-#pragma unroll
-                    for (int vn = 0; vn < 2; ++vn)
-                        part[(kk * 2 + vn) * 32 + lane] = float4{acct[vn][0], acct[vn][1], acct[vn][2], acct[vn][3]};
-            }
-        };
+        const bool off = tri && i >= first + TCB_ROWS / BN;  // block-uniform: a TCB_TRI build has both sweeps
         if (tri_build && off)
-            sweep(TcbFlag<true>{});
+            tcb_sweep<KIND, MODE, KS, tri_build>(acc0, acc1, s, ah, al, na, nb, row0, i * BN, sym, vr, part);
         else
-            sweep(TcbFlag<false>{});
-#else  // the same sweep, once (the shipped builds' code unchanged by TCB_TRI)
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            float p0[2][TCB_MT][4], p1[2][TCB_MT][4], acct[2][4];
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-                tcb_profile_tile<KIND, MODE, KS>(p0[h], p1[h], s, 2 * kk + h, ah, al, na, nb, row0, i * BN, sym);
-            tcb_pv<KS>(acc0, p0, s, kk, acct, vr);
-            if (MODE == GPS_MODE_FDQ) tcb_pv<KS>(acc1, p1, s, kk, acct, vr);
-        }
-#endif
+            tcb_sweep<KIND, MODE, KS, false>(acc0, acc1, s, ah, al, na, nb, row0, i * BN, sym, vr, part);
         if (smem_tot) {
             if ((i + 1) % flush_every == 0 || i + 1 == i1) tcb_flush_smem(tsum, acc0);
         } else if (!TCB_ACC1) {
