@@ -411,3 +411,5 @@ def test_the_launcher_runs_triangle_builds_on_zeroed_outputs_without_splits(tcb_
     got = launch.kernel_matmul(Xs.float(), Zs.float(), V.float(), "rbf", variant="tcbh", splits=2, inputs_max_abs=1.0)
     assert_products(got, reference(Xs, Zs, V, "rbf", "f", expansion=True), RTOL, "f")
     assert (launches[-1], launches.smem[-1]) == ((3, 1, 2), 0)
+    with pytest.raises(ValueError, match="Z is X"):
+        launch.kernel_matmul(Xs.float(), Zs[:500].float(), V[:500].float(), "rbf", variant="tcbh", symmetric=True)

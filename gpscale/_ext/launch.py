@@ -238,6 +238,9 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
     if splits not in (1, "auto") and variant not in TCB_FAMILY:
         raise ValueError(f"column splits are a tcb / tcbh launch option; variant {variant!r} takes splits=1")
     _check(X, Z, V, variant, kernel, mode)
+    if symmetric and X.shape != Z.shape:  # a TCB_TRI build reads Z's rows as X's: it would be silently wrong
+        raise ValueError(f"symmetric=True means Z is X, but X is {tuple(X.shape)} and Z {tuple(Z.shape)}; "
+                         "pass symmetric=False for a cross product")
     X, Z, V = X.contiguous(), Z.contiguous(), V.contiguous()
     n, d = X.shape
     m, t = V.shape
