@@ -437,7 +437,6 @@ __device__ __forceinline__ void tcb_pv(float (&acc)[TCB_MT][2][4], const float (
     }
 }
 
-
 // f(mt, vn, u) for every accumulator entry of a warp's output fragments [TCB_MT][2][4] (fully
 // unrolled, so the register arrays f indexes stay in registers).
 template <typename F>
@@ -544,7 +543,8 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
 #if TCB_TRI
     TCB_DYNAMIC_SMEM(dyn);  // [V_I words][warps' partials], TCB_TRI_SMEM(BN) bytes from the launcher
     const uint4* const vr = dyn + (threadIdx.x >> 5) * TCB_MT * 64;  // this warp's rows of V
-    float4* const part = reinterpret_cast<float4*>(dyn + TCB_TRI_VWORDS) + (threadIdx.x >> 5) * (BN / 16) * 64;
+    float4* const parts = reinterpret_cast<float4*>(dyn + TCB_TRI_VWORDS);  // every warp's, for tcb_tri_flush
+    float4* const part = parts + (threadIdx.x >> 5) * (BN / 16) * 64;     // this warp's
     if (tri) tcb_tri_load_v(dyn, Vf, vtiles, BN);  // read after the first tile's barrier
 #else  // no P^T V
     const uint4* const vr = nullptr;
@@ -576,7 +576,7 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
         }
         __syncthreads();  // this tile's buffer is consumed before iteration i + 1 copies tile i + 2 into it
 #if TCB_TRI  // every warp's partial is stored; the next writes follow the next iteration's barrier
-        if (off) tcb_tri_flush<BN>(reinterpret_cast<const float4*>(dyn + TCB_TRI_VWORDS), O0, i * BN, c0, n, t);
+        if (off) tcb_tri_flush<BN>(parts, O0, i * BN, c0, n, t);
 #endif
     }
     if (smem_tot)

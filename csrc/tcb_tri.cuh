@@ -31,7 +31,7 @@
 // dynamic shared memory of a TCB_TRI launch: this block's V rows, then every warp's P^T V partial
 #define TCB_TRI_VWORDS (TCB_ROWS / 16 * 2 * 32)                          // uint4 words of V_I
 #define TCB_TRI_PWORDS(BN) (TCB_WARPS * ((BN) / 16) * 2 * 32)           // float4 partials of a tile
-#define TCB_TRI_SMEM(BN) ((TCB_TRI_VWORDS + TCB_TRI_PWORDS(BN)) * 16)  // bytes (launch.py: tri_smem_bytes)
+#define TCB_TRI_SMEM(BN) ((TCB_TRI_VWORDS + TCB_TRI_PWORDS(BN)) * 16)  // bytes (launch.py: triangle_smem)
 
 // The 8 x 8 block of 16-bit values a warp holds one pair per lane (row g, columns 2c, 2c + 1), transposed.
 __device__ __forceinline__ unsigned movmatrix_trans(unsigned x) {
@@ -64,7 +64,8 @@ __device__ __forceinline__ void tcb_red_add(float* p, float v) {
 // thread and 16-row step; the packed V ends at the padded m, and steps past it are zeros.
 __device__ __forceinline__ void tcb_tri_load_v(uint4* vrow, const uint4* __restrict__ Vf, int vtiles, int bn) {
     const int steps = vtiles * (bn / 16) - (int)blockIdx.x * (TCB_ROWS / 16);  // V's 16-row steps from row I
-    const uint4* src = Vf + (long long)blockIdx.y * vtiles * (bn / 16) * 64 + (long long)blockIdx.x * (TCB_ROWS / 16) * 64;
+    const uint4* src =
+        Vf + (long long)blockIdx.y * vtiles * (bn / 16) * 64 + (long long)blockIdx.x * (TCB_ROWS / 16) * 64;
     for (int w = threadIdx.x; w < TCB_TRI_VWORDS; w += 32 * TCB_WARPS)
         vrow[w] = (w >> 6) < steps ? src[w] : uint4{0u, 0u, 0u, 0u};
 }

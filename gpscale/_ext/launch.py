@@ -271,12 +271,8 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
         P0 = torch.empty(S, n, t, dtype=X.dtype, device=X.device) if S > 1 else O0  # S partial outputs
         P1 = (torch.empty_like(P0) if S > 1 else O1) if mode == "f_dq" else P0
         with torch.cuda.device(X.device):
-            args = [X, *inputs, P0, P1, n, m, d, t, int(bool(symmetric))]
-            if smem:
-                allow_shared_memory(fn, smem)
-                fn((*blocks, S), (threads, 1, 1), args, shared_mem=smem)
-            else:
-                fn((*blocks, S), (threads, 1, 1), args)
+            allow_shared_memory(fn, smem)  # a no-op below 48 KB (and at 0, every other launch)
+            fn((*blocks, S), (threads, 1, 1), [X, *inputs, P0, P1, n, m, d, t, int(bool(symmetric))], shared_mem=smem)
         if S > 1:
             torch.sum(P0, 0, out=O0)
             if mode == "f_dq":
