@@ -1,108 +1,47 @@
-// Fused kernel product O = F(X, Z) V on tensor cores with a bf16x3 P V product ("tcb").
+// Fused kernel product O = F(X, Z) V on tensor cores with a bf16x3 P V product ("tcb"; built with
+// TCB_DF16 = 1 it is "tcbh", the float32 default).  docs/backends.md has the design notes, every
+// measurement, and the history that the end of this header sums up.
 //
-// Status: written after the first H100 measurement of kmm_tc.cu (2026-11-24: "tc3" 0.025 s per
-// product at n = m = 100k, d = 8, t = 16 -- 10x the exp bound and slower than KeOps) without a GPU;
-// on the second lent H100 all its GPU tests passed and it ran RBF at 1M in 0.57-0.59 s (3.4x KeOps,
-// 2.45x the exp bound), Matern within 1.8x of theirs: the float32 default since (docs/backends.md,
-// where the ncu profile and the TCB_MT / TCB_MINB / TCB_EMU sweep are).  Its source also runs in
-// CI, on the CPU: tests/test_cuda_emulated.py (every thread a fiber, mma.sync from the PTX ISA's
-// fragment tables, cp.async landing late or early).  Why kmm_tc.cu is slow, counted per pair: ~5 cvt.rna.tf32
-// conversions (each warp re-splits the shared Z and V tiles; 16/clk/SM like the exp itself) and
-// ~2.5 shared-memory wavefronts with one 16-row m-tile per warp.  This file removes both: splits
-// are integer round-and-mask (no cvt), Z and V are split once per product (host side), every warp
-// owns two m-tiles that share each B fragment, and P V runs as bf16 m16n8k16 (half the MMAs).
+// The scheme is FlashAttention's (Dao et al., NeurIPS 2022; FlashAttention-2, 2023).  A block owns a tile
+// of X rows and streams Z / V tiles through shared memory.  It computes the score tile on tensor cores,
+// applies the nonlinearity in registers and multiplies by V on tensor cores, never writing the score tile.
+// Here the scores are squared distances and the nonlinearity is the kernel's profile f(q):
 //
-// The FlashAttention scheme itself is the one of kmm_tc.cu:
-//
-// Dao et al., "FlashAttention" (NeurIPS 2022) / FlashAttention-2 (2023): a block owns a tile of
-// query rows, streams key/value tiles through shared memory, computes the score tile on tensor
-// cores, applies the nonlinearity in registers and multiplies by V on tensor cores without ever
-// writing the score tile.  Here "scores" are squared distances and the nonlinearity is f(q):
-//
-//   q_ij = |x_i|^2 + |z_j|^2 - 2 x_i.z_j      (x_i.z_j on tensor cores; the norms initialise the
-//                                              accumulator, so the MMA returns q itself)
+//   q_ij = |x_i|^2 + |z_j|^2 - 2 x_i.z_j      (x_i.z_j on tensor cores, the MMA chain started from the norms)
 //   O_i += sum_j f(q_ij) v_j                   (P V on tensor cores)
 //
 // Accuracy (BBMM's CG needs relative errors <= 1e-4):
-// * Inputs are centred and divided by the lengthscales on the host, so |x|^2 stays O(d).  The
-//   expansion still leaves an absolute error ~ eps (|x|^2 + |z|^2) in q;
-//   gpscale/operators/cuda_backend.py predicts it (expansion_error) and falls back to "simt"
-//   where it would exceed the target (short lengthscales, Matern-1/2 near coincident points).
-// * The dot product uses the 3xTF32 split a = a_hi + a_lo: a.b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi,
-//   about fp32 accuracy; plain tf32 (2^-11) would leave errors growing with |x|^2.  The split is
-//   integer arithmetic (round the top 19 bits, subtract): no cvt instruction, and a_lo keeps all
-//   its bits -- the tensor core ignores the 13 low ones, an error of 2^-22 |a|.
-// * P V in bf16 (m16n8k16, twice the reduction depth of a tf32 MMA per instruction): P and V are
-//   split into bf16 hi + lo (P V ~ Ph Vh + Ph Vl + Pl Vh).  V's hi is rounded to nearest, P's is
-//   truncated (one instruction fewer per pair; see split_bf16x2_trunc), both lo are truncated by the
-//   packing; the CPU emulation in tests/test_tcb_arithmetic.py measures 5.1e-5 of sum |P||V| against
-//   the 1e-4 target.  P <= 1 and bf16 has float32's exponent range, so nothing
-//   overflows and V needs no rescaling.  Accumulation is fp32, two-level (a fresh fragment per Z
-//   tile, added to a register total).
-// * The symmetric case (Z is X) sets q_ii = 0 exactly, as the expansion leaves O(eps |x|^2).
+// * The host centres the inputs and divides them by the lengthscales, so |x|^2 stays O(d).  The expansion
+//   still leaves an absolute error ~ eps (|x|^2 + |z|^2) in q.  gpscale/operators/cuda_backend.py predicts
+//   it (expansion_error) and falls back to "simt" where it would exceed the target.
+// * The dot product is error-compensated, so plain tf32's error (growing with |x|^2) never enters:
+//   3xTF32 (a = a_hi + a_lo by integer round-and-mask, no cvt), or in tcbh two f16 m16n8k16 per k-step.
+//   f16 has tf32's 11 significant bits (tcb_io.cuh: tcbh_load_rows).
+// * P V is bf16x3: P and V split into bf16 hi + lo, P V ~ Ph Vh + Ph Vl + Pl Vh (P's hi truncated, see
+//   split_bf16x2_trunc).  The emulation measures 5.1e-5 of sum |P||V| (tests/test_tcb_arithmetic.py).
+//   P <= 1 and bf16 has float32's range, so nothing overflows.
+// * Accumulation is fp32 and two-level: a fresh fragment per tile, added to a total.  One level measured
+//   3.6e-3 on the H100, because mma.sync truncates into its accumulator.
+// * The symmetric case (Z is X, sym) sets q_ii = 0 exactly, where the expansion leaves O(eps |x|^2).
 //
-// Layouts (PTX ISA, "Matrix fragments for mma.m16n8k8 / m16n8k16"; lane = 4 g + c).  The distance
-// MMA (m16n8k8) returns rows g, g+8 x columns 2c, 2c+1 of an 8-wide Z tile; two such n-tiles are
-// exactly the bf16 A fragment of m16n8k16 (k pairs 2c, 2c+1 and 2c+8, 2c+9), so P goes from one
-// MMA to the next without shuffles.  Z and V arrive split and in *fragment order*
-// (gpscale/_ext/tcb_pack.py): lane l's four B-fragment registers of an MMA step are one 16-byte
-// word, Zf[8-row group][k-step][l] = {hi(z[g][c]), hi(z[g][c+4]), lo(z[g][c]), lo(z[g][c+4])} (k
-// offsets in the step) and Vf[column chunk][tile][k-step kk][n-tile vn][l] = {hi b0, hi b1, lo b0,
-// lo b1} (b0 = V rows 2c, 2c+1, b1 = rows 2c+8, 2c+9 of the 16-deep step, column g, as bf16 pairs).
+// Layouts (PTX ISA, "Matrix fragments for mma.m16n8k8 / m16n8k16"; lane = 4 g + c).  The distance MMA
+// returns rows g, g + 8 x columns 2c, 2c + 1 of an 8-wide Z tile.  Two such n-tiles are exactly the bf16
+// A fragment of m16n8k16, so P goes from one MMA to the next without shuffles.  Z and V arrive split,
+// zero-padded to whole tiles and in fragment order (gpscale/_ext/tcb_pack.py: a lane's B registers of one
+// MMA step are one 16-byte word).  So a tile load is a few cp.async copies per thread into a double
+// buffer, and each B fragment is one LDS.128 (tcb_io.cuh).
 //
-// Cost per warp and 64-row Z tile (32 X rows, 2 m-tiles): 2 x 8 x 3 x ceil(d/8) tf32 MMAs,
-// 2 x 4 x 2 x 3 bf16 MMAs, 2048 exps; shared-memory fragments are shared by both m-tiles.
+// Cost per warp and 64-row Z tile (two 16-row m-tiles sharing every shared-memory fragment):
+// 2 x 8 x 3 x ceil(d/8) tf32 MMAs (tcbh: 2 x 8 x 2 f16 m16n8k16), 2 x 4 x 2 x 3 bf16 MMAs, 2048 exps.
 //
-// Second pass, still without a GPU, from the SASS (benchmarks/sass_model.py, d = 8, t = 16, sm_90):
-// every csrc variant is bound by instruction issue, not by the exp unit, so the pass removed
-// instructions per pair: exp and sqrt as ex2 / sqrt.approx.ftz (profiles.cuh, FAST = 2), RBF without
-// the q >= 0 clamp, P's split truncated, tile loads with a fixed share per thread shared by 8 warps,
-// one kernel per k-step count (no registers for unused k-steps: 104 per thread for RBF at d <= 8),
-// and for RBF values |x|^2 added inside the exp's FFMA instead of the accumulator's initialisation.
-// RBF: 22.5 -> 11.7 warp instructions per 32 pairs (tc3: 45.8), a bound of 0.35 s per product at
-// n = m = 1M, ~0.54-0.63 s at the 55-64% of their bound the measured variants reach; Matern-5/2:
-// 39.6 -> 17.2.
-//
-// Third pass (the model again): the tile loads cost ~2.6 of the 11.7 instructions per 32 pairs
-// (global and shared address arithmetic, bounds checks, the splits of every Z and V element: done
-// again by every block) and the fragment reads one LDS per register (1.1).  Z and V are now split
-// once per product on the host side, zero-padded to whole tiles and laid out in fragment order, so a
-// tile load is KS + 1 (+ 1) cp.async copies of 16 bytes per thread into a double buffer (the next
-// tile lands while this one is used) and every B fragment is one LDS.128.  RBF: 11.7 -> 8.7
-// instructions per 32 pairs (2.2 SM clocks of issue), below the tensor pipe's 2.5 clocks at the
-// model's 60% mma.sync efficiency and near the exp unit's 2.0: a bound of 0.30 s per 1M product.
-// Matern-5/2: 17.2 -> 14.2, now bound by its own exp + sqrt (0.48 s).
-//
-// Fourth pass, "tcbh" (TCB_DF16 = 1; 2026-11-24, no GPU): the model's binding resource is now the
-// tensor pipe, and 3xTF32 spends three m16n8k8 per k-step on the distance.  f16 has tf32's 11
-// significant bits and m16n8k16 reduces over 16 at the same rate, so A = [xh | xl] against
-// B = [zl ; zl] and [zh ; zh] gives (xh + xl).(zh + zl) in two MMAs (tcbh_load_rows), and |z|^2 is
-// stored as the accumulator quads it initialises (no register copies): RBF 8.7 -> 7.7 instructions and
-// 1.5 -> 1.25 MMAs per 32 pairs, 120 -> 108 registers; built as its own variant
-// (gpscale/_ext/launch.py: DEFINES) and opt-in until its GPU tests pass.
-//
-// Fifth pass (third lent H100): tcbh passed every GPU test; at d <= 8 its shipped build takes 3 blocks
-// per SM (TCB_MINB = 3: 80 registers, no spills) and 128-row Z tiles (TCB_BN: half the barriers and
-// loop overhead per pair): RBF 0.525 -> 0.49-0.51 s at 1M.  One-level accumulation (TCB_ACC1) cost
-// 3.6e-3 relative error (mma.sync's accumulator truncates); TCB_ACCS keeps its registers without that.
-//
-// Sixth pass (no GPU; the model's binding resource is still the tensor pipe, 1.25 m16n8k16 per 32 pairs
-// of which 0.5 the distance): TCB_DF16 = 2 forms the two cross terms xh.zl + xl.zh from [xh | xl]
-// against [zl ; zh] in an m16n8k16 and xh.zh in an m16n8k8, whose A fragment is the first half of the
-// m16n8k16 one (the same registers), dropping xl.zl (<= 2^-22 |x_k z_k| per feature: the size of lo's
-// own f16 rounding, and the term 3xTF32 drops in tcb).  The same instructions issue, with 1.125 instead
-// of 1.25 m16n8k16's worth of tensor work per 32 pairs.  Z's words shrink to {lo, hi} (8 bytes,
-// tcb_pack.pack_z(f16=2)): the m16n8k16 B pair as loaded and hi alone, so no register is copied (B =
-// [zh ; zh] would need zh twice in a register pair: +0.35 instructions per 32 pairs in the SASS), half
-// the shared-memory traffic of Z (the model's wavefronts 1.70 -> 1.45 per 32 pairs), and tiles small
-// enough that TCB_ACCS's totals fit 48 KB beside 128-row tiles (then RBF fits 64 registers, 4 blocks per
-// SM, with an 8-byte spill; 80 without one at 3).  Opt-in (gpu_session.sh's K8 / K8A, tune_tcb.py
-// DF16 = 2) until a lent GPU has timed and tested it.
-//
-// Seventh pass (no GPU): TCB_TRI = 1 computes symmetric products (sym) from one triangle of K, each
-// off-diagonal pair's distance and exp once, adding P^T V into the rows of the tiles past a block's
-// diagonal square (tcb_tri.cuh; docs/backends.md).  Opt-in (gpu_session.sh's KT) until a lent GPU has
-// tested and timed it; with TCB_TRI = 0 the shipped builds' SASS is unchanged.
+// How it got here (docs/backends.md: "Benchmark" and "Static model from the SASS").  It was written
+// without a GPU after kmm_tc.cu measured 10x the exp bound.  Passes guided by the SASS model
+// (benchmarks/sass_model.py) took RBF from 22.5 to 8.7 warp instructions per 32 pairs: ex2 and
+// sqrt.approx, no clamp for RBF, a truncated P split, one entry per k-step count, host-side packing.
+// On lent H100s tcb ran RBF at 1M in 0.57-0.59 s (3.4x KeOps), and tcbh in 0.49-0.51 s (TCB_DF16 = 1,
+// 3 blocks per SM, 128-row tiles).  Every GPU test passed.  Two opt-in builds await a GPU: TCB_DF16 = 2
+// (less tensor work for the distances) and TCB_TRI = 1 (symmetric products from one triangle of K,
+// tcb_tri.cuh).
 //
 // Entry points: gpscale_kmm_tcb_k{1,2,3,4}_{rbf,matern12,matern32,matern52}_{f,f_dq,d}, k = ceil(d / 8)
 //   (tcbh: gpscale_kmm_tcbh_k...)
@@ -124,8 +63,8 @@
 #ifndef TCB_EMU  // of a thread's 4 accumulator entries per fragment, how many take the FMA-pipe exp (gps_ex2_poly)
 #define TCB_EMU 0
 #endif
-#ifndef TCB_DF16  // 1: distances from two f16 MMAs per k-step instead of three tf32 ones: variant "tcbh" (below);
-                  // 2: the cross terms in one m16n8k16 and xh.zh in an m16n8k8 (sixth pass, below)
+#ifndef TCB_DF16  // 1: distances from two f16 MMAs per k-step instead of three tf32 ones: variant "tcbh";
+                  // 2: the cross terms in one m16n8k16 and xh.zh in an m16n8k8 (docs/backends.md: sixth pass)
 #define TCB_DF16 0
 #endif
 #ifndef TCB_ACCS  // F > 0: mode F accumulates P V in registers for F tiles, then adds it into per-thread
@@ -153,10 +92,6 @@ static_assert(TCB_BN == 64 || TCB_BN == 128, "TCB_BN: 64 or 128 rows per tile");
 #define TCB_DMAX 32                         // largest d (4 k-steps of 8)
 #define TCB_TCH 16                          // output columns per block (two MMA n-tiles)
 
-// float -> hi with its top 19 (tf32) bits rounded to nearest (ties away), low bits 0.
-__device__ __forceinline__ float round_tf32(float x) {
-    return __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
-}
 // Two floats' upper halves as one bf16x2 register (x in the low half: the lower k index).
 __device__ __forceinline__ unsigned pack_hi(unsigned x, unsigned y) { return __byte_perm(x, y, 0x7632); }
 
@@ -173,146 +108,8 @@ __device__ __forceinline__ void split_bf16x2_trunc(float x, float y, unsigned& h
     lo = pack_hi(__float_as_uint(lx), __float_as_uint(ly));
 }
 
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-#ifdef GPS_HOST_EMULATION  // tests/emu/cuda_emu.h runs the kernels on the CPU (one fiber per thread)
-    gps_emu::mma_m16n8k16_bf16(c, a, b0, b1);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-
+#include "tcb_io.cuh"
 #include "tcb_tri.cuh"
-
-// Asynchronous 16-byte global -> shared copy (sm_80+; inline PTX: compiles with NVRTC and bare nvcc).
-// The emulation copies at the commit and lands a group at the wait that retires it, so a read of
-// the buffer before its wait sees stale data there too.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-#ifdef GPS_HOST_EMULATION  // tests/emu/cuda_emu.h runs the kernels on the CPU (one fiber per thread)
-    gps_emu::cp_async16(smem, gmem);
-#else
-    unsigned s;
-    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }\n" : "=r"(s) : "l"(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#ifdef GPS_HOST_EMULATION  // tests/emu/cuda_emu.h runs the kernels on the CPU (one fiber per thread)
-    gps_emu::cp_async_commit();
-#else
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-// Wait until at most one of this thread's committed copy groups is still in flight.
-__device__ __forceinline__ void cp_async_wait_all_but_one() {
-#ifdef GPS_HOST_EMULATION  // tests/emu/cuda_emu.h runs the kernels on the CPU (one fiber per thread)
-    gps_emu::cp_async_wait(1);
-#else
-    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-#endif
-}
-
-// One 64-row tile of Z and V in fragment order (see the header), as the host packed it.
-#if TCB_DF16 == 2
-typedef uint2 TcbZWord;  // per 8-row n-tile and k-step, each lane's f16 B fragments {lo, hi} (pairs)
-#define TCB_AL 1
-#elif TCB_DF16
-typedef uint4 TcbZWord;  // per 8-row n-tile and k-step, each lane's f16 B fragments {hi, hi, lo, lo} (pairs)
-#define TCB_AL 1         // the A fragment [xh | xl] is whole in ah; al is unused (optimised away)
-#else
-typedef float4 TcbZWord;  // per 8-row n-tile and k-step, each lane's {hi b0, hi b1, lo b0, lo b1} (tf32)
-#define TCB_AL 4
-#endif
-
-template <int KS>
-struct TcbTile {
-    TcbZWord z[TCB_BN_K(KS) / 8][KS][32];
-    uint4 v[TCB_BN_K(KS) / 16][2][32];  // per 16-deep k-step and n-tile of 8 columns: the same, bf16 pairs
-#if TCB_DF16
-    float4 zn[TCB_BN_K(KS) / 8][4];  // |z|^2 per n-tile and c: {zn[2c], zn[2c + 1], zn[2c], zn[2c + 1]}, the
-                                    // MMA's initial accumulator as one LDS.128 (no register copies)
-#else
-    float zn[TCB_BN_K(KS)];         // |z|^2
-#endif
-};
-
-// Start copying tile i into s: (KS + 1) BN / 64 16-byte copies per thread (+ 1 for the first few).
-// The host padded Z and V to whole tiles with zeros (a padded row meets V rows of 0), so there are
-// no bounds checks, and every thread's share is fixed.
-template <int KS>
-__device__ __forceinline__ void tcb_copy_tile(TcbTile<KS>& s, const float4* __restrict__ Zf,
-                                              const float* __restrict__ Zn, const uint4* __restrict__ Vf, int i,
-                                              int vtiles) {
-    constexpr int BN = TCB_BN_K(KS), VW = (BN / 16) * 2 * 32;  // rows and 16-byte words of V per tile
-    static_assert(VW % (32 * TCB_WARPS) == 0, "whole 16-byte words of V per thread and tile");
-    constexpr int ZW = sizeof(s.z) / 16, NT = 32 * TCB_WARPS;  // 16-byte words of Z per tile; threads
-    static_assert(ZW % (NT / 2) == 0, "whole half-blocks of Z words");
-    const int tid = threadIdx.x;
-    const float4* zsrc = Zf + (long long)i * ZW;
-    float4* zdst = reinterpret_cast<float4*>(&s.z[0][0][0]);
-#pragma unroll
-    for (int w = 0; w < ZW; w += NT)  // flat copies: global and shared share the [n-tile][k-step][lane] order
-        if (ZW % NT == 0 || w + tid < ZW) cp_async16(zdst + w + tid, zsrc + w + tid);
-    const uint4* vsrc = Vf + ((long long)blockIdx.y * vtiles + i) * VW;
-#pragma unroll
-    for (int w = 0; w < VW; w += NT) cp_async16(&s.v[0][0][0] + w + tid, vsrc + w + tid);
-#if TCB_DF16  // the duplicated |z|^2 quads: 32 words per tile
-    if (tid < BN / 2) cp_async16(&s.zn[0][0] + tid, Zn + (long long)i * 2 * BN + 4 * tid);
-#else
-    if (tid < BN / 4) cp_async16(&s.zn[4 * tid], Zn + (long long)i * BN + 4 * tid);
-#endif
-}
-
-// tcbh: this warp's 16 rows of -2 X as the m16n8k16 A fragment of A = [xh | xl] (k = 0..7 the f16 hi
-// parts of a k-step's 8 features, k = 8..15 their lo parts): a0, a1 = hi of rows g, g + 8 at k = 2c,
-// 2c + 1, a2, a3 = their lo; and the squared norms of the unsplit rows.  hi = f16(a) and
-// lo = f16(a - hi), round to nearest: a - hi is exact in float32, and lo's own rounding leaves
-// 2^-22 |a| -- 3xTF32's error, from f16's 11-bit significand.  Against B = [zh ; zh] and [zl ; zl]
-// (the packed Z word {hi, hi, lo, lo}) two MMAs give (xh + xl).(zh + zl); the four A registers are
-// distinct, so none is copied into place per MMA (A = [xh | xh], [xl | xl] against B = [zh ; zl]
-// made ptxas duplicate two of them before every MMA).  The launcher keeps |2x| inside f16's range
-// (launch.py: F16_MAX).
-template <int KS>
-__device__ __forceinline__ void tcbh_load_rows(const float* __restrict__ X, int row0, int n, int d,
-                                               unsigned (&a)[KS][4], float& na, float& nb) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    na = nb = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {  // rows g and g + 8: the A fragment's a0 and a1
-            const int row = row0 + g + 8 * r, k = ks * 8 + 2 * c;
-            const float v0 = (row < n && k < d) ? X[(long long)row * d + k] : 0.f;
-            const float v1 = (row < n && k + 1 < d) ? X[(long long)row * d + k + 1] : 0.f;
-            (r ? nb : na) += v0 * v0 + v1 * v1;
-            a[ks][r] = pack_f16x2(-2.f * v0, -2.f * v1);
-            float h0, h1;
-            unpack_f16x2(a[ks][r], h0, h1);
-            a[ks][2 + r] = pack_f16x2(-2.f * v0 - h0, -2.f * v1 - h1);
-        }
-    na = quad_sum(na);
-    nb = quad_sum(nb);
-}
-
-// This warp's rows (m-tile mt) as split A fragments of -2 X for every k-step, and their squared norms.
-template <int KS>
-__device__ __forceinline__ void tcb_load_rows(const float* __restrict__ X, int row0, int n, int d,
-                                              unsigned (&ah)[KS][4], unsigned (&al)[KS][TCB_AL],
-                                              float& na, float& nb) {
-#if TCB_DF16
-    tcbh_load_rows<KS>(X, row0, n, d, ah, na, nb);
-#else
-    load_rows_split(X, row0, n, d, KS, ah, al, na, nb, [](float v, unsigned& hi, unsigned& lo) {
-        const float a = -2.f * v;  // exact: the MMA then adds -2 x.z to the norms
-        const float h = round_tf32(a);
-        hi = __float_as_uint(h);
-        lo = __float_as_uint(a - h);
-    });
-#endif
-}
 
 // f (and f' q) of one 8-wide n-tile for both m-tiles: q from one 3xTF32 MMA chain per k-step,
 // started from |x|^2 + |z|^2.  The B fragments (one LDS.128 per k-step) serve both m-tiles.
@@ -435,37 +232,6 @@ __device__ __forceinline__ void tcb_pv(float (&acc)[TCB_MT][2][4], const float (
         }
         if (TRI) tcb_pvt(acct, ph, pl, vr + mt * 64);
     }
-}
-
-// f(mt, vn, u) for every accumulator entry of a warp's output fragments [TCB_MT][2][4] (fully
-// unrolled, so the register arrays f indexes stay in registers).
-template <typename F>
-__device__ __forceinline__ void tcb_each_output(F f) {
-#pragma unroll
-    for (int mt = 0; mt < TCB_MT; ++mt)
-#pragma unroll
-        for (int vn = 0; vn < 2; ++vn)
-#pragma unroll
-            for (int u = 0; u < 4; ++u) f(mt, vn, u);
-}
-
-__device__ __forceinline__ float tcb_f4(const float4& v, int u) {
-    return u == 0 ? v.x : u == 1 ? v.y : u == 2 ? v.z : v.w;
-}
-
-// tsum[mt * 2 + vn][thread] += acc[mt][vn] (one LDS.128, four FADDs and one STS.128 per fragment);
-// acc = 0.  Every thread touches only its own slots, so no barrier is needed.
-__device__ __forceinline__ void tcb_flush_smem(float4 (*tsum)[32 * TCB_WARPS], float (&acc)[TCB_MT][2][4]) {
-#pragma unroll
-    for (int mt = 0; mt < TCB_MT; ++mt)
-#pragma unroll
-        for (int vn = 0; vn < 2; ++vn) {
-            float4 v = tsum[mt * 2 + vn][threadIdx.x];
-            v.x += acc[mt][vn][0], v.y += acc[mt][vn][1], v.z += acc[mt][vn][2], v.w += acc[mt][vn][3];
-            tsum[mt * 2 + vn][threadIdx.x] = v;
-#pragma unroll
-            for (int u = 0; u < 4; ++u) acc[mt][vn][u] = 0.f;
-        }
 }
 
 // One tile's sweep: profiles and P V for each 16-deep k-step, and with OFF (past the

@@ -45,6 +45,19 @@ __device__ __forceinline__ void mma_f16_k8(float (&c)[4], unsigned a0, unsigned 
 #endif
 }
 
+// c += a b, m16n8k16, bf16 inputs (pairs, the lower k index in the low half), f32 accumulation.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#ifdef GPS_HOST_EMULATION  // tests/emu/cuda_emu.h runs the kernels on the CPU (one fiber per thread)
+    gps_emu::mma_m16n8k16_bf16(c, a, b0, b1);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
 // (x, y) -> one f16x2 register, each rounded to nearest even (x in the low half); cvt.rn.f16x2.f32.
 __device__ __forceinline__ unsigned pack_f16x2(float x, float y) {
 #ifdef GPS_HOST_EMULATION
