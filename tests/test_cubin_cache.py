@@ -162,7 +162,7 @@ def test_compile_to_cache_with_the_real_nvrtc(tmp_path):
                                        "13.0", tmp_path)
 
 
-def test_allow_shared_memory_opts_in_once_above_48_kb_and_says_when_it_cannot():
+def test_allow_shared_memory_opts_in_once_and_says_when_it_cannot():
     from gpscale._ext.compiler import allow_shared_memory
 
     class Kernel:  # torch's loaded kernel (torch.cuda._utils._CudaKernel): the opt-in and its record
@@ -174,10 +174,15 @@ def test_allow_shared_memory_opts_in_once_above_48_kb_and_says_when_it_cannot():
             self._max_shared_mem_bytes = nbytes
 
     k = Kernel()
-    allow_shared_memory(k, 40 * 1024)  # below 48 KB no opt-in is needed
+    allow_shared_memory(k, 0)  # no dynamic shared memory: nothing to allow
+    assert k.calls == []
+    # 40 KB beside the build's static tiles can pass 48 KB in all: opt in, at least to 48 KB (torch's
+    # set_shared_memory_config only records smaller values, and the attribute's default is 48 KB - static)
+    allow_shared_memory(k, 40 * 1024)
+    allow_shared_memory(k, 49152)  # already allowed
     allow_shared_memory(k, 65536)
-    allow_shared_memory(k, 60000)  # already allowed
-    assert k.calls == [65536]
+    allow_shared_memory(k, 60000)
+    assert k.calls == [49152, 65536]
 
     def cupy_call(grid, block, args, shared_mem=0):
         pass
@@ -185,3 +190,4 @@ def test_allow_shared_memory_opts_in_once_above_48_kb_and_says_when_it_cannot():
     allow_shared_memory(cupy_call, 65536)
     with pytest.raises(RuntimeError, match="48 KB"):
         allow_shared_memory(lambda grid, block, args: None, 65536)
+    allow_shared_memory(lambda grid, block, args: None, 40 * 1024)  # no way to opt in: the launch may still fit

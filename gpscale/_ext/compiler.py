@@ -155,14 +155,19 @@ def load_module(filename: str, entries: list[str], device: torch.device, options
 def allow_shared_memory(fn, nbytes: int) -> None:
     """Let launches of ``fn`` (a :func:`load_module` launcher) take ``nbytes`` of dynamic shared memory.
 
-    Over 48 KB a kernel must opt in (``cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)``), once per
-    function; torch's loaded kernels do it in ``set_shared_memory_config``, the cupy launcher per call.
+    A block's static and dynamic shared memory together may exceed 48 KB only after the kernel opts in
+    (``cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)``, once per function; the attribute defaults to
+    48 KB less the static part).  The static part is the build's, so any dynamic request opts in to
+    ``max(nbytes, 48 KB)``: a ``TCB_TRI`` build's 48 KB of partials beside 17 KB of tiles would fail to
+    launch without it.  torch's loaded kernels opt in through ``set_shared_memory_config`` (which only
+    records values under 48 KB, hence the floor), the cupy launcher per call.
     """
-    if nbytes < 48 * 1024 or getattr(fn, "_max_shared_mem_bytes", 0) >= nbytes:
+    want = max(nbytes, 48 * 1024)
+    if nbytes <= 0 or getattr(fn, "_max_shared_mem_bytes", 0) >= want:
         return
     if hasattr(fn, "set_shared_memory_config"):
-        fn.set_shared_memory_config(nbytes)
-    elif not getattr(fn, "sets_shared_memory", False):
+        fn.set_shared_memory_config(want)
+    elif not getattr(fn, "sets_shared_memory", False) and nbytes >= 48 * 1024:
         raise RuntimeError(f"this torch ({torch.__version__}) cannot give a loaded kernel more than 48 KB of shared "
                            f"memory ({nbytes} bytes asked); use a build without TCB_TRI or a newer torch")
 
@@ -176,8 +181,8 @@ def _load_cupy(text: str, entries: list[str], opts: tuple = OPTIONS) -> dict:
     def launcher(fn):
         def call(grid, block, args, shared_mem=0):
             conv = [cupy.asarray(a) if isinstance(a, torch.Tensor) else cupy.int32(a) for a in args]
-            if shared_mem >= 48 * 1024:
-                fn.max_dynamic_shared_size_bytes = shared_mem
+            if shared_mem > 0:  # static + dynamic may pass 48 KB (allow_shared_memory)
+                fn.max_dynamic_shared_size_bytes = max(shared_mem, 48 * 1024)
             stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
             with stream:
                 fn(grid, block, tuple(conv), shared_mem=shared_mem)

@@ -271,7 +271,7 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
         P0 = torch.empty(S, n, t, dtype=X.dtype, device=X.device) if S > 1 else O0  # S partial outputs
         P1 = (torch.empty_like(P0) if S > 1 else O1) if mode == "f_dq" else P0
         with torch.cuda.device(X.device):
-            allow_shared_memory(fn, smem)  # a no-op below 48 KB (and at 0, every other launch)
+            allow_shared_memory(fn, smem)  # a no-op at 0 (every launch but a TCB_TRI build's symmetric one)
             fn((*blocks, S), (threads, 1, 1), [X, *inputs, P0, P1, n, m, d, t, int(bool(symmetric))], shared_mem=smem)
         if S > 1:
             torch.sum(P0, 0, out=O0)
