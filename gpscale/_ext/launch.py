@@ -197,6 +197,46 @@ def _check_f16_range(X: torch.Tensor, Z: torch.Tensor, big: float | None = None)
                          f"{big:g}; use variant 'tcb' (or centre the inputs and check the lengthscales)")
 
 
+def _launch_inputs(variant: str, X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, d: int,
+                   inputs_max_abs: float | None) -> list:
+    """The kernel's operands after ``X``: ``Z`` and ``V`` as given, or a tcb build's split ``Zf, Zn, Vf``."""
+    if variant not in TCB_FAMILY:
+        return [Z, V]
+    if variant == "tcbh":
+        _check_f16_range(X, Z, inputs_max_abs)
+    Zf, Zn = pack_z(Z, ksteps(d), f16=z_layout(variant))  # the layout of the build that runs (see tcb_pack)
+    return [Zf, Zn, pack_v(V)]
+
+
+def _launch(X, Z, V, O0, O1, kernel: str, mode: str, variant: str, symmetric: bool, inputs_max_abs, splits) -> None:
+    """One launch of ``variant``'s entry into the zeroed ``O0`` (, ``O1``); :func:`kernel_matmul` checked the rest."""
+    n, d = X.shape
+    m, t = V.shape
+    _, rows, tch, threads = VARIANTS[variant]
+    fn = _module(variant, X.device)[entry_name(variant, kernel, mode, X.dtype, d)]
+    blocks = ((n + rows - 1) // rows, (t + tch - 1) // tch)
+    inputs = _launch_inputs(variant, X, Z, V, d, inputs_max_abs)
+    # TCB_TRI builds sweep one triangle of a symmetric product and add into the zeroed outputs (the
+    # f_dq kernels sweep all of K): one run of tiles per block, S = 1
+    smem = triangle_smem(variant, d) if symmetric and mode != "f_dq" else 0
+    if smem:
+        S = 1
+    elif splits == "auto":
+        S = auto_splits(fn, threads, X.device, blocks[0] * blocks[1], -(-m // tile_rows(variant, d)),
+                        O0.numel() * O0.element_size() * (2 if mode == "f_dq" else 1)) if variant in TCB_FAMILY else 1
+    else:
+        S = splits
+    P0 = torch.empty(S, n, t, dtype=X.dtype, device=X.device) if S > 1 else O0  # S partial outputs
+    P1 = (torch.empty_like(P0) if S > 1 else O1) if mode == "f_dq" else P0
+    with torch.cuda.device(X.device):
+        allow_shared_memory(fn, smem)  # a no-op at 0 (every launch but a TCB_TRI build's symmetric one)
+        fn((*blocks, S), (threads, 1, 1), [X, *inputs, P0, P1, n, m, d, t, int(bool(symmetric))], shared_mem=smem)
+    if S > 1:
+        torch.sum(P0, 0, out=O0)
+        if mode == "f_dq":
+            torch.sum(P1, 0, out=O1)
+
+
 def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str, *, mode: str = "f",
                   variant: str = "tc3", symmetric: bool = False, inputs_max_abs: float | None = None,
                   splits: int | str = 1):
@@ -249,33 +289,6 @@ def kernel_matmul(X: torch.Tensor, Z: torch.Tensor, V: torch.Tensor, kernel: str
     if n == 0 or t == 0:
         return (O0, O1) if mode == "f_dq" else O0
     if m > 0:
-        _, rows, tch, threads = VARIANTS[variant]
-        fn = _module(variant, X.device)[entry_name(variant, kernel, mode, X.dtype, d)]
-        blocks = ((n + rows - 1) // rows, (t + tch - 1) // tch)
-        inputs, tcb = [Z, V], variant in TCB_FAMILY
-        if tcb:  # split and in fragment order, once per product (see tcb_pack)
-            if variant == "tcbh":
-                _check_f16_range(X, Z, inputs_max_abs)
-            Zf, Zn = pack_z(Z, ksteps(d), f16=z_layout(variant))  # the layout of the build that runs
-            inputs = [Zf, Zn, pack_v(V)]
-        # TCB_TRI builds sweep one triangle of a symmetric product and add into the zeroed outputs (the
-        # f_dq kernels sweep all of K): one run of tiles per block, S = 1
-        smem = triangle_smem(variant, d) if symmetric and mode != "f_dq" else 0
-        if smem:
-            S = 1
-        elif splits == "auto":
-            S = auto_splits(fn, threads, X.device, blocks[0] * blocks[1], -(-m // tile_rows(variant, d)),
-                            O0.numel() * O0.element_size() * (2 if mode == "f_dq" else 1)) if tcb else 1
-        else:
-            S = splits
-        P0 = torch.empty(S, n, t, dtype=X.dtype, device=X.device) if S > 1 else O0  # S partial outputs
-        P1 = (torch.empty_like(P0) if S > 1 else O1) if mode == "f_dq" else P0
-        with torch.cuda.device(X.device):
-            allow_shared_memory(fn, smem)  # a no-op at 0 (every launch but a TCB_TRI build's symmetric one)
-            fn((*blocks, S), (threads, 1, 1), [X, *inputs, P0, P1, n, m, d, t, int(bool(symmetric))], shared_mem=smem)
-        if S > 1:
-            torch.sum(P0, 0, out=O0)
-            if mode == "f_dq":
-                torch.sum(P1, 0, out=O1)
+        _launch(X, Z, V, O0, O1, kernel, mode, variant, symmetric, inputs_max_abs, splits)
     return (O0, O1) if mode == "f_dq" else O0
 
