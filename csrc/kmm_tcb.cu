@@ -108,38 +108,17 @@ __device__ __forceinline__ void split_bf16x2_trunc(float x, float y, unsigned& h
     lo = pack_hi(__float_as_uint(lx), __float_as_uint(ly));
 }
 
-#include "tcb_io.cuh"
 #include "tcb_tri.cuh"
+#include "tcb_io.cuh"
 
-// f (and f' q) of one 8-wide n-tile for both m-tiles: q from one 3xTF32 MMA chain per k-step,
-// started from |x|^2 + |z|^2.  The B fragments (one LDS.128 per k-step) serve both m-tiles.
-template <int KIND, int MODE, int KS>
-__device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (&p1)[TCB_MT][4], const TcbTile<KS>& s,
-                                                int nt, const unsigned (&ah)[TCB_MT][KS][4],
-                                                const unsigned (&al)[TCB_MT][KS][TCB_AL], const float (&na)[TCB_MT],
-                                                const float (&nb)[TCB_MT], int row0, int jt, int sym) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-#if TCB_DF16
-    const float4 zz = s.zn[nt][c];
-#else
-    const float2 zz = *reinterpret_cast<const float2*>(&s.zn[nt * 8 + 2 * c]);
-#endif
-    // RBF (F, D): the chain starts from |z|^2 alone and |x|^2 joins in the FFMA that forms the exp's
-    // argument (no FADD per pair: 0.6 fewer instructions per 32 pairs); the others start from both.
-    constexpr bool fold = KIND == GPS_RBF && MODE != GPS_MODE_FDQ;
-    float q[TCB_MT][4];
-#pragma unroll
-    for (int mt = 0; mt < TCB_MT; ++mt) {
-        q[mt][0] = fold ? zz.x : na[mt] + zz.x;
-        q[mt][1] = fold ? zz.y : na[mt] + zz.y;
-#if TCB_DF16
-        q[mt][2] = fold ? zz.z : nb[mt] + zz.z;
-        q[mt][3] = fold ? zz.w : nb[mt] + zz.w;
-#else
-        q[mt][2] = fold ? zz.x : nb[mt] + zz.x;
-        q[mt][3] = fold ? zz.y : nb[mt] + zz.y;
-#endif
-    }
+// q[mt] += -2 x.z for one 8-wide n-tile and both m-tiles: per k-step an error-compensated MMA chain
+// (3xTF32, or tcbh's f16 pairs), small terms first.  The B fragments (one shared-memory read per k-step)
+// serve both m-tiles.
+template <int KS>
+__device__ __forceinline__ void tcb_distances(float (&q)[TCB_MT][4], const TcbTile<KS>& s, int nt,
+                                              const unsigned (&ah)[TCB_MT][KS][4],
+                                              const unsigned (&al)[TCB_MT][KS][TCB_AL]) {
+    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
 #if TCB_DF16 == 2  // [xh | xl] against [zl ; zh] (the two cross terms), then xh.zh in an m16n8k8 (a0, a1 = xh)
@@ -168,6 +147,58 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
         }
 #endif
     }
+}
+
+// TCB_DPATCH: q_ii = 0 exactly, set after the fact and only in the n-tiles that meet this warp's rows: a
+// warp-uniform branch taken in 1 of every m / (16 TCB_MT) n-tiles.  tcb_profile_tile's per-pair test costs
+// an integer compare and select per pair, and with `sym` a runtime value the compiler keeps part of
+// the profile code twice in the loop (SASS of the default build: 1.6 MUFU per 32 pairs counted
+// statically against 1.0 with sym = 0); which is faster on the symmetric products CG runs is for
+// tune_tcb.py --sym to measure.
+template <int KIND, int MODE>
+__device__ __forceinline__ void tcb_patch_diagonal(float (&p0)[TCB_MT][4], float (&p1)[TCB_MT][4], int row0, int col0,
+                                                   int sym) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    if (sym && col0 < row0 + 16 * TCB_MT && row0 < col0 + 8) {
+#pragma unroll
+        for (int mt = 0; mt < TCB_MT; ++mt)
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+                if (row0 + mt * 16 + g + (u >> 1) * 8 == col0 + 2 * c + (u & 1))
+                    gps_profile<KIND, MODE, 2>(0.f, p0[mt][u], p1[mt][u]);
+    }
+}
+
+// f (and f' q) of one 8-wide n-tile for both m-tiles: q from the MMA chain of tcb_distances, started from
+// |x|^2 + |z|^2 (or |z|^2 alone, below).
+template <int KIND, int MODE, int KS>
+__device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (&p1)[TCB_MT][4], const TcbTile<KS>& s,
+                                                int nt, const unsigned (&ah)[TCB_MT][KS][4],
+                                                const unsigned (&al)[TCB_MT][KS][TCB_AL], const float (&na)[TCB_MT],
+                                                const float (&nb)[TCB_MT], int row0, int jt, int sym) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+#if TCB_DF16
+    const float4 zz = s.zn[nt][c];
+#else
+    const float2 zz = *reinterpret_cast<const float2*>(&s.zn[nt * 8 + 2 * c]);
+#endif
+    // RBF (F, D): the chain starts from |z|^2 alone and |x|^2 joins in the FFMA that forms the exp's
+    // argument (no FADD per pair: 0.6 fewer instructions per 32 pairs); the others start from both.
+    constexpr bool fold = KIND == GPS_RBF && MODE != GPS_MODE_FDQ;
+    float q[TCB_MT][4];
+#pragma unroll
+    for (int mt = 0; mt < TCB_MT; ++mt) {
+        q[mt][0] = fold ? zz.x : na[mt] + zz.x;
+        q[mt][1] = fold ? zz.y : na[mt] + zz.y;
+#if TCB_DF16
+        q[mt][2] = fold ? zz.z : nb[mt] + zz.z;
+        q[mt][3] = fold ? zz.w : nb[mt] + zz.w;
+#else
+        q[mt][2] = fold ? zz.x : nb[mt] + zz.x;
+        q[mt][3] = fold ? zz.y : nb[mt] + zz.y;
+#endif
+    }
+    tcb_distances<KS>(q, s, nt, ah, al);
 #pragma unroll
     for (int mt = 0; mt < TCB_MT; ++mt)
 #pragma unroll
@@ -188,23 +219,7 @@ __device__ __forceinline__ void tcb_profile_tile(float (&p0)[TCB_MT][4], float (
             else
                 gps_profile<KIND, MODE, 2>(qq, p0[mt][u], p1[mt][u]);
         }
-#if TCB_DPATCH
-    // q_ii = 0 exactly, set after the fact and only in the n-tiles that meet this warp's rows: a
-    // warp-uniform branch taken in 1 of every m / (16 TCB_MT) n-tiles.  The per-pair test above costs
-    // an integer compare and select per pair, and with `sym` a runtime value the compiler keeps part of
-    // the profile code twice in the loop (SASS of the default build: 1.6 MUFU per 32 pairs counted
-    // statically against 1.0 with sym = 0); which is faster on the symmetric products CG runs is for
-    // tune_tcb.py --sym to measure.
-    const int col0 = jt + nt * 8;
-    if (sym && col0 < row0 + 16 * TCB_MT && row0 < col0 + 8) {
-#pragma unroll
-        for (int mt = 0; mt < TCB_MT; ++mt)
-#pragma unroll
-            for (int u = 0; u < 4; ++u)
-                if (row0 + mt * 16 + g + (u >> 1) * 8 == col0 + 2 * c + (u & 1))
-                    gps_profile<KIND, MODE, 2>(0.f, p0[mt][u], p1[mt][u]);
-    }
-#endif
+    if (TCB_DPATCH) tcb_patch_diagonal<KIND, MODE>(p0, p1, row0, jt + nt * 8, sym);
 }
 
 // acc[mt][vn] += P V for one 16-deep k-step kk; P = two n-tiles (h = 0, 1) in C layout = A layout.
@@ -272,14 +287,10 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
     const int vtiles = (m + TCB_PAD - 1) / TCB_PAD * (TCB_PAD / BN);
     // Column splits (gridDim.z = S > 1; Flash-Decoding's split of the keys): block z sums over its own
     // run of Z tiles [i0, i1) into its own partial output, O + z n t, and the host adds the S partials.
-    // More blocks of less work each: a grid of a few waves' blocks leaves most SMs idle in its last
-    // wave (wave quantisation); the launcher picks S (gpscale/_ext/splits.py).  A run may be empty.
-    // The buffers alternate by the global tile index and the output offset is formed after the loop, so
-    // only i and i1 live through it (as i and ntiles did); an empty run's block copies a valid tile it
-    // never reads.  What ptxas does differently is the first copy's run-time tile index (any, even a
-    // pointer offset): the d <= 8 builds now keep 4-8 of the per-thread totals in local memory, reloaded
-    // once per tile (~8 of ~1200 instructions per 128-column tile); the SASS model counts 7.38
-    // instructions per 32 RBF pairs in the shipped build against 7.50 before (benchmarks/sass_model.py).
+    // More blocks of less work each fill the last wave of a grid of a few waves (wave quantisation); the
+    // launcher picks S (gpscale/_ext/splits.py).  A run may be empty.  The buffers alternate by the global
+    // tile index and the output offset is formed after the loop, so only i and i1 live through it; an
+    // empty run's block copies a valid tile it never reads (docs/backends.md: "Column splits").
     // TCB_TRI (tcb_tri.cuh): a symmetric product's block starts at its diagonal square, tile `first`, and
     // past the square adds P^T V into the rows of each tile as well (O must start at zero).
     constexpr bool tri_build = TCB_TRI && MODE != GPS_MODE_FDQ;  // f_dq would need twice the partials
@@ -330,39 +341,13 @@ __device__ __forceinline__ void kmm_tcb(const float* __restrict__ X, const float
             tcb_sweep<KIND, MODE, KS, tri_build>(acc0, acc1, s, ah, al, na, nb, row0, i * BN, sym, vr, part);
         else
             tcb_sweep<KIND, MODE, KS, false>(acc0, acc1, s, ah, al, na, nb, row0, i * BN, sym, vr, part);
-        if (smem_tot) {
-            if ((i + 1) % flush_every == 0 || i + 1 == i1) tcb_flush_smem(tsum, acc0);
-        } else if (!TCB_ACC1) {
-            tcb_each_output([&](int mt, int vn, int u) {
-                tot0[mt][vn][u] += acc0[mt][vn][u];
-                acc0[mt][vn][u] = 0.f;
-                if (MODE == GPS_MODE_FDQ) tot1[mt][vn][u] += acc1[mt][vn][u];
-                if (MODE == GPS_MODE_FDQ) acc1[mt][vn][u] = 0.f;
-            });
-        }
+        tcb_add_tile<MODE, smem_tot>(acc0, acc1, tot0, tot1, tsum, (i + 1) % flush_every == 0 || i + 1 == i1);
         __syncthreads();  // this tile's buffer is consumed before iteration i + 1 copies tile i + 2 into it
 #if TCB_TRI  // every warp's partial is stored; the next writes follow the next iteration's barrier
         if (off) tcb_tri_flush<BN>(parts, O0, i * BN, c0, n, t);
 #endif
     }
-    if (smem_tot)
-        tcb_each_output([&](int mt, int vn, int u) { tot0[mt][vn][u] = tcb_f4(tsum[mt * 2 + vn][threadIdx.x], u); });
-    O0 += (long long)blockIdx.z * n * t;  // this split's partial output
-    O1 += (long long)blockIdx.z * n * t;
-    tcb_each_output([&](int mt, int vn, int u) {
-        const int ri = row0 + mt * 16 + g + (u >> 1) * 8, cc = c0 + vn * 8 + 2 * c + (u & 1);
-        if (ri < n && cc < t) {
-            const float o = TCB_ACC1 && !smem_tot ? acc0[mt][vn][u] : tot0[mt][vn][u];
-#if TCB_TRI
-            if (tri)  // other blocks' P^T V reach these rows too
-                tcb_red_add(O0 + (long long)ri * t + cc, o);
-            else
-#endif
-                O0[(long long)ri * t + cc] = o;
-            if (MODE == GPS_MODE_FDQ)
-                O1[(long long)ri * t + cc] = TCB_ACC1 ? acc1[mt][vn][u] : tot1[mt][vn][u];
-        }
-    });
+    tcb_store<MODE, smem_tot>(O0, O1, acc0, acc1, tot0, tot1, tsum, row0, g, c, c0, n, t, tri);
 }
 
 #define GPS_TCB_ENTRY(NAME, KIND, MODE, KS)                                                                  \

@@ -1,6 +1,7 @@
 // Data in and out of csrc/kmm_tcb.cu's blocks: the Z / V tiles (cp.async into a double buffer, in the
-// fragment order gpscale/_ext/tcb_pack.py packs them), each warp's rows of X as split A fragments, and the
-// stores of the per-thread P V accumulators.  Included by kmm_tcb.cu after its TCB_* configuration.
+// fragment order gpscale/_ext/tcb_pack.py packs them), each warp's rows of X as split A fragments, the
+// per-thread P V totals and their stores.  Included by kmm_tcb.cu after its TCB_* configuration and
+// tcb_tri.cuh.
 #pragma once
 
 // float -> hi with its top 19 (tf32) bits rounded to nearest (ties away), low bits 0.
@@ -164,4 +165,50 @@ __device__ __forceinline__ void tcb_flush_smem(float4 (*tsum)[32 * TCB_WARPS], f
 #pragma unroll
             for (int u = 0; u < 4; ++u) acc[mt][vn][u] = 0.f;
         }
+}
+
+// After tile i: the tile's P V (acc) into the totals -- two-level accumulation, see kmm_tcb -- and acc = 0.
+// With SMEM_TOT (TCB_ACCS = F) acc runs on over F tiles and then adds into the shared totals (flush).
+template <int MODE, bool SMEM_TOT>
+__device__ __forceinline__ void tcb_add_tile(float (&acc0)[TCB_MT][2][4], float (&acc1)[TCB_MT][2][4],
+                                             float (&tot0)[TCB_MT][2][4], float (&tot1)[TCB_MT][2][4],
+                                             float4 (*tsum)[32 * TCB_WARPS], bool flush) {
+    if (SMEM_TOT) {
+        if (flush) tcb_flush_smem(tsum, acc0);
+    } else if (!TCB_ACC1) {
+        tcb_each_output([&](int mt, int vn, int u) {
+            tot0[mt][vn][u] += acc0[mt][vn][u];
+            acc0[mt][vn][u] = 0.f;
+            if (MODE == GPS_MODE_FDQ) tot1[mt][vn][u] += acc1[mt][vn][u];
+            if (MODE == GPS_MODE_FDQ) acc1[mt][vn][u] = 0.f;
+        });
+    }
+}
+
+// The block's outputs into split blockIdx.z's partial output: the totals (acc for TCB_ACC1, the shared
+// totals tsum with SMEM_TOT).  A TCB_TRI symmetric launch (tri) adds them: other blocks' P^T V reach these rows.
+template <int MODE, bool SMEM_TOT>
+__device__ __forceinline__ void tcb_store(float* O0, float* O1,
+                                          const float (&acc0)[TCB_MT][2][4], const float (&acc1)[TCB_MT][2][4],
+                                          float (&tot0)[TCB_MT][2][4], const float (&tot1)[TCB_MT][2][4],
+                                          const float4 (*tsum)[32 * TCB_WARPS], int row0, int g, int c, int c0,
+                                          int n, int t, bool tri) {
+    if (SMEM_TOT)
+        tcb_each_output([&](int mt, int vn, int u) { tot0[mt][vn][u] = tcb_f4(tsum[mt * 2 + vn][threadIdx.x], u); });
+    O0 += (long long)blockIdx.z * n * t;  // this split's partial output
+    O1 += (long long)blockIdx.z * n * t;
+    tcb_each_output([&](int mt, int vn, int u) {
+        const int ri = row0 + mt * 16 + g + (u >> 1) * 8, cc = c0 + vn * 8 + 2 * c + (u & 1);
+        if (ri < n && cc < t) {
+            const float o = TCB_ACC1 && !SMEM_TOT ? acc0[mt][vn][u] : tot0[mt][vn][u];
+#if TCB_TRI
+            if (tri)  // other blocks' P^T V reach these rows too
+                tcb_red_add(O0 + (long long)ri * t + cc, o);
+            else
+#endif
+                O0[(long long)ri * t + cc] = o;
+            if (MODE == GPS_MODE_FDQ)
+                O1[(long long)ri * t + cc] = TCB_ACC1 ? acc1[mt][vn][u] : tot1[mt][vn][u];
+        }
+    });
 }
