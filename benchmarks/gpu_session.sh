@@ -106,8 +106,8 @@ step mll_1m 200 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes 
     --mll-rank 2000 --mll-max-iter 100 --out "$OUT/mll_1m_h100.json"
 # 4. issue 4's CUDA tests, the CUDA preconditioners and the compiled (triton) Matérn tile pass (its
 #    rank-1000 figure at 200k ran on the third H100: results/precision_cuda_200k_r1000_h100.json)
-step tests_misc 90 python3 -m pytest tests/test_mixed_precision.py tests/test_precond_suite.py tests/test_fused_profile.py \
-    -q -p no:cacheprovider -rf -k cuda
+step tests_misc 90 python3 -m pytest tests/test_mixed_precision.py tests/test_precision_fit.py tests/test_precond_suite.py \
+    tests/test_fused_profile.py -q -p no:cacheprovider -rf -k cuda
 fi
 if [ "$stage" = profile ]; then
 # 5. Nsight Compute (Firecracker machines; --clock-control none leaves the clocks alone) on the 100k

@@ -28,6 +28,15 @@ def _seed_default_rng():
 
 
 # ----------------------------------------------------------------------------- data
+@pytest.fixture(scope="module")
+def regression():
+    """1200 points in 3-d with a noisy smooth target: the mixed-precision MLL and fit tests' data set."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(1200, 3, generator=g) * 3
+    y = torch.sin(X.sum(1)) + 0.3 * torch.randn(1200, generator=g)
+    return X, y
+
+
 def make_generator(seed: int) -> torch.Generator:
     """Return a CPU :class:`torch.Generator` seeded with ``seed``."""
     return torch.Generator().manual_seed(int(seed))
