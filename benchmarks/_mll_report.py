@@ -27,6 +27,42 @@ def ratio_line(records, n) -> str | None:
     return f"n = {n}: {txt}"
 
 
+def _table_row(r: dict) -> str:
+    """One record as a row of :func:`render_markdown`'s table."""
+    data = (r.get("data") or {}).get("source", "—")
+    if r["status"] == "ok":
+        warn = " (warnings)" if r.get("warnings") else ""
+        status = (r.get("cg_status") or "ok") + warn
+        return (f"| {r['n']} | {data} | {r['library']} | {r['forward_s']:.2f} | {r['backward_s']:.2f} | "
+                f"{r['total_s']:.2f} | {r['peak_rss_gb']:.2f} | {C.fmt(r.get('cg_iterations'), 'd')} | "
+                f"{r['mll_per_point']:+.4f} | {C.fmt(r.get('mll_rel_err'), '.1e')} | "
+                f"{C.fmt(r.get('logdet_rel_err'), '.1e')} | {C.fmt(r.get('grad_rel_err'), '.1e')} | {status} |")
+    reason = r.get("reason") or "failed"
+    err = str(r.get("error", ""))
+    err = (err.split("; ")[0] if reason == "oom" else err).replace("|", "/")[:90]
+    return (f"| {r['n']} | {data} | {r['library']} | — | — | — | "
+            f"{C.fmt(r.get('peak_rss_gb'), '.2f')} | — | — | — | — | — | failed: {reason} ({err}) |")
+
+
+def _data_notes(recs: list, st: dict) -> list:
+    """The "Data:" paragraph of :func:`render_markdown`: where each problem's points came from."""
+    srcs = {}
+    for r in recs:
+        d = r.get("data") or {}
+        if d:
+            srcs.setdefault(d.get("source"), set()).add(r["n"])
+    if not srcs:
+        return []
+    notes = []
+    for s, ns in srcs.items():
+        if s and s.startswith("synthetic"):
+            notes.append(f"`{s}` (n = {', '.join(map(str, sorted(ns)))}): X ~ N(0, I), y a random-Fourier-feature "
+                         f"draw from the GP prior at these hyperparameters plus noise")
+        else:
+            notes.append(f"`{s}` (n = {', '.join(map(str, sorted(ns)))}): random subsample (seed {st['seed']})")
+    return ["Data: " + "; ".join(notes) + ". X columns and y standardised per problem.", ""]
+
+
 def render_markdown(payload: dict) -> str:
     st, m = payload["settings"], payload["machine"]
     recs = sorted(payload["records"], key=lambda r: (r["n"], {REFERENCE: 0, "gpscale": 1, "gpytorch": 2}.get(r["library"], 3)))
@@ -55,41 +91,13 @@ def render_markdown(payload: dict) -> str:
         "| log-det rel err | grad rel err | status |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in recs:
-        data = (r.get("data") or {}).get("source", "—")
-        if r["status"] == "ok":
-            warn = " (warnings)" if r.get("warnings") else ""
-            status = (r.get("cg_status") or "ok") + warn
-            lines.append(
-                f"| {r['n']} | {data} | {r['library']} | {r['forward_s']:.2f} | {r['backward_s']:.2f} | "
-                f"{r['total_s']:.2f} | {r['peak_rss_gb']:.2f} | {C.fmt(r.get('cg_iterations'), 'd')} | "
-                f"{r['mll_per_point']:+.4f} | {C.fmt(r.get('mll_rel_err'), '.1e')} | "
-                f"{C.fmt(r.get('logdet_rel_err'), '.1e')} | {C.fmt(r.get('grad_rel_err'), '.1e')} | {status} |")
-        else:
-            reason = r.get("reason") or "failed"
-            err = str(r.get("error", ""))
-            err = (err.split("; ")[0] if reason == "oom" else err).replace("|", "/")[:90]
-            lines.append(f"| {r['n']} | {data} | {r['library']} | — | — | — | "
-                         f"{C.fmt(r.get('peak_rss_gb'), '.2f')} | — | — | — | — | — | failed: {reason} ({err}) |")
+    lines += [_table_row(r) for r in recs]
     lines.append("")
     ratios = [ratio_line(recs, n) for n in sorted({r["n"] for r in recs})]
     ratios = [x for x in ratios if x]
     if ratios:
         lines += ["Ratios (total time; peak RSS):", ""] + [f"- {x}" for x in ratios] + [""]
-    srcs = {}
-    for r in recs:
-        d = r.get("data") or {}
-        if d:
-            srcs.setdefault(d.get("source"), set()).add(r["n"])
-    if srcs:
-        notes = []
-        for s, ns in srcs.items():
-            if s and s.startswith("synthetic"):
-                notes.append(f"`{s}` (n = {', '.join(map(str, sorted(ns)))}): X ~ N(0, I), y a random-Fourier-feature "
-                             f"draw from the GP prior at these hyperparameters plus noise")
-            else:
-                notes.append(f"`{s}` (n = {', '.join(map(str, sorted(ns)))}): random subsample (seed {st['seed']})")
-        lines += ["Data: " + "; ".join(notes) + ". X columns and y standardised per problem.", ""]
+    lines += _data_notes(recs, st)
     lines += [
         "CG iters: gpscale reports the largest iteration count over its 11 right-hand sides (it stops when "
         "every column reaches rtol); GPyTorch stops when the *mean* relative residual over the columns reaches "
