@@ -158,9 +158,10 @@ def allow_shared_memory(fn, nbytes: int) -> None:
     A block's static and dynamic shared memory together may exceed 48 KB only after the kernel opts in
     (``cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)``, once per function; the attribute defaults to
     48 KB less the static part).  The static part is the build's, so any dynamic request opts in to
-    ``max(nbytes, 48 KB)``: a ``TCB_TRI`` build's 48 KB of partials beside 17 KB of tiles would fail to
-    launch without it.  torch's loaded kernels opt in through ``set_shared_memory_config`` (which only
-    records values under 48 KB, hence the floor), the cupy launcher per call.
+    ``max(nbytes, 48 KB)``: a ``TCB_TRI`` build's rows of ``V`` and partials beside its 17 KB of static
+    tiles pass 48 KB in all, however small the dynamic part.  torch's loaded kernels opt in through
+    ``set_shared_memory_config`` (which only records values under 48 KB, hence the floor), the cupy
+    launcher per call.
     """
     want = max(nbytes, 48 * 1024)
     if nbytes <= 0 or getattr(fn, "_max_shared_mem_bytes", 0) >= want:
