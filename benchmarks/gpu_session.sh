@@ -9,7 +9,7 @@
 #
 # Before the first call, here (no GPU; both git-ignored, neither survives a fresh checkout):
 #   pip wheel --no-deps -w .whl pykeops==2.3 keopscore==2.3          # KeOps for the lent machine
-#   GPSCALE_NVRTC=<libnvrtc.so.13> python benchmarks/prebuild_cubins.py   # its cubins (~40 s, 11 MiB)
+#   GPSCALE_NVRTC=<libnvrtc.so.13> python benchmarks/prebuild_cubins.py   # its cubins (12, 15 MiB, ~1.5 min)
 # A machine idle for 30 s goes back and the next call starts bare, so without .cubin-cache every call
 # would compile its builds again (~12 s each of kmm_tcb.cu's, ~1.5 min of the lease in all).
 # Every step has its own time limit and writes under $OUT (fetched after the call), so a slow or
