@@ -29,8 +29,8 @@ CPU smoke test (tiny sizes, torch and KeOps only)::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import os
 import platform
 import statistics
 import sys
@@ -47,7 +47,8 @@ from gpscale._ext import launch  # noqa: E402 - pure Python: NVRTC is loaded onl
 from gpscale._ext import splits as splits_mod  # noqa: E402
 from gpscale._ext.splits import splits_arg  # noqa: E402
 from gpscale.kernels import RBF, Matern  # noqa: E402
-from gpscale.operators import CrossKernelOperator  # noqa: E402
+from gpscale.operators import CrossKernelOperator, CudaBackend  # noqa: E402
+from gpscale.cli import backend_arg  # noqa: E402
 
 ALL_BACKENDS = ("cuda:simt", "cuda:tc", "cuda:tc3", "cuda:tcb", "cuda:tcbh", "keops", "torch")
 MUFU_PER_CLK_SM = 16
@@ -96,22 +97,24 @@ def time_product(op, V, dev, repeats: int):
     return out, first, times
 
 
-def run_one(backend, name, n, args, dev, data, ref):
+def operator_backend(backend: str, splits=1):
+    """The ``backend=`` value of one timed arm: ``"cuda:tcbh"`` with ``splits`` -> ``CudaBackend("tcbh", splits)``."""
+    b, _, variant = backend.partition(":")
+    return CudaBackend(variant=variant or None, splits=splits) if b == "cuda" else b
+
+
+def run_one(backend, name, n, args, dev, data, ref, splits=1):
     X, Z, V = data
     kernel = _kernel(name, args.lengthscale)
-    b, _, variant = backend.partition(":")
-    if variant:
-        os.environ["GPSCALE_CUDA_VARIANT"] = variant
+    b = backend.partition(":")[0]
     rec = {"kernel": name, "n": n, "m": n, "d": args.d, "t": args.t, "backend": backend, "dtype": "float32",
            "symmetric": Z is X}
     try:
-        op = CrossKernelOperator(X, Z, kernel, backend=b, cache=False)
+        op = CrossKernelOperator(X, Z, kernel, backend=operator_backend(backend, splits), cache=False)
         out, first, times = time_product(op, V, dev, args.repeats)
     except Exception as exc:  # noqa: BLE001 - one failing backend must not lose the others' figures
         rec["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         return rec
-    finally:
-        os.environ.pop("GPSCALE_CUDA_VARIANT", None)
     sec = statistics.median(times)
     sfu_per_pair = 1 if name == "rbf" else 2
     chunks = -(-args.t // 16) if b == "cuda" else 1
@@ -194,8 +197,8 @@ def parse_args(argv=None):
     p.add_argument("--mll-rank", type=int, default=2000, help="pivoted-Cholesky rank of the --mll run")
     p.add_argument("--mll-rtol", type=float, default=1e-2)
     p.add_argument("--mll-max-iter", type=int, default=100, help="CG iteration cap of the --mll run")
-    p.add_argument("--mll-backend", default="auto", choices=["auto", "cuda", "keops", "torch"],
-                   help="product backend of the --mll run (the cuda variant: GPSCALE_CUDA_VARIANT)")
+    p.add_argument("--mll-backend", default="auto", type=backend_arg,
+                   help="product backend of the --mll run: auto, cuda, keops, torch or cuda:VARIANT")
     p.add_argument("--tcbh-build", default=None, metavar="OPTIONS",
                    help="time this candidate build of 'tcbh' (kmm_tcb.cu -D options, e.g. "
                         "--tcbh-build='-DTCB_DF16=2 -DTCB_BN=128', with '=') instead of the shipped "
@@ -216,18 +219,20 @@ def _splittable(backend: str) -> bool:
 
 
 def _with_splits(backend: str, splits, run):
-    """``run()`` with the CUDA backend's column splits set to ``splits``; the record says which were taken."""
-    from gpscale.operators import cuda_backend  # noqa: PLC0415
+    """``run(splits)``, recording which column splits the launcher took (``"auto"`` decides per launch).
 
+    The launcher's choice is observed by wrapping :mod:`gpscale._ext.splits`' two policy functions for
+    the duration of the run: measurement only, the splits themselves travel in the operator's
+    ``CudaBackend``.
+    """
     chosen, occupancy = [], []
-    saved = cuda_backend.COLUMN_SPLITS, splits_mod.choose_splits, splits_mod.resident_blocks
-    splits_mod.choose_splits = lambda *a, **k: chosen.append(saved[1](*a, **k)) or chosen[-1]
-    splits_mod.resident_blocks = lambda *a, **k: occupancy.append(saved[2](*a, **k)) or occupancy[-1]
-    cuda_backend.COLUMN_SPLITS = splits
+    saved = splits_mod.choose_splits, splits_mod.resident_blocks
+    splits_mod.choose_splits = lambda *a, **k: chosen.append(saved[0](*a, **k)) or chosen[-1]
+    splits_mod.resident_blocks = lambda *a, **k: occupancy.append(saved[1](*a, **k)) or occupancy[-1]
     try:
-        rec = run()
+        rec = run(splits)
     finally:
-        cuda_backend.COLUMN_SPLITS, splits_mod.choose_splits, splits_mod.resident_blocks = saved
+        splits_mod.choose_splits, splits_mod.resident_blocks = saved
     if _splittable(backend):
         rec.update(splits=splits, splits_taken=sorted(set(chosen)) if splits == "auto" else [splits],
                    blocks_per_sm=sorted(set(occupancy), key=str))
@@ -266,7 +271,8 @@ def main(argv=None) -> int:
                 if backend.startswith("cuda") and dev.type != "cuda":
                     continue
                 for splits in args.splits if _splittable(backend) else [1]:
-                    rec = _with_splits(backend, splits, lambda: run_one(backend, name, n, args, dev, (X, Z, V), ref))
+                    arm = functools.partial(run_one, backend, name, n, args, dev, (X, Z, V), ref)
+                    rec = _with_splits(backend, splits, arm)
                     results.append(rec)
                     save()
                     print(json.dumps({k: v for k, v in rec.items() if k != "seconds_all"}), flush=True)

@@ -25,7 +25,7 @@
 # Column splits (grid z, gpscale/_ext/splits.py; CPU-emulated only): "auto" splits a grid whose last wave
 # would leave slots idle -- K8A's 4 blocks per SM make 1M 7.4 waves (predicted 7% faster split 5 ways), and
 # 100k-125k rows (one GPU's share of a row split) 1-2 waves.  If it is faster where predicted and never
-# slower, cuda_backend.COLUMN_SPLITS becomes "auto" (one line).
+# slower, cuda_backend.DEFAULT_OPTIONS becomes CudaBackend(splits="auto") (one line).
 # Since (no GPU, 2026-11-24): TCB_TRI = 1 (csrc/tcb_tri.cuh) computes the symmetric product CG runs,
 # K(X, X) V, from one triangle of K -- half the exps and distance MMAs, three more bf16 MMAs per 16 x 16
 # block for P^T V -- CPU-emulated only.  It is tested first (KT: 128 registers, 2 blocks per SM, 64-row

@@ -5,14 +5,14 @@ Data flow: ``X -> kernels -> operators -> solvers / precond -> logdet -> likelih
 
 from . import kernels, logdet, operators, precond, solvers
 from .likelihood import CHOLESKY_CROSSOVER, MLLResult, marginal_log_likelihood, mll_estimate
-from .operators import CrossKernelOperator, KernelOperator
+from .operators import CrossKernelOperator, CudaBackend, KernelOperator
 from .solvers import CGResult, CGStatus, CGWarning, ConjugateGradients, cg
 from .precision import PrecisionPolicy, PrecisionWarning
 
 __version__ = "0.1.0"
 
 __all__ = ["kernels", "operators", "precond", "solvers", "logdet", "KernelOperator", "CrossKernelOperator",
-           "cg", "ConjugateGradients", "CGResult", "CGStatus", "CGWarning", "marginal_log_likelihood",
+           "CudaBackend", "cg", "ConjugateGradients", "CGResult", "CGStatus", "CGWarning", "marginal_log_likelihood",
            "mll_estimate", "MLLResult", "CHOLESKY_CROSSOVER", "PrecisionPolicy", "PrecisionWarning",
            "__version__"]
 

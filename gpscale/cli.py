@@ -32,7 +32,7 @@ from . import __version__
 from .bench import add_parser as _add_bench
 from .data import DataError, load_data, make_demo, subsample, train_test_split
 from .models import ExactGP
-from .operators.backends import BACKENDS
+from .operators.backends import BACKENDS, CUDA_VARIANTS, parse_backend
 from .precision import PRODUCT_DTYPES
 from .precond import PivotedCholesky
 
@@ -103,12 +103,22 @@ def _add_fit(sub) -> None:
     p.add_argument("--memory-budget", type=float, metavar="MIB",
                    help="memory budget of each kernel operator in MiB (default: gpscale's, 1024)")
     p.add_argument("--device", default="cpu", help="where the fit runs: cpu (default), cuda, cuda:1, ...")
-    p.add_argument("--backend", default="auto", choices=list(BACKENDS),
-                   help="kernel-product backend (default auto: the fastest available for the device and size)")
+    p.add_argument("--backend", default="auto", type=backend_arg, metavar="|".join(BACKENDS) + "|cuda:VARIANT",
+                   help="kernel-product backend (default auto: the fastest available for the device and size); "
+                        f"cuda:VARIANT fixes the CUDA kernel ({', '.join(CUDA_VARIANTS)})")
     p.add_argument("--checkpoint", metavar="PATH", help="save every step; resume when PATH exists")
     p.add_argument("--json", metavar="OUT", help="also write all results to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fit)
+
+
+def backend_arg(text: str) -> str:
+    """``argparse`` type of a ``--backend`` option: a string :func:`gpscale.operators.backends.parse_backend` takes."""
+    try:
+        parse_backend(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _count_or_all(text: str) -> int:

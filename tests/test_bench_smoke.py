@@ -96,14 +96,14 @@ def test_kernel_matmul_benchmark_times_a_candidate_tcbh_build(tmp_path, monkeypa
 def test_kernel_matmul_benchmark_records_the_column_splits_each_run_took(monkeypatch):
     from gpscale._ext import splits as splits_mod
     from gpscale._ext.splits import choose_splits, resident_blocks
-    from gpscale.operators import cuda_backend
+    from gpscale.operators import CudaBackend
 
     assert bkm.parse_args(["--splits", "1", "auto", "4"]).splits == [1, "auto", 4]
     with pytest.raises(SystemExit):
         bkm.parse_args(["--splits", "0"])
 
-    def product():  # what a CUDA product does inside: the launcher's choice, through splits' names (auto_splits)
-        assert cuda_backend.COLUMN_SPLITS == "auto"
+    def product(splits):  # what a CUDA product does inside: the launcher's choice, through splits' names
+        assert bkm.operator_backend("cuda:tcbh", splits) == CudaBackend(variant="tcbh", splits="auto")
         splits_mod.resident_blocks(object(), 256)
         return {"backend": "cuda:tcbh", "chosen": splits_mod.choose_splits(391, 782, 528)}
 
@@ -111,9 +111,9 @@ def test_kernel_matmul_benchmark_records_the_column_splits_each_run_took(monkeyp
     want = splits_mod.choose_splits(391, 782, 528)
     assert rec["splits"] == "auto" and rec["splits_taken"] == [rec["chosen"]] == [want]
     assert rec["blocks_per_sm"] == [None]
-    # everything restored for the next backend
-    assert cuda_backend.COLUMN_SPLITS == 1 and splits_mod.choose_splits is choose_splits
-    assert splits_mod.resident_blocks is resident_blocks
+    # the observation is undone for the next backend
+    assert splits_mod.choose_splits is choose_splits and splits_mod.resident_blocks is resident_blocks
+    assert bkm.operator_backend("cuda") == CudaBackend() and bkm.operator_backend("keops", "auto") == "keops"
 
 
 def test_tune_tcb_records_best_and_median_of_each_configuration(monkeypatch):

@@ -86,10 +86,17 @@ def test_bad_data_exits_2_without_traceback(tmp_path, capsys, setup, fragment):
 
 
 @pytest.mark.parametrize("argv", [[], ["fit"], ["fit", "--demo", "--kernel", "cosine"], ["nope"],
-                                  ["fit", "--demo", "--std-points", "0"], ["fit", "--demo", "--backend", "gpu"]])
+                                  ["fit", "--demo", "--std-points", "0"], ["fit", "--demo", "--backend", "gpu"],
+                                  ["fit", "--demo", "--backend", "cuda:tc4"]])
 def test_usage_errors_exit_2(argv, capsys):
     assert main(argv) == 2
     assert "usage" in capsys.readouterr().err
+
+
+def test_backend_takes_a_fixed_cuda_variant():
+    from gpscale.cli import build_parser
+
+    assert build_parser().parse_args(["fit", "--demo", "--backend", "cuda:simt"]).backend == "cuda:simt"
 
 
 def test_invalid_values_exit_2(tmp_path, capsys):

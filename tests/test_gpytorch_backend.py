@@ -255,6 +255,10 @@ def test_product_backend_reaches_every_operator(monkeypatch):
     assert made and set(made) == {"torch"}
     with pytest.raises(ValueError, match="backend must be one of"):
         BackendOptions(product_backend="gpu")
+    from gpscale import CudaBackend
+
+    for value in ("cuda:tc3", CudaBackend(splits="auto")):  # kept as given, handed to the operators
+        assert BackendOptions(product_backend=value).product_backend == value
 
 
 def test_bad_options_and_models():

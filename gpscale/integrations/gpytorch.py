@@ -71,7 +71,7 @@ class BackendOptions:
     max_iter : int, default 1000
     memory_budget : int, optional
         Bytes for one kernel operator's tile cache + workspace (gpscale's default: 1 GiB).
-    product_backend : {"auto", "cuda", "keops", "torch"}, default "auto"
+    product_backend : {"auto", "cuda", "keops", "torch"}, "cuda:<variant>" or CudaBackend, default "auto"
         How gpscale's operators compute kernel products (:mod:`gpscale.operators.backends`); ``auto``
         picks the fastest available for the device and size.
     seed : int, optional

@@ -163,7 +163,7 @@ def marginal_log_likelihood(X, y, kernel, noise=1.0, mean=0.0, *, method: str = 
         float32 state, re-orthogonalisation and the automatic fallback.  The log-det uses each probe's
         Lanczos tridiagonal from the precision that probe's run finished in; the backward
         derivative pass stays in the dtype of ``X``.  Ignored by the Cholesky path.
-    backend : {"auto", "cuda", "keops", "torch"}
+    backend : {"auto", "cuda", "keops", "torch"}, "cuda:<variant>" or CudaBackend
         How the iterative path computes kernel products (:mod:`gpscale.operators.backends`):
         ``auto`` picks the fastest available for the device and size; the statistics of
         :func:`mll_estimate` say which ran (``stats["backend"]``).  The row partition of

@@ -87,7 +87,7 @@ class ExactGP(ParamsMixin):
     memory_budget : int, optional
         Bytes for each kernel operator (cache and tiles), and a quarter of it for the right-hand
         sides of the prediction solves; default ``gpscale.operators.DEFAULT_MEMORY_BUDGET``.
-    backend : {"auto", "cuda", "keops", "torch"}, default "auto"
+    backend : {"auto", "cuda", "keops", "torch"}, "cuda:<variant>" or CudaBackend, default "auto"
         How kernel products are computed (:mod:`gpscale.operators.backends`); ``auto`` picks the
         fastest available for the device and size, and ``report_`` / the fit's statistics say which.
     noise_init, noise_floor : float, default 0.1 and 1e-4

@@ -20,9 +20,17 @@ reduction (CPU or CUDA, never stores a tile).  ``"cuda"`` runs gpscale's own fus
 
 Backends are imported lazily: a CPU-only install never imports pykeops or compiles CUDA code unless
 a backend that needs it is asked for.
+
+A ``backend=`` value is one of :data:`BACKENDS`, ``"cuda:<variant>"`` (one of :data:`CUDA_VARIANTS`), or
+a :class:`CudaBackend` carrying the CUDA backend's options: every entry point (the operators,
+:func:`gpscale.likelihood.mll_estimate`, :class:`gpscale.ExactGP`, the GPyTorch backend's
+``product_backend``) takes the same value and hands it down unchanged, so there is no process-wide
+setting to patch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -45,11 +53,74 @@ FUSED_KERNELS = ("rbf", "matern12", "matern32", "matern52")
 MIN_FUSED_ENTRIES = 1 << 22
 
 
-def check_backend_name(backend) -> str:
-    """Validate a ``backend=`` value (raises ``ValueError`` naming the choices)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}; 'auto' picks the fastest "
-                         "available for the device and size")
+#: Kernel variants of the ``cuda`` backend (``gpscale._ext.launch.VARIANTS``, kept here so that checking
+#: a ``backend=`` value never imports :mod:`gpscale._ext`; a test keeps the two equal).
+CUDA_VARIANTS = ("simt", "tc", "tc3", "tcb", "tcbh")
+#: Variants whose launches take column splits (``gpscale._ext.launch.TCB_FAMILY``).
+SPLITTABLE_VARIANTS = ("tcb", "tcbh")
+
+
+@dataclass(frozen=True)
+class CudaBackend:
+    """The ``cuda`` backend with explicit options; pass it wherever ``backend="cuda"`` is accepted.
+
+    Parameters
+    ----------
+    variant : {None, "simt", "tc", "tc3", "tcb", "tcbh"}
+        The kernel variant of every product (docs/backends.md).  ``None`` (default) lets
+        :func:`gpscale.operators.cuda_backend.variant_for` choose per product: ``"tcbh"`` for float32
+        unless the expanded distance would be too coarse for the kernel and inputs, then ``"simt"``;
+        ``"simt"`` for float64.  A fixed variant skips that guard (benchmarks, comparisons).
+    splits : int >= 1 or "auto", default 1
+        Column splits of the ``tcb`` / ``tcbh`` launches (:mod:`gpscale._ext.splits`): ``S`` blocks share
+        a row block's columns and their partial outputs are added.  ``"auto"`` splits a grid whose last
+        wave would leave most SMs idle; it stays opt-in until a GPU run has timed it.  Ignored by the
+        other variants.
+
+    Examples
+    --------
+    >>> op = KernelOperator(X, RBF(), noise=0.1, backend=CudaBackend(splits="auto"))
+    >>> mll_estimate(X, y, RBF(), noise=0.1, backend=CudaBackend(variant="simt"))  # the exact reference
+    """
+
+    variant: str | None = None
+    splits: int | str = 1
+
+    def __post_init__(self):
+        if self.variant is not None and self.variant not in CUDA_VARIANTS:
+            raise ValueError(f"CudaBackend variant must be None (chosen per product) or one of {CUDA_VARIANTS}, "
+                             f"got {self.variant!r}")
+        ok = self.splits == "auto" or (isinstance(self.splits, int) and not isinstance(self.splits, bool)
+                                       and self.splits >= 1)
+        if not ok:
+            raise ValueError(f"CudaBackend splits must be a positive int or 'auto', got {self.splits!r}")
+
+    def __str__(self) -> str:
+        return "cuda" if self.variant is None else f"cuda:{self.variant}"
+
+
+def parse_backend(backend) -> tuple[str, CudaBackend | None]:
+    """``(name, cuda options)`` of a ``backend=`` value; the options are ``None`` unless ``name == "cuda"``.
+
+    ``"cuda"`` gives ``CudaBackend()``, ``"cuda:tcbh"`` gives ``CudaBackend(variant="tcbh")`` and a
+    :class:`CudaBackend` is returned as it is.  Anything else raises ``ValueError`` naming the choices.
+    """
+    if isinstance(backend, CudaBackend):
+        return "cuda", backend
+    if isinstance(backend, str):
+        name, colon, variant = backend.partition(":")
+        if not colon and name in BACKENDS:
+            return name, (CudaBackend() if name == "cuda" else None)
+        if name == "cuda" and variant in CUDA_VARIANTS:
+            return "cuda", CudaBackend(variant=variant)
+    raise ValueError(f"backend must be one of {BACKENDS}, 'cuda:<variant>' with a variant in {CUDA_VARIANTS}, or "
+                     f"a gpscale.operators.CudaBackend(...), got {backend!r}; 'auto' picks the fastest available "
+                     "for the device and size")
+
+
+def check_backend_name(backend):
+    """Validate a ``backend=`` value (:func:`parse_backend`; raises ``ValueError`` naming the choices)."""
+    parse_backend(backend)
     return backend
 
 
@@ -62,7 +133,7 @@ def backend_available(backend: str, device: torch.device, dtype: torch.dtype = t
     (bool, str)
         ``(True, "")`` or ``(False, reason)`` where ``reason`` says what is missing and how to fix it.
     """
-    check_backend_name(backend)
+    backend = parse_backend(backend)[0]
     if backend in ("torch", "auto"):
         return True, ""
     if kernel_name not in FUSED_KERNELS:
@@ -87,8 +158,11 @@ def _fits_cache(op) -> bool:
     return t.cached_rows >= n
 
 
-def select_backend(op, requested: str) -> str:
-    """Resolve ``requested`` for a built operator ``op`` (its tiling already planned).
+def select_backend(op, requested) -> str:
+    """Resolve ``requested`` (a ``backend=`` value) for a built operator ``op`` (its tiling already planned).
+
+    Returns the backend's name; a :class:`CudaBackend`'s options are kept in ``op.cuda_options``
+    (``None`` for the other values: the CUDA products then use ``CudaBackend()``).
 
     ``auto``: on CPU always ``torch`` -- its tile cache makes every CG product after the first a
     plain GEMM, whereas KeOps recomputes all pairs and compiles each new formula for seconds (one
@@ -101,7 +175,7 @@ def select_backend(op, requested: str) -> str:
     several processes the first available one is taken untimed, so every rank agrees.  An explicit
     backend that cannot run raises ``RuntimeError`` with the reason.
     """
-    check_backend_name(requested)
+    requested, op.cuda_options = parse_backend(requested)
     name, device, dtype = op.kernel.name, op.device, op.dtype
     if requested == "torch":
         return "torch"

@@ -39,10 +39,11 @@ class CrossKernelOperator:
         Tile shape override.
     cache : bool, default True
         Keep leading kernel rows in memory while they fit the budget.
-    backend : {"auto", "cuda", "keops", "torch"}
+    backend : {"auto", "cuda", "keops", "torch"}, "cuda:<variant>" or CudaBackend
         Product implementation, see :mod:`gpscale.operators.backends`.  ``"torch"`` is the blocked
         pure-torch path (CPU and CUDA); ``"auto"`` picks the fastest available for the device and
-        size.  The choice is in ``op.backend`` (and in the MLL statistics).
+        size.  The choice is in ``op.backend`` (and in the MLL statistics).  ``"cuda:tc3"`` fixes
+        the CUDA kernel variant; a :class:`~gpscale.operators.CudaBackend` also sets its column splits.
     """
 
     def __init__(self, X, Z, kernel: StationaryKernel, *, memory_budget=None, tile_rows=None,

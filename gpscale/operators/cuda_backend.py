@@ -4,7 +4,8 @@ This module is the operator-side adapter only: it checks devices and dtypes and 
 variant.  Compilation, caching and launches live in :mod:`gpscale._ext`, which is imported only when
 this backend is used, so CPU-only installs never touch NVRTC.
 
-Variant policy (``GPSCALE_CUDA_VARIANT`` overrides it, e.g. for benchmarks):
+Variant policy (a fixed ``CudaBackend(variant=...)`` or ``backend="cuda:<variant>"`` overrides it, e.g. for
+benchmarks):
 
 * float32 -> :data:`FLOAT32_VARIANT` (``"tcbh"``): tensor cores, f16 hi/lo split for the distance and
   bf16x3 for the ``P V`` product (relative error ~1.5e-5 measured at 1M; BBMM's CG needs <= 1e-4), unless the
@@ -23,10 +24,9 @@ lent H100 (2026-11-24, ``tests/test_cuda_kernels.py``, d = 1, points spread over
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .backends import SPLITTABLE_VARIANTS, CudaBackend
 from .expansion import expansion_error, norm_bound
 
 #: Largest change of one kernel entry (relative to ``f(0) = 1``) the expansion may cause before
@@ -35,16 +35,16 @@ EXPANSION_TOL = 1e-4
 #: The float32 tensor-core variant.  It was ``"tcb"`` from its first H100 run (2026-11-24, all 220 GPU tests
 #: against the float64 reference passed): RBF at n = m = 1M, d = 8, t = 16 in 0.57-0.59 s against
 #: ``"tc3"``'s 2.25 s and KeOps' 1.98 s, relative error 1.5e-5 (benchmarks/results/kernel_matmul_h100_1m.json).
-#: It obeys the same expansion guard; ``"tc3"`` (P V in 3xTF32, error ~1e-6) stays selectable through
-#: ``GPSCALE_CUDA_VARIANT``.
+#: It obeys the same expansion guard; ``"tc3"`` (P V in 3xTF32, error ~1e-6) stays selectable as
+#: ``backend="cuda:tc3"``.
 #: ``"tcbh"`` (``tcb`` with f16 distance splits: two MMAs per k-step instead of three) since the third
 #: lent H100: all its GPU tests passed, RBF 1M product 0.49 s against ``tcb``'s 0.57 s at the same error.
 #: Its f16 range (|x| <= launch.F16_MAX) is far beyond what the expansion guard lets through.
 FLOAT32_VARIANT = "tcbh"
-#: Column splits of the ``tcb`` / ``tcbh`` launches (``launch.kernel_matmul(splits=...)``, :mod:`gpscale._ext.splits`):
-#: 1 until a lent GPU has tested and timed ``"auto"``, which splits grids whose last wave would leave most
-#: SMs idle (written without a GPU; checked on the CPU emulation).  Benchmarks set it (``--splits``).
-COLUMN_SPLITS: int | str = 1
+#: The options of an operator built with ``backend="auto"`` that picked ``cuda``.  Column splits stay 1 (no
+#: split) until a lent GPU has tested and timed ``"auto"``, which splits grids whose last wave would leave
+#: most SMs idle (written without a GPU; checked on the CPU emulation); ``CudaBackend(splits="auto")`` asks.
+DEFAULT_OPTIONS = CudaBackend()
 
 
 def available(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
@@ -63,15 +63,15 @@ def available(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple
         return _ext.available(compile=True)  # compiles once per device (cached on disk)
 
 
-def variant_for(dtype: torch.dtype, kernel=None, mode: str = "f", r2: float = 0.0) -> str:
-    """Kernel variant for ``dtype`` (see the module docstring).
+def variant_for(dtype: torch.dtype, kernel=None, mode: str = "f", r2: float = 0.0,
+                options: CudaBackend = DEFAULT_OPTIONS) -> str:
+    """Kernel variant for ``dtype`` (see the module docstring): ``options.variant`` when it names one.
 
     With ``kernel`` given, float32 products whose :func:`expansion_error` exceeds
     :data:`EXPANSION_TOL` run on ``"simt"`` instead of :data:`FLOAT32_VARIANT`.
     """
-    forced = os.environ.get("GPSCALE_CUDA_VARIANT", "").strip()
-    if forced:
-        return forced
+    if options.variant is not None:
+        return options.variant
     if dtype == torch.float64:
         return "simt"
     if kernel is not None and expansion_error(kernel, mode, r2, torch.float32) > EXPANSION_TOL:
@@ -104,11 +104,12 @@ def products(op, V: torch.Tensor, mode: str):
 
     # Kernel, inputs and r2 are fixed for an operator: decide once per mode, not in every CG product
     # (the guard evaluates the profile on a few thousand points).
+    options = getattr(op, "cuda_options", None) or DEFAULT_OPTIONS  # None: an "auto" operator that chose cuda
     chosen = op.__dict__.setdefault("_cuda_variants", {})
     if mode not in chosen:
-        chosen[mode] = variant_for(op._Xs.dtype, op.kernel, mode, _max_sq_norms(op))
+        chosen[mode] = variant_for(op._Xs.dtype, op.kernel, mode, _max_sq_norms(op), options)
     variant = op.cuda_variant = chosen[mode]  # reported by the operator (and in the solver statistics)
     big = _inputs_max_abs(op) if variant == "tcbh" else None  # inputs fixed for the operator: not per product
-    splits = COLUMN_SPLITS if variant in _ext.launch.TCB_FAMILY else 1
+    splits = options.splits if variant in SPLITTABLE_VARIANTS else 1
     return _ext.kernel_matmul(op._Xs, op._Zs, V, op.kernel.name, mode=mode, variant=variant,
                               symmetric=op._symmetric, inputs_max_abs=big, splits=splits)

@@ -48,7 +48,7 @@ class KernelOperator(CrossKernelOperator):
         Edge of the square tiles (``tile_rows`` / ``tile_cols`` are accepted as aliases).
     cache : bool, default True
         Keep upper-triangle tiles in memory while they fit ``memory_budget``.
-    backend : {"auto", "cuda", "keops", "torch"}
+    backend : {"auto", "cuda", "keops", "torch"}, "cuda:<variant>" or CudaBackend
         See :class:`CrossKernelOperator`; fused backends recompute every pair (no tile cache).
     product_dtype : {None, "float32", "tf32", "bfloat16", "float16"} or torch.dtype
         Arithmetic of the products (:mod:`gpscale.precision`).  ``None`` (default) multiplies in the
