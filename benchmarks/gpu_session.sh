@@ -95,7 +95,7 @@ step km_split 60 python3 benchmarks/bench_kernel_matmul.py --device cuda --sizes
 # every other variant against the float64 reference (unchanged since they last passed), then the backends
 step tests 130 python3 -m pytest $XDIST tests/test_cuda_kernels.py -q -p no:cacheprovider -rf \
     -k "not tcb or column_splits"
-step tests_backends 60 python3 -m pytest tests/test_backends.py -q -p no:cacheprovider -rf
+step tests_backends 60 python3 -m pytest tests/test_backends.py tests/test_cuda_backend.py -q -p no:cacheprovider -rf
 fi
 if [ "$stage" = mll ]; then
 step tests_k8a 150 python3 -m pytest $XDIST tests/test_cuda_kernels.py -q -p no:cacheprovider -rf \

@@ -15,7 +15,7 @@ underflow in float32: measured against that scale, not their own tiny size).  ``
 tensor-core variants only, what the documented expansion error of ``q``
 (``gpscale.operators.expansion.expansion_delta``) can move the product: ``|G(q +- delta) - G(q)| |V|``.
 The operators never use a tensor-core variant where that envelope exceeds their tolerance
-(``cuda_backend.variant_for``, tested on CPU in ``tests/test_backends.py``).
+(``cuda_backend.variant_for``, tested on CPU in ``tests/test_cuda_backend.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ if not torch.cuda.is_available():
 from gpscale import _ext  # noqa: E402
 from gpscale.operators import (  # noqa: E402
     CrossKernelOperator,
+    CudaBackend,
     KernelOperator,
+    backend_label,
     bilinear_derivative,
     derivative_matmul,
 )
@@ -153,6 +155,26 @@ def test_operator_and_derivatives_with_cuda_backend(dtype, rtol, name, ard):
     cr = CrossKernelOperator(X[:333].cuda().to(dtype), X.cuda().to(dtype), k, backend="cuda")
     assert_within(cr.matmul(B.cuda().to(dtype)), _plain(CrossKernelOperator(X[:333], X, k).matmul(B), B), rtol,
                   "K(X', X) B")
+
+
+@pytest.mark.parametrize("backend", [CudaBackend(variant="tcbh", splits=3), CudaBackend(splits="auto"),
+                                     CudaBackend(variant="tcb", splits=7), "cuda:tc3", "cuda:simt"],
+                         ids=["tcbh-3", "default-auto", "tcb-7", "tc3", "simt"])
+def test_operators_take_the_variant_and_column_splits_of_their_backend(backend):
+    """The variant and column splits a ``backend=`` value names reach the launches of an operator's
+    products and derivative products (1025 columns: 9 tiles of 128, so 7 splits leave an empty run)."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.rand(1025, 6, generator=g, dtype=torch.float64) * 2
+    B = torch.randn(1025, 18, generator=g, dtype=torch.float64)
+    k = _kernel("matern52", True, 6)
+    ref = KernelOperator(X, k, noise=0.1, backend="torch")
+    op = KernelOperator(X.cuda().float(), k, noise=0.1, backend=backend)
+    assert_within(op.matmul(B.cuda().float()), _plain(ref.matmul(B), B), 2e-4, "(K + noise I) B")
+    variant = backend.variant if isinstance(backend, CudaBackend) else backend.partition(":")[2]
+    assert backend_label(op) == f"cuda:{variant or 'tcbh'}"  # r2 ~ 20 here: the guard keeps tcbh
+    got, want = derivative_matmul(op, B.cuda().float()), derivative_matmul(ref, B)
+    for key in want:
+        assert_within(got[key], _plain(want[key], B), 2e-3, f"dK/d{key} B")
 
 
 def test_auto_picks_a_fused_backend_for_large_uncached_problems():
