@@ -49,6 +49,7 @@ KERNELS = ("rbf", "matern32", "matern52")
 from _mll_arms import ARMS, gpytorch_settings, run_reference, run_reference_gpscale  # noqa: E402
 from _mll_report import REFERENCE, ratio_line, render_markdown  # noqa: E402
 
+
 def worker_main(spec: dict) -> int:
     """Child process: one (library, n) measurement; prints a tagged JSON record, never raises."""
     C.set_memory_limit(spec.get("memory_limit_gb"))
@@ -81,37 +82,45 @@ def worker_main(spec: dict) -> int:
         gc.collect()
         record["rss_before_gb"] = C.current_rss_gb()
         record["peak_rss_before_gb"] = C.peak_rss_gb()
-        runs = []
-        for _ in range(max(1, int(spec.get("repeats", 1)))):
-            gc.collect()
-            runs.append(fn(X, y, spec))
-        record["peak_rss_gb"] = C.peak_rss_gb()
-        record["ru_maxrss_gb"] = C.ru_maxrss_gb()
-        last = runs[-1]
-        record.update({k: v for k, v in last.items() if k not in ("forward_s", "backward_s", "total_s")})
-        agg = min if spec.get("stat") == "min" else statistics.median
-        for key in ("forward_s", "backward_s", "total_s"):
-            record[key] = agg(r[key] for r in runs)
-            record[key + "_all"] = [r[key] for r in runs]
+        _time_runs(fn, X, y, spec, record)
         record["status"] = "ok"
     except BaseException as exc:  # noqa: BLE001 - the parent must always get a record
-        import traceback
-
-        import re
-
-        oom = C.is_oom_error(exc)
-        m = re.search(r"tried to allocate (\d+) bytes", str(exc))
-        what = f", tried to allocate {int(m.group(1)) / C.GIB:.2f} GB" if m else ""
-        record.update(status="failed", reason="oom" if oom else "error",
-                      error=(f"out of memory (address-space limit {spec.get('memory_limit_gb')} GB{what}); " if oom
-                             else "") + f"{type(exc).__name__}: {str(exc)[:500]}",
-                      traceback=traceback.format_exc()[-3000:])
-        try:
-            record["peak_rss_gb"] = C.peak_rss_gb()
-        except Exception:  # noqa: BLE001
-            pass
+        _record_failure(exc, spec, record)
     C.emit_result(record)
     return 0
+
+
+def _time_runs(fn, X, y, spec: dict, record: dict) -> None:
+    """``spec["repeats"]`` timed runs of ``fn``: the last run's figures, and each time's median (or min) and list."""
+    runs = []
+    for _ in range(max(1, int(spec.get("repeats", 1)))):
+        gc.collect()
+        runs.append(fn(X, y, spec))
+    record["peak_rss_gb"] = C.peak_rss_gb()
+    record["ru_maxrss_gb"] = C.ru_maxrss_gb()
+    record.update({k: v for k, v in runs[-1].items() if k not in ("forward_s", "backward_s", "total_s")})
+    agg = min if spec.get("stat") == "min" else statistics.median
+    for key in ("forward_s", "backward_s", "total_s"):
+        record[key] = agg(r[key] for r in runs)
+        record[key + "_all"] = [r[key] for r in runs]
+
+
+def _record_failure(exc: BaseException, spec: dict, record: dict) -> None:
+    """What went wrong, in the record the parent reads: out of memory (with the request) or the error."""
+    import re
+    import traceback
+
+    oom = C.is_oom_error(exc)
+    m = re.search(r"tried to allocate (\d+) bytes", str(exc))
+    what = f", tried to allocate {int(m.group(1)) / C.GIB:.2f} GB" if m else ""
+    record.update(status="failed", reason="oom" if oom else "error",
+                  error=(f"out of memory (address-space limit {spec.get('memory_limit_gb')} GB{what}); " if oom
+                         else "") + f"{type(exc).__name__}: {str(exc)[:500]}",
+                  traceback=traceback.format_exc()[-3000:])
+    try:
+        record["peak_rss_gb"] = C.peak_rss_gb()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 # ============================================================================== parent side
