@@ -45,6 +45,13 @@ def test_cuda_backend_options_are_checked_when_made(kw, match):
         CudaBackend(**kw)
 
 
+@pytest.mark.parametrize("value", ["cuda:tcbh", CudaBackend(variant="tc3")])
+def test_a_float32_variant_on_float64_data_is_refused_when_the_operator_is_built(value):
+    X = make_inputs(20, 2).double()
+    with pytest.raises(ValueError, match=r"computes in float32, but X is float64; use backend='cuda:simt'"):
+        KernelOperator(X, RBF(), noise=0.1, backend=value)
+
+
 def test_the_cuda_variant_names_match_the_launcher():
     from gpscale._ext import launch
 

@@ -179,6 +179,10 @@ def select_backend(op, requested) -> str:
     name, device, dtype = op.kernel.name, op.device, op.dtype
     if requested == "torch":
         return "torch"
+    variant = op.cuda_options.variant if op.cuda_options else None
+    if dtype == torch.float64 and variant not in (None, "simt"):  # refused here, not at the first product
+        raise ValueError(f"the cuda variant {variant!r} computes in float32, but X is float64; use "
+                         "backend='cuda:simt' (or 'cuda', which picks it), or pass float32 inputs")
     if requested != "auto":
         ok, why = backend_available(requested, device, dtype, name)
         if not ok:
