@@ -37,6 +37,22 @@ def regression():
     return X, y
 
 
+@pytest.fixture(scope="session")
+def tcb_builds(tmp_path_factory):
+    """``get(*defines)``: the CPU emulation's tcb harness compiled with these ``-D`` options, once per session
+    (``emu_harness.build_emulation``; skips without a host C++ compiler)."""
+    from emu_harness import build_emulation  # noqa: PLC0415 - only the emulated tests need it
+
+    cache: dict = {}
+
+    def get(*defines: str):
+        if defines not in cache:
+            cache[defines] = build_emulation(tmp_path_factory, "tcb_harness", *defines)
+        return cache[defines]
+
+    return get
+
+
 def make_generator(seed: int) -> torch.Generator:
     """Return a CPU :class:`torch.Generator` seeded with ``seed``."""
     return torch.Generator().manual_seed(int(seed))

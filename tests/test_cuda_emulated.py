@@ -11,57 +11,26 @@ reference and error measure as the GPU tests (``kernel_reference.py``).  What it
 and hardware behaviour the ISA leaves open (the MMA's internal rounding, cp.async timing beyond "not
 before its wait").  ``tc`` / ``tc3`` (csrc/kmm_tc.cu), which passed their GPU tests on the first
 lent H100, run here too: the emulation's tf32 fragment tables are thereby checked against hardware.
-Needs a host C++ compiler (g++; CI has one beside nvcc); skips without.
+Needs a host C++ compiler (g++; CI has one beside nvcc); skips without.  ``test_cuda_emulated_launch.py``
+runs the launcher and the operators around the emulation, and the ``TCB_TRI`` builds.
 """
 
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import emu_harness
+from emu_harness import SCHEDULES, build_emulation, run_tcb
 from kernel_reference import assert_products, make_data, reference
 
 from gpscale._ext import launch
-from gpscale._ext.launch import entry_name, ksteps
+from gpscale._ext.launch import entry_name
 from gpscale._ext.tcb_pack import _as_int32, pack_v, pack_z
 
-ROOT = Path(__file__).resolve().parents[1]
-EMU = Path(__file__).resolve().parent / "emu"
 RTOL = 1e-4  # the GPU tests' tolerance for tcb
-
-
-def _build(tmp_path_factory, harness: str, *defines: str):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler (g++) to build the CPU emulation of the CUDA kernels")
-    lib = tmp_path_factory.mktemp("emu") / f"{harness}.so"
-    # -fno-gnu-unique: each build keeps its own template statics (the kernels' __shared__ tiles, whose
-    # size differs between builds); unique symbols would make every loaded build share the first one's.
-    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-fno-gnu-unique", "-w", "-include",
-                    str(EMU / "cuda_emu.h"),
-                    "-DGPS_HOST_EMULATION", *defines, f"-I{ROOT / 'csrc'}", f"-I{EMU}",
-                    str(EMU / f"{harness}.cpp"), "-o",
-                    str(lib)], check=True, capture_output=True, text=True)
-    return ctypes.CDLL(str(lib))
-
-
-@pytest.fixture(scope="module")
-def tcb_builds(tmp_path_factory):
-    """``get(*defines)``: the tcb harness compiled with these ``-D`` options, once per module."""
-    cache: dict = {}
-
-    def get(*defines: str):
-        if defines not in cache:
-            cache[defines] = _build(tmp_path_factory, "tcb_harness", *defines)
-        return cache[defines]
-
-    return get
 
 
 @pytest.fixture(scope="module")
@@ -89,36 +58,7 @@ def emulated_h_dpatch(tcb_builds):
 
 @pytest.fixture(scope="module")
 def emulated_tc(tmp_path_factory):
-    return _build(tmp_path_factory, "tc_harness")
-
-
-#: the emulation's two modes (cuda_emu.h): copies land at their wait, warps in step / copies land at
-#: issue, warp 0 as far ahead as the barriers allow
-SCHEDULES = {"late": (0, 0), "early-greedy": (1, 1)}
-
-
-def run_tcb(so, X, Z, V, kernel, mode, symmetric=False, schedule="late", variant="tcb", layout=None, splits=1,
-            zeros=False):
-    """``launch.kernel_matmul(..., variant="tcb" | "tcbh")`` with the launch replaced by the emulation.
-
-    ``layout``: the build's TCB_DF16 (how Z is packed); by default 1 for ``tcbh``, 0 for ``tcb``.
-    ``splits``: column splits (grid z); their partial outputs are summed as the launcher does.
-    ``zeros``: outputs start at zero, as a ``TCB_TRI`` build's symmetric launch needs (it adds into them).
-    """
-    X, Z, V = (A.float().contiguous() for A in (X, Z, V))
-    n, d = X.shape
-    m, t = V.shape
-    Zf, Zn = pack_z(Z, ksteps(d), f16=int(variant == "tcbh") if layout is None else layout)
-    Vf = pack_v(V)
-    # NaN-filled: an output a block fails to write shows (the launcher's partials are torch.empty)
-    O0, O1 = (torch.full((splits, n, t), 0.0 if zeros else float("nan")) for _ in range(2))
-    err = ctypes.create_string_buffer(512)
-    ptr = [ctypes.c_void_p(a.data_ptr()) for a in (X, Zf, Zn, Vf, O0, O1)]
-    rc = so.gps_emu_tcb(entry_name(variant, kernel, mode, torch.float32, d).encode(), *ptr, n, m, d, t,
-                        int(symmetric), splits, *SCHEDULES[schedule], err, len(err))
-    assert rc == 0, f"emulation failed ({rc}): {err.value.decode()}"
-    O0, O1 = O0.sum(0), O1.sum(0)
-    return (O0, O1) if mode == "f_dq" else O0
+    return build_emulation(tmp_path_factory, "tc_harness")
 
 
 # (kernel, mode, (n, m, d, t), lengthscale): every k-step count (d = 5, 13, 20, 32), kernel and mode, sizes
@@ -207,7 +147,7 @@ def test_the_emulation_catches_a_wrong_tcbh_layout(emulated_h, monkeypatch):
         return _as_int32((u >> 16) | ((u & 0xFFFF) << 16)), Zn
 
     with monkeypatch.context() as mp:
-        mp.setitem(globals(), "pack_z", swapped)
+        mp.setattr(emu_harness, "pack_z", swapped)  # what run_tcb packs Z with
         got = run_tcb(emulated_h, Xs, Zs, V, "rbf", "f", variant="tcbh")
     want = reference(Xs, Zs, V, "rbf", "f")[0][0]
     assert float((got.double() - want).abs().max()) > 1e-2 * float(want.abs().max())
@@ -254,7 +194,7 @@ def test_the_emulation_catches_a_wrong_layout(emulated, monkeypatch):
     """The check has teeth: V's fragments with their two k-halves swapped give a wrong product."""
     Xs, Zs, V = (A.float().double() for A in make_data(40, 70, 4, 16, 1.0, seed=1))
     with monkeypatch.context() as mp:  # {hi b0, hi b1, lo b0, lo b1} reversed
-        mp.setitem(globals(), "pack_v", lambda A, real=pack_v: real(A).flip(-1).contiguous())
+        mp.setattr(emu_harness, "pack_v", lambda A, real=pack_v: real(A).flip(-1).contiguous())
         got = run_tcb(emulated, Xs, Zs, V, "rbf", "f")
     want = reference(Xs, Zs, V, "rbf", "f")[0][0]
     assert float((got.double() - want).abs().max()) > 1e-2 * float(want.abs().max())
@@ -310,106 +250,3 @@ def test_emulated_column_splits_keep_the_symmetric_diagonal_exact(emulated_h):
     Xs[11] = Xs[5]
     got = run_tcb(emulated_h, Xs, Xs, V, "matern12", "f", symmetric=True, variant="tcbh", splits=3)
     assert_products(got, reference(Xs, Xs, V, "matern12", "f", expansion=True, symmetric=True), RTOL, "f")
-
-
-@pytest.fixture
-def emulated_launcher(tcb_builds, monkeypatch):
-    """``launch.kernel_matmul`` itself on CPU tensors, its launch run by the emulation of the shipped ``tcbh``
-    build: the device checks, the module loader and the device's SM count replaced (``launches`` records each
-    launch's grid)."""
-    return _emulate_launches(tcb_builds(*launch.DEFINES["tcbh"]), monkeypatch)
-
-
-class Launches(list):
-    """The grids of the emulated launches, and their dynamic shared memory in ``smem``."""
-
-    def __init__(self):
-        super().__init__()
-        self.smem = []
-
-
-def _emulate_launches(so, monkeypatch):
-    launches = Launches()
-
-    def launcher(name):
-        def call(grid, block, args, shared_mem=0):
-            launches.append(grid)
-            launches.smem.append(shared_mem)
-            X, Zf, Zn, Vf, P0, P1, n, m, d, t, sym = args
-            ptr = [ctypes.c_void_p(a.data_ptr()) for a in (X, Zf, Zn, Vf, P0, P1)]
-            err = ctypes.create_string_buffer(512)
-            assert so.gps_emu_tcb(name.encode(), *ptr, n, m, d, t, sym, grid[2], 1, 1, err, len(err)) == 0, err.value
-        call.sets_shared_memory = True  # as compiler.py's cupy launcher: no opt-in call needed
-        return call
-
-    class Module(dict):
-        def __missing__(self, name):
-            return launcher(name)
-
-    monkeypatch.setattr(launch, "_check", lambda *a: None)
-    monkeypatch.setattr(launch, "_module", lambda variant, device: Module())
-    monkeypatch.setattr(torch.cuda, "device", lambda device: __import__("contextlib").nullcontext())
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=4))
-    return launches
-
-
-@pytest.mark.parametrize("mode", ["f", "f_dq"])
-def test_the_launcher_adds_the_partial_outputs_of_column_splits(emulated_launcher, mode):
-    Xs, Zs, V = (A.float().double() for A in make_data(40, 1000, 4, 16, 1.0, seed=5))
-    want = reference(Xs, Zs, V, "rbf", mode, expansion=True)
-    # one block and 8 tiles of 128 columns; 4 SMs x 2 blocks (the fallback occupancy): "auto" fills the
-    # 8 slots with 8 splits of one tile each; 5 splits leave runs of 2, 2, 2, 2 and none
-    for splits, S in ((1, 1), (5, 5), ("auto", 8)):
-        got = launch.kernel_matmul(Xs.float(), Zs.float(), V.float(), "rbf", mode=mode, variant="tcbh",
-                                   splits=splits, inputs_max_abs=1.0)
-        assert emulated_launcher[-1] == (1, 1, S)
-        assert_products(got, want, RTOL, mode)
-
-
-# TCB_TRI (csrc/tcb_tri.cuh): symmetric products from one triangle of K, each pair's exp once, P^T V added
-# into the rows of the column tiles past a block's diagonal square.  Sizes span several 256-row blocks (so
-# rows get contributions from earlier blocks' transposed products) and divide neither blocks, tiles nor
-# column chunks; f_dq runs the full sweep in a TCB_TRI build (the kernel's own fallback).
-TRI_CASES = [("rbf", "f", (600, 5, 17), 1.0, ()), ("matern52", "d", (530, 13, 3), 0.7, ()),
-             ("matern12", "f", (300, 2, 5), 1.0, ()), ("rbf", "f_dq", (290, 8, 2), 1.0, ()),
-             ("matern32", "f", (700, 8, 16), 2.0, ("-DTCB_BN=128",)), ("rbf", "d", (513, 20, 1), 3.0, ())]
-
-
-@pytest.mark.parametrize("kernel,mode,size,ls,extra", TRI_CASES,
-                         ids=[f"{k}-{m}-{'x'.join(map(str, s))}-{len(e)}" for k, m, s, ls, e in TRI_CASES])
-def test_emulated_triangle_builds_match_the_symmetric_reference(tcb_builds, kernel, mode, size, ls, extra):
-    n, d, t = size
-    Xs, _, V = (A.float().double() for A in make_data(n, n, d, t, ls, seed=n + d))
-    so = tcb_builds(DF16, "-DTCB_TRI=1", *extra)
-    got = run_tcb(so, Xs, Xs, V, kernel, mode, symmetric=True, variant="tcbh", schedule="early-greedy",
-                  zeros=True)
-    assert_products(got, reference(Xs, Xs, V, kernel, mode, expansion=True, symmetric=True), RTOL, mode)
-
-
-def test_emulated_triangle_build_runs_non_symmetric_products_in_full(tcb_builds):
-    # sym = 0 in a TCB_TRI build: every block sweeps every tile and writes its rows (no zeros needed)
-    Xs, Zs, V = (A.float().double() for A in make_data(300, 290, 6, 9, 1.0, seed=3))
-    got = run_tcb(tcb_builds(DF16, "-DTCB_TRI=1"), Xs, Zs, V, "rbf", "f", variant="tcbh")
-    assert_products(got, reference(Xs, Zs, V, "rbf", "f", expansion=True), RTOL, "f")
-
-
-@pytest.mark.parametrize("tile", [64, 128])
-def test_the_launcher_runs_triangle_builds_on_zeroed_outputs_without_splits(tcb_builds, monkeypatch, tile):
-    # launch.kernel_matmul with a TCB_TRI tcbh build: symmetric f / d products get the triangle's dynamic
-    # shared memory, one run per block (splits ignored) and zeroed outputs; non-symmetric ones and f_dq neither
-    build = (DF16, "-DTCB_TRI=1", f"-DTCB_BN={tile}")
-    monkeypatch.setitem(launch.DEFINES, "tcbh", build)
-    launches = _emulate_launches(tcb_builds(*build), monkeypatch)
-    Xs, Zs, V = (A.float().double() for A in make_data(530, 530, 4, 16, 1.0, seed=7))
-    smem = (256 // 16 + 8 * tile // 16) * 2 * 32 * 16  # TCB_TRI_SMEM(BN) of csrc/tcb_tri.cuh
-    assert launch.triangle_smem("tcbh", 4) == smem and launch.triangle_smem("tcbh", 9) == 48 * 1024  # 64-row tiles
-    for mode in ("f", "d", "f_dq"):
-        got = launch.kernel_matmul(Xs.float(), Xs.float(), V.float(), "rbf", mode=mode, variant="tcbh",
-                                   symmetric=True, splits=3, inputs_max_abs=1.0)
-        assert_products(got, reference(Xs, Xs, V, "rbf", mode, expansion=True, symmetric=True), RTOL, mode)
-        assert (launches[-1], launches.smem[-1]) == (((3, 1, 3), 0) if mode == "f_dq" else ((3, 1, 1), smem))
-    got = launch.kernel_matmul(Xs.float(), Zs.float(), V.float(), "rbf", variant="tcbh", splits=2, inputs_max_abs=1.0)
-    assert_products(got, reference(Xs, Zs, V, "rbf", "f", expansion=True), RTOL, "f")
-    assert (launches[-1], launches.smem[-1]) == ((3, 1, 2), 0)
-    with pytest.raises(ValueError, match="Z is X"):
-        launch.kernel_matmul(Xs.float(), Zs[:500].float(), V[:500].float(), "rbf", variant="tcbh", symmetric=True)

@@ -1,6 +1,7 @@
 """Column splits of the tcb-family launches (gpscale/_ext/splits.py): the policy and the launcher's checks.
 
-The split products themselves run under the CPU emulation in ``test_cuda_emulated.py``.
+The split products themselves run under the CPU emulation in ``test_cuda_emulated.py`` (the kernels)
+and ``test_cuda_emulated_launch.py`` (the launcher).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 // The tc / tc3 kernels (csrc/kmm_tc.cu) compiled for the CPU emulation of tests/emu/cuda_emu.h.
 // They passed their GPU tests on the first lent H100, so running them here checks the emulation's
-// tf32 fragment tables against hardware.  Built by tests/test_cuda_emulated.py like tcb_harness.cpp.
+// tf32 fragment tables against hardware.  Built by tests/emu_harness.py like tcb_harness.cpp.
 #include "kmm_tc.cu"
 
 #include "harness.h"

@@ -1,5 +1,5 @@
 // The tcb kernel (csrc/kmm_tcb.cu) compiled for the CPU emulation of tests/emu/cuda_emu.h.
-// Built by tests/test_cuda_emulated.py:
+// Built by tests/emu_harness.py (build_emulation):
 //   g++ -std=c++17 -O1 -shared -fPIC -include cuda_emu.h -DGPS_HOST_EMULATION -I csrc tcb_harness.cpp
 #include "kmm_tcb.cu"
 
