@@ -27,6 +27,7 @@ EMU = Path(__file__).resolve().parent / "emu"
 
 
 def build_emulation(tmp_path_factory, harness: str, *defines: str):
+    """``tests/emu/<harness>.cpp`` compiled with the host C++ compiler and ``-D`` ``defines``, loaded with ctypes."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no host C++ compiler (g++) to build the CPU emulation of the CUDA kernels")
@@ -79,6 +80,11 @@ class Launches(list):
 
 
 def emulate_launches(so, monkeypatch):
+    """Replace ``launch.kernel_matmul``'s launch by the emulation ``so`` (a tcb harness build) for this test.
+
+    The device checks, the module loader, the device guard and the SM count (4) are replaced; everything
+    else in the launcher runs as on a GPU.  Returns the :class:`Launches` record, filled as launches happen.
+    """
     launches = Launches()
 
     def launcher(name):
