@@ -29,6 +29,7 @@ CPU smoke test (tiny sizes, torch and KeOps only)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import platform
@@ -47,7 +48,8 @@ from gpscale._ext import launch  # noqa: E402 - pure Python: NVRTC is loaded onl
 from gpscale._ext import splits as splits_mod  # noqa: E402
 from gpscale._ext.splits import splits_arg  # noqa: E402
 from gpscale.kernels import RBF, Matern  # noqa: E402
-from gpscale.operators import CrossKernelOperator, CudaBackend  # noqa: E402
+from gpscale.operators import CrossKernelOperator  # noqa: E402
+from gpscale.operators.backends import parse_backend  # noqa: E402
 from gpscale.cli import backend_arg  # noqa: E402
 
 ALL_BACKENDS = ("cuda:simt", "cuda:tc", "cuda:tc3", "cuda:tcb", "cuda:tcbh", "keops", "torch")
@@ -99,8 +101,8 @@ def time_product(op, V, dev, repeats: int):
 
 def operator_backend(backend: str, splits=1):
     """The ``backend=`` value of one timed arm: ``"cuda:tcbh"`` with ``splits`` -> ``CudaBackend("tcbh", splits)``."""
-    b, _, variant = backend.partition(":")
-    return CudaBackend(variant=variant or None, splits=splits) if b == "cuda" else b
+    name, cuda = parse_backend(backend)
+    return dataclasses.replace(cuda, splits=splits) if cuda else name
 
 
 def run_one(backend, name, n, args, dev, data, ref, splits=1):

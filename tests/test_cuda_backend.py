@@ -56,7 +56,6 @@ def test_the_cuda_variant_names_match_the_launcher():
     from gpscale._ext import launch
 
     assert backends.CUDA_VARIANTS == tuple(launch.VARIANTS)
-    assert set(backends.SPLITTABLE_VARIANTS) == launch.TCB_FAMILY
 
 
 @pytest.mark.parametrize("value, dtype, want", [

@@ -41,6 +41,7 @@ from gpscale.operators import (  # noqa: E402
     bilinear_derivative,
     derivative_matmul,
 )
+from gpscale.operators.backends import parse_backend  # noqa: E402
 from kernel_reference import KERNELS, assert_products, assert_within, make_data, reference  # noqa: E402
 
 _OK, _WHY = _ext.available(compile=True)
@@ -170,7 +171,7 @@ def test_operators_take_the_variant_and_column_splits_of_their_backend(backend):
     ref = KernelOperator(X, k, noise=0.1, backend="torch")
     op = KernelOperator(X.cuda().float(), k, noise=0.1, backend=backend)
     assert_within(op.matmul(B.cuda().float()), _plain(ref.matmul(B), B), 2e-4, "(K + noise I) B")
-    variant = backend.variant if isinstance(backend, CudaBackend) else backend.partition(":")[2]
+    variant = parse_backend(backend)[1].variant
     assert backend_label(op) == f"cuda:{variant or 'tcbh'}"  # r2 ~ 20 here: the guard keeps tcbh
     got, want = derivative_matmul(op, B.cuda().float()), derivative_matmul(ref, B)
     for key in want:

@@ -152,6 +152,10 @@ def load_module(filename: str, entries: list[str], device: torch.device, options
         return _cuda_load_module(cubin, entries)
 
 
+#: Shared memory (static + dynamic, bytes) a block may take before its kernel opts in to more.
+SMEM_WITHOUT_OPT_IN = 48 * 1024
+
+
 def allow_shared_memory(fn, nbytes: int) -> None:
     """Let launches of ``fn`` (a :func:`load_module` launcher) take ``nbytes`` of dynamic shared memory.
 
@@ -163,12 +167,12 @@ def allow_shared_memory(fn, nbytes: int) -> None:
     ``set_shared_memory_config`` (which only records values under 48 KB, hence the floor), the cupy
     launcher per call.
     """
-    want = max(nbytes, 48 * 1024)
+    want = max(nbytes, SMEM_WITHOUT_OPT_IN)
     if nbytes <= 0 or getattr(fn, "_max_shared_mem_bytes", 0) >= want:
         return
     if hasattr(fn, "set_shared_memory_config"):
         fn.set_shared_memory_config(want)
-    elif not getattr(fn, "sets_shared_memory", False) and nbytes >= 48 * 1024:
+    elif not getattr(fn, "sets_shared_memory", False) and nbytes >= SMEM_WITHOUT_OPT_IN:
         raise RuntimeError(f"this torch ({torch.__version__}) cannot give a loaded kernel more than 48 KB of shared "
                            f"memory ({nbytes} bytes asked); use a build without TCB_TRI or a newer torch")
 
@@ -183,7 +187,7 @@ def _load_cupy(text: str, entries: list[str], opts: tuple = OPTIONS) -> dict:
         def call(grid, block, args, shared_mem=0):
             conv = [cupy.asarray(a) if isinstance(a, torch.Tensor) else cupy.int32(a) for a in args]
             if shared_mem > 0:  # static + dynamic may pass 48 KB (allow_shared_memory)
-                fn.max_dynamic_shared_size_bytes = max(shared_mem, 48 * 1024)
+                fn.max_dynamic_shared_size_bytes = max(shared_mem, SMEM_WITHOUT_OPT_IN)
             stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
             with stream:
                 fn(grid, block, tuple(conv), shared_mem=shared_mem)

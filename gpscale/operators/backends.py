@@ -56,8 +56,6 @@ MIN_FUSED_ENTRIES = 1 << 22
 #: Kernel variants of the ``cuda`` backend (``gpscale._ext.launch.VARIANTS``, kept here so that checking
 #: a ``backend=`` value never imports :mod:`gpscale._ext`; a test keeps the two equal).
 CUDA_VARIANTS = ("simt", "tc", "tc3", "tcb", "tcbh")
-#: Variants whose launches take column splits (``gpscale._ext.launch.TCB_FAMILY``).
-SPLITTABLE_VARIANTS = ("tcb", "tcbh")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import SPLITTABLE_VARIANTS, CudaBackend
+from .backends import CudaBackend
 from .expansion import expansion_error, norm_bound
 
 #: Largest change of one kernel entry (relative to ``f(0) = 1``) the expansion may cause before
@@ -110,6 +110,6 @@ def products(op, V: torch.Tensor, mode: str):
         chosen[mode] = variant_for(op._Xs.dtype, op.kernel, mode, _max_sq_norms(op), options)
     variant = op.cuda_variant = chosen[mode]  # reported by the operator (and in the solver statistics)
     big = _inputs_max_abs(op) if variant == "tcbh" else None  # inputs fixed for the operator: not per product
-    splits = options.splits if variant in SPLITTABLE_VARIANTS else 1
+    splits = options.splits if variant in _ext.launch.TCB_FAMILY else 1
     return _ext.kernel_matmul(op._Xs, op._Zs, V, op.kernel.name, mode=mode, variant=variant,
                               symmetric=op._symmetric, inputs_max_abs=big, splits=splits)
