@@ -109,7 +109,8 @@ def find_crossover(records, kernel_name) -> dict:
         k -= 1
     if k == len(pts):
         return {"kernel": kernel_name, "crossover_n": None, "first_grid_n": None, "ratios": ratios,
-                "note": f"Cholesky faster up to the largest n measured ({pts[-1][0]})"}
+                "note": f"iterative not faster at the largest n measured ({pts[-1][0]}: iterative / Cholesky "
+                        f"{ratios[pts[-1][0]]:.2f})"}
     if k == 0:
         return {"kernel": kernel_name, "crossover_n": pts[0][0], "first_grid_n": pts[0][0], "ratios": ratios,
                 "note": f"iterative already faster at the smallest n measured ({pts[0][0]})"}

@@ -276,7 +276,7 @@ def test_float32_model_runs_iteratively():
     X, y, Xs = _data(n=1200)
     model, lik = _model("matern52", X.float(), y.float())
     model, lik = model.float(), lik.float()
-    use_gpscale(model, rtol=1e-3, seed=0)  # auto: n > crossover -> iterative
+    use_gpscale(model, method="iterative", rtol=1e-3, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", gpscale.CGWarning)
         loss, grads = _loss_and_grads(model, lik, X.float(), y.float())

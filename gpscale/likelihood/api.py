@@ -25,11 +25,12 @@ from .cholesky import cholesky_mll
 from .iterative import iterative_mll
 
 #: Largest n for which ``method="auto"`` uses the dense Cholesky path.  Measured on the 2-core CI
-#: machine (benchmarks/crossover.py -> benchmarks/results/crossover.json): one MLL+grad in float64 at
-#: rtol 1e-2, 10 probes, is faster iteratively from n ~ 600 (RBF) / 630 (Matérn-5/2) with noise 0.1,
-#: but from n ~ 1700 with the ill-conditioned hyperparameters a fit on kin40k reaches (noise 0.007,
-#: ~340 CG iterations).  1000 sits between the two; below it the exact answer also costs < 0.5 s.
-CHOLESKY_CROSSOVER = 1000
+#: machine, one thread (benchmarks/crossover.py -> benchmarks/results/crossover.json and
+#: crossover_noise0.007.json): one MLL+grad in float64 at rtol 1e-2, 10 probes, is faster iteratively
+#: from n ~ 1350 (RBF) / 1540 (Matérn-5/2) with noise 0.1, from n ~ 1500 (Matérn-5/2) with noise 0.007,
+#: and not clearly at all up to n = 4000 for RBF with noise 0.007 (iterative / Cholesky 0.85-1.01).
+#: Below the switch the answer is exact, not a stochastic estimate, at < 0.25 s.
+CHOLESKY_CROSSOVER = 1500
 
 #: ``method=`` values of the MLL (and of the estimators built on it).
 METHODS = ("auto", "cholesky", "iterative")

@@ -12,7 +12,7 @@ every quantity is a fused *profile product* (:func:`gpscale.operators.backends.f
 * Bilinear forms: :math:`\\sum_c a_c^T (\\partial\\hat K/\\partial\\theta) b_c` =
   ``sum(A * (dK/dθ) B)``, i.e. the products above applied to ``B`` and contracted with ``A``.
 
-The dense-weight form used by the Cholesky path (``dense_weighted_derivative``, n <= 1000) always
+The dense-weight form used by the Cholesky path (``dense_weighted_derivative``, n <= 1500) always
 runs on the torch tiles.
 """
 
