@@ -15,6 +15,12 @@ Full run (results committed in benchmarks/results/crossover.json)::
 
     python benchmarks/crossover.py --out benchmarks/results/crossover.json --markdown docs/benchmarks.md
 
+At hyperparameters fitted to the data (an ARD Cholesky fit on its first 2000 points; real fits are
+often far worse conditioned than the fixed defaults)::
+
+    python benchmarks/crossover.py --fit-first 2000 --kernels rbf --sizes 1500,2500,4000 --repeats 2 \
+        --out benchmarks/results/crossover_fitted_kin40k.json
+
 Smoke test::
 
     python benchmarks/crossover.py --sizes 500,1000,2000 --repeats 1 --out /tmp/crossover.json
@@ -23,6 +29,7 @@ Smoke test::
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import math
 import statistics
@@ -37,14 +44,28 @@ import _common as C  # noqa: E402
 METHODS = ("cholesky", "iterative")
 
 
-def time_one(X, y, kernel_name, method, args) -> dict:
+def fit_hypers(X, y, kernel_name, m) -> dict:
+    """Hyperparameters of an ARD ``ExactGP`` Cholesky fit (30 L-BFGS-B steps) on the first ``m`` points."""
+    import gpscale
+
+    gp = gpscale.ExactGP(kernel=kernel_name, method="cholesky", max_iter=30).fit(X[:m], y[:m])
+    ls, s = gp.kernel_.hyper_values(X.dtype, X.device)
+    return {"kernel": gp.kernel_, "noise": float(gp.noise_), "mean": float(gp.mean_),
+            "lengthscale": [float(v) for v in ls.reshape(-1)], "outputscale": float(s)}
+
+
+def time_one(X, y, kernel_name, method, args, hypers=None) -> dict:
     import torch
 
     import gpscale
     from gpscale.kernels import make_kernel
 
-    kernel = make_kernel(kernel_name, lengthscale=args.lengthscale, outputscale=args.outputscale).to(X.dtype)
-    noise = torch.tensor(args.noise, dtype=X.dtype, requires_grad=True)
+    if hypers is not None:
+        kernel = copy.deepcopy(hypers["kernel"]).to(X.dtype)
+        noise = torch.tensor(hypers["noise"], dtype=X.dtype, requires_grad=True)
+    else:
+        kernel = make_kernel(kernel_name, lengthscale=args.lengthscale, outputscale=args.outputscale).to(X.dtype)
+        noise = torch.tensor(args.noise, dtype=X.dtype, requires_grad=True)
     kw = {}
     if method == "iterative":
         kw = dict(rtol=args.rtol, num_probes=args.num_probes, seed=args.seed)
@@ -53,7 +74,8 @@ def time_one(X, y, kernel_name, method, args) -> dict:
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
-        r = gpscale.mll_estimate(X, y, kernel, noise=noise, mean=0.0, method=method, **kw)
+        r = gpscale.mll_estimate(X, y, kernel, noise=noise, mean=hypers["mean"] if hypers else 0.0, method=method,
+                                 **kw)
         t1 = time.perf_counter()
         r.value.backward()
         t2 = time.perf_counter()
@@ -63,7 +85,7 @@ def time_one(X, y, kernel_name, method, args) -> dict:
             "warnings": sorted({f"{w.category.__name__}: {str(w.message)[:200]}" for w in rec})}
 
 
-def measure(X, y, kernel_name, method, args) -> dict:
+def measure(X, y, kernel_name, method, args, hypers=None) -> dict:
     rec = {"kernel": kernel_name, "method": method, "n": int(X.shape[0]), "status": "failed"}
     try:
         runs, peaks = [], []
@@ -71,7 +93,7 @@ def measure(X, y, kernel_name, method, args) -> dict:
             gc.collect()
             can_reset = C.reset_peak_rss()
             base = C.current_rss_gb()
-            runs.append(time_one(X, y, kernel_name, method, args))
+            runs.append(time_one(X, y, kernel_name, method, args, hypers))
             if can_reset:
                 peaks.append(C.peak_rss_gb() - base)
         last = runs[-1]
@@ -183,6 +205,9 @@ def parse_args(argv=None):
     p.add_argument("--num-probes", type=int, default=10)
     p.add_argument("--rank", type=int, default=None, help="pivoted-Cholesky rank (default: mll_estimate's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fit-first", type=int, default=None, metavar="M",
+                   help="time at the hyperparameters of an ARD Cholesky fit on the first M points of the data "
+                        "(instead of --lengthscale/--outputscale/--noise)")
     p.add_argument("--d", type=int, default=8)
     p.add_argument("--data-dir", type=Path, default=C.DEFAULT_DATA_DIR)
     p.add_argument("--dataset", default="kin40k")
@@ -235,11 +260,17 @@ def run(args) -> dict:
         for method in METHODS:
             time_one(Xw[:300], yw[:300], kern, method, args)
     for kern in kernels:
+        hypers = None
+        if args.fit_first:
+            hypers = fit_hypers(*problems[max(sizes)], kern, args.fit_first)
+            payload.setdefault("fitted", {})[kern] = {k: v for k, v in hypers.items() if k != "kernel"}
+            print(f"  {kern}: fitted on {args.fit_first} points: noise {hypers['noise']:.3g}, outputscale "
+                  f"{hypers['outputscale']:.3g}", flush=True)
         for n in sizes:
             X, y = problems[n]
             row = {}
             for method in METHODS:
-                rec = measure(X, y, kern, method, args)
+                rec = measure(X, y, kern, method, args, hypers)
                 payload["records"].append(rec)
                 row[method] = rec
             c, i = row["cholesky"], row["iterative"]
