@@ -49,7 +49,7 @@ def fit_hypers(X, y, kernel_name, m) -> dict:
     import gpscale
 
     gp = gpscale.ExactGP(kernel=kernel_name, method="cholesky", max_iter=30).fit(X[:m], y[:m])
-    ls, s = gp.kernel_.hyper_values(X.dtype, X.device)
+    ls, s = (v.detach() for v in gp.kernel_.hyper_values(X.dtype, X.device))
     return {"kernel": gp.kernel_, "noise": float(gp.noise_), "mean": float(gp.mean_),
             "lengthscale": [float(v) for v in ls.reshape(-1)], "outputscale": float(s)}
 

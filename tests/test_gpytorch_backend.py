@@ -112,9 +112,11 @@ def test_loss_gradient_prediction_match_stock(kind, method):
     model, lik = _model(kind, X, y)
     use_gpscale(model, **(ITERATIVE_BY_KIND.get(kind, ITERATIVE) if method == "iterative" else {}))
     loss, grads = _loss_and_grads(model, lik, X, y)
-    assert abs(float(loss - ref_loss)) <= 1e-3 * abs(float(ref_loss))
+    # auto at n = 300: the dense Cholesky path with its closed-form backward, exact to rounding
+    tol_loss, tol_grad = (1e-3, 1e-2) if method == "iterative" else (1e-10, 1e-8)
+    assert abs(float(loss - ref_loss)) <= tol_loss * abs(float(ref_loss))
     for name, g in ref_grads.items():
-        assert _rel(grads[name], g) <= 1e-2, name
+        assert _rel(grads[name], g) <= tol_grad, name
     mean, var = _predict(model, lik, Xs)
     assert float((mean - ref_mean).abs().max()) <= 1e-3
     assert float((var - ref_var).abs().max()) <= 1e-3

@@ -34,7 +34,7 @@ from linear_operator.operators import (
 
 from .._validation import check_finite
 from ..kernels import make_kernel
-from ..likelihood.cholesky import cholesky_factor
+from ..likelihood.cholesky import CholeskyInvQuadLogdet, cholesky_factor
 from ..logdet.slq import build_preconditioner, probe_solve
 from ..logdet.trace import derivative_width, trace_pairs
 from ..operators import CrossKernelOperator, KernelOperator
@@ -369,10 +369,11 @@ class GpscaleKernelLinearOperator(LinearOperator):
             return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
         if R is not None:
             check_finite("training targets minus mean (GPyTorch inv_quad_logdet right-hand side)", R)
-        if self._use_cholesky():
-            L = cholesky_factor(self.to_dense())
-            quad = zero if R is None else (torch.linalg.solve_triangular(L, R, upper=False) ** 2).sum(0)
-            ld = 2.0 * torch.log(torch.diagonal(L)).sum() if logdet else zero
+        if self._use_cholesky():  # exact; a closed-form backward through gpscale's tile pass
+            rhs = R if R is not None else torch.zeros(self.shape[0], 0, dtype=self.dtype, device=self.device)
+            quad, ld = CholeskyInvQuadLogdet.apply(rhs, self.lengthscale, self.outputscale, self.noise,
+                                                   self._gpscale_op())
+            ld = ld if logdet else zero
         elif logdet:
             rhs = R if R is not None else torch.zeros(self.shape[0], 0, dtype=self.dtype, device=self.device)
             quad, ld = _InvQuadLogdet.apply(rhs, self.lengthscale, self.outputscale, self.noise,
