@@ -41,7 +41,8 @@ class CholeskyInvQuadLogdet(torch.autograd.Function):
 
     through the same tile pass as the iterative gradient (``dense_weighted_derivative``); ``K̂⁻¹`` is formed
     only when the log-det's gradient is non-zero.  Autograd through the dense kernel and the factorisation
-    stores several ``n x n`` intermediates and was 2x slower (GPyTorch backend, n = 1000-1500).  Cost :math:`O(n^3)`, three ``n x n`` buffers.
+    stores several ``n x n`` intermediates and was 2x slower (GPyTorch backend, n = 1000-1500).
+    Cost :math:`O(n^3)`, three ``n x n`` buffers.
     """
 
     @staticmethod
