@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -338,6 +339,16 @@ def replace_markdown_section(path, key: str, body: str, title: str = "# Benchmar
         text = text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def aggregate_times(record: dict, runs: list, stat: str | None, keys=("forward_s", "backward_s", "total_s")) -> None:
+    """Fill ``record`` from repeated runs: the last run's other figures, each time in ``keys`` as the
+    min (``stat == "min"``) or median over the runs, and every run's value under ``<key>_all``."""
+    record.update({k: v for k, v in runs[-1].items() if k not in keys})
+    agg = min if stat == "min" else statistics.median
+    for key in keys:
+        record[key] = agg(r[key] for r in runs)
+        record[key + "_all"] = [r[key] for r in runs]
 
 
 def fmt(x, spec: str = ".3g", none: str = "—") -> str:

@@ -108,7 +108,7 @@ def operator_backend(backend: str, splits=1):
 def run_one(backend, name, n, args, dev, data, ref, splits=1):
     X, Z, V = data
     kernel = _kernel(name, args.lengthscale)
-    b = backend.partition(":")[0]
+    b = parse_backend(backend)[0]
     rec = {"kernel": name, "n": n, "m": n, "d": args.d, "t": args.t, "backend": backend, "dtype": "float32",
            "symmetric": Z is X}
     try:
@@ -217,7 +217,8 @@ def parse_args(argv=None):
 
 def _splittable(backend: str) -> bool:
     """``cuda:tcb`` / ``cuda:tcbh``: the backends whose launches take column splits."""
-    return backend.partition(":")[2] in launch.TCB_FAMILY
+    cuda = parse_backend(backend)[1]
+    return cuda is not None and cuda.variant in launch.TCB_FAMILY
 
 
 def _with_splits(backend: str, splits, run):

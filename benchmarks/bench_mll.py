@@ -34,7 +34,6 @@ import argparse
 import gc
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -98,11 +97,7 @@ def _time_runs(fn, X, y, spec: dict, record: dict) -> None:
         runs.append(fn(X, y, spec))
     record["peak_rss_gb"] = C.peak_rss_gb()
     record["ru_maxrss_gb"] = C.ru_maxrss_gb()
-    record.update({k: v for k, v in runs[-1].items() if k not in ("forward_s", "backward_s", "total_s")})
-    agg = min if spec.get("stat") == "min" else statistics.median
-    for key in ("forward_s", "backward_s", "total_s"):
-        record[key] = agg(r[key] for r in runs)
-        record[key + "_all"] = [r[key] for r in runs]
+    C.aggregate_times(record, runs, spec.get("stat"))
 
 
 def _record_failure(exc: BaseException, spec: dict, record: dict) -> None:

@@ -32,7 +32,6 @@ import argparse
 import copy
 import gc
 import math
-import statistics
 import sys
 import time
 import warnings
@@ -96,12 +95,7 @@ def measure(X, y, kernel_name, method, args, hypers=None) -> dict:
             runs.append(time_one(X, y, kernel_name, method, args, hypers))
             if can_reset:
                 peaks.append(C.peak_rss_gb() - base)
-        last = runs[-1]
-        rec.update({k: v for k, v in last.items() if not k.endswith("_s")})
-        agg = min if args.stat == "min" else statistics.median
-        for key in ("forward_s", "backward_s", "total_s"):
-            rec[key] = agg(r[key] for r in runs)
-            rec[key + "_all"] = [r[key] for r in runs]
+        C.aggregate_times(rec, runs, args.stat)
         rec["time_statistic"] = args.stat
         # approximate: memory freed earlier but kept by the allocator is already in the baseline
         rec["extra_peak_rss_gb"] = max(0.0, max(peaks)) if peaks else None

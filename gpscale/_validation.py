@@ -93,6 +93,12 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_splits(splits, name: str = "splits") -> None:
+    """``ValueError`` unless ``splits`` is a CUDA launch's column splits: a positive int or ``"auto"``."""
+    if splits != "auto" and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"{name} must be a positive int or 'auto', got {splits!r}")
+
+
 def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")

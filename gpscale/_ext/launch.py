@@ -20,8 +20,9 @@ import threading
 
 import torch
 
+from .._validation import check_splits
 from .compiler import allow_shared_memory, load_module
-from .splits import auto_splits, check_splits
+from .splits import auto_splits
 from .tcb_pack import pack_v, pack_z
 
 #: variant -> (source file, X rows per block, output columns per block, threads per block)

@@ -24,6 +24,8 @@ import argparse
 import ctypes
 import math
 
+from .._validation import check_splits
+
 #: A block's fixed cost (its rows' fragments, the first tile's copy, writing its outputs), in tiles.
 OVERHEAD_TILES = 2.0
 #: Most splits the launcher takes (each is a partial output of ``n x t`` floats).
@@ -73,12 +75,6 @@ def choose_splits(blocks: int, tiles: int, slots: int, *, partial_bytes: int = 0
         if cost < best_cost:
             best, best_cost = s, cost
     return best if best_cost <= (1.0 - MIN_GAIN) * base else 1
-
-
-def check_splits(splits) -> None:
-    """``ValueError`` unless ``splits`` is what ``launch.kernel_matmul`` takes: a positive int or ``"auto"``."""
-    if splits != "auto" and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
-        raise ValueError(f"splits must be a positive int or 'auto', got {splits!r}")
 
 
 def splits_arg(text: str) -> int | str:

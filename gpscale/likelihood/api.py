@@ -29,7 +29,7 @@ from .iterative import iterative_mll
 #: crossover_noise0.007.json): one MLL+grad in float64 at rtol 1e-2, 10 probes, is faster iteratively
 #: from n ~ 1350 (RBF) / 1540 (Matérn-5/2) with noise 0.1, from n ~ 1500 (Matérn-5/2) with noise 0.007,
 #: and not clearly at all up to n = 4000 for RBF with noise 0.007 (iterative / Cholesky 0.85-1.01).
-#: At hyperparameters fitted to real data (crossover_fitted_*.json) it varies more: Cholesky is 1.4-2.6x
+#: At hyperparameters fitted to real data (crossover_fitted_*.json) it varies more: Cholesky is 1.4-3.1x
 #: faster up to n = 4000 on kin40k and pol (60-260 CG iterations), iterative from n ~ 1000-1130 on
 #: elevators and protein (2-28).  Below the switch the answer is exact, not a stochastic estimate, at
 #: < 0.25 s, and neither path is more than 1.8x slower than the other at n = 1500 in any of these runs.

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validation import check_splits
 from . import autotune
 
 #: Accepted values of the ``backend=`` argument of the operators.
@@ -88,10 +89,7 @@ class CudaBackend:
         if self.variant is not None and self.variant not in CUDA_VARIANTS:
             raise ValueError(f"CudaBackend variant must be None (chosen per product) or one of {CUDA_VARIANTS}, "
                              f"got {self.variant!r}")
-        ok = self.splits == "auto" or (isinstance(self.splits, int) and not isinstance(self.splits, bool)
-                                       and self.splits >= 1)
-        if not ok:
-            raise ValueError(f"CudaBackend splits must be a positive int or 'auto', got {self.splits!r}")
+        check_splits(self.splits, "CudaBackend splits")
 
     def __str__(self) -> str:
         return "cuda" if self.variant is None else f"cuda:{self.variant}"
