@@ -75,7 +75,7 @@ class ProbeSolve:
 def build_preconditioner(op, preconditioner):
     """Build a factory against ``op``; ``None`` means the identity."""
     if preconditioner is None:
-        return Identity(op.shape[0], dtype=op.dtype, device=op.device)
+        return Identity.for_operator(op)
     return preconditioner.build(op) if hasattr(preconditioner, "build") else preconditioner
 
 

@@ -69,7 +69,10 @@ class ExactGP(ParamsMixin):
     rtol : float, default 1e-2
         CG tolerance of the training objective.
     predict_rtol : float, default 1e-3
-        CG tolerance of the prediction solves (iterative method).
+        Accuracy of the prediction solves (iterative method).  Predictive variances are certified: each
+        test point's CG stops on a guaranteed bound, so the variance of ``y`` is never too small and at
+        most ``predict_rtol`` too large relatively (:func:`gpscale.models.predict.latent_variance`).  The
+        mean and sample solves stop at relative residual ``predict_rtol``.
     cg_max_iter : int, default 1000
         Iteration cap of every CG solve (training and prediction); a solve that hits it is reported
         (``CGWarning``, ``report_.cg_failures``) rather than left to run on.
@@ -124,8 +127,8 @@ class ExactGP(ParamsMixin):
     -----
     Predictive means cost one kernel product with the training data.  Predictive variances cost a
     triangular solve per test batch below the Cholesky crossover and a **batched CG solve per test
-    batch** above it: :math:`O(n^2 m)` per CG iteration for ``m`` test points, exact up to
-    ``predict_rtol`` but expensive for very large test sets.
+    batch** above it: :math:`O(n^2 m)` per CG iteration for ``m`` test points, exact up to a
+    certified relative error ``predict_rtol`` but expensive for very large test sets.
 
     Examples
     --------

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import BuiltPreconditioner, Identity, Preconditioner
+from .base import BuiltPreconditioner, Identity, Preconditioner, operator_scales, spectrum_floor_from
 
 
 class Diagonal(BuiltPreconditioner):
@@ -24,18 +24,22 @@ class Diagonal(BuiltPreconditioner):
     ----------
     d : (n,) tensor, all entries > 0
     stats : dict, optional
+    noise, kernel_scale : float, optional
+        :math:`\\sigma^2` and the largest kernel diagonal of the operator, for :meth:`spectrum_floor`.
 
     Notes
     -----
     Solve, log-det and sampling are :math:`O(n)` per column.
     """
 
-    def __init__(self, d: torch.Tensor, stats: dict | None = None):
+    def __init__(self, d: torch.Tensor, stats: dict | None = None, noise: float | None = None,
+                 kernel_scale: float | None = None):
         if d.dim() != 1:
             raise ValueError(f"the diagonal must be 1-D, got shape {tuple(d.shape)}")
         if not bool((d > 0).all()) or not bool(torch.isfinite(d).all()):
             raise ValueError("a diagonal preconditioner needs finite entries > 0")
         self.d = d
+        self.noise, self.kernel_scale = noise, kernel_scale
         self.rank = 0
         self._logdet = d.to(torch.float64).log().sum()
         self.stats = dict(stats or {}, rank=0)
@@ -49,6 +53,13 @@ class Diagonal(BuiltPreconditioner):
     def sample(self, num, generator=None):
         z = torch.randn(self.d.shape[0], num, dtype=self.d.dtype, device=self.d.device, generator=generator)
         return z * self.d.sqrt()[:, None]
+
+    def spectrum_floor(self) -> float:
+        # lambda_min(D^-1/2 K^ D^-1/2) >= lambda_min(K^) / max(d) >= noise / max(d).
+        if self.noise is None:
+            return 0.0
+        exact = self.noise / float(self.d.max())
+        return spectrum_floor_from(self.d.dtype, self.d.shape[0], 0, self.kernel_scale, self.noise, exact)
 
     def inverse_parts(self):
         empty = torch.zeros(self.d.shape[0], 0, dtype=self.d.dtype, device=self.d.device)
@@ -73,7 +84,9 @@ class Jacobi(Preconditioner):
     def build(self, op) -> Diagonal:
         t0 = time.perf_counter()
         d = op.diagonal() if hasattr(op, "diagonal") else op.kernel_diagonal() + op.noise
-        return Diagonal(d.clone(), {"name": "jacobi", "build_seconds": time.perf_counter() - t0})
+        noise, scale = operator_scales(op)
+        return Diagonal(d.clone(), {"name": "jacobi", "build_seconds": time.perf_counter() - t0}, noise=noise,
+                        kernel_scale=scale)
 
 
 @dataclass(frozen=True)
@@ -85,4 +98,4 @@ class NoPreconditioner(Preconditioner):
     """
 
     def build(self, op) -> Identity:
-        return Identity(op.shape[0], dtype=op.dtype, device=op.device)
+        return Identity.for_operator(op)

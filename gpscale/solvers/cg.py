@@ -17,6 +17,7 @@ import torch
 
 from .._validation import check_positive_int, check_tolerance
 from ..precision import PrecisionPolicy, PrecisionWarning, as_policy
+from .error_bounds import RadauBound
 from .lanczos import Tridiagonal
 from .result import CGResult, CGStatus, CGWarning
 from .stability import ResidualBasis, StallDetector
@@ -55,6 +56,14 @@ class ConjugateGradients:
         Mixed-precision solve (:mod:`gpscale.solvers.mixed`): products in ``precision.product``, CG
         state in ``precision.state``, with re-orthogonalisation, stagnation detection and fallback as
         the policy says.  ``None`` (default): the products and state of ``A`` and ``B`` as given.
+    error_floor : float, optional
+        A lower bound :math:`\\mu > 0` on the eigenvalues of :math:`P^{-1}A` (see
+        :meth:`gpscale.precond.base.BuiltPreconditioner.spectrum_floor`).  Given, columns stop on a
+        Gauss-Radau *upper bound* of the energy-norm error instead of the residual: column ``j`` stops
+        when that bound on :math:`\\|x_j - x^\\star_j\\|_A` is at most ``max(rtol * e_j, atol)``, with
+        :math:`e_j^2 = \\sum_k \\alpha_k r_k^T z_k` the A-norm of the correction found so far
+        (:mod:`gpscale.solvers.error_bounds`); :attr:`CGResult.error_bound` holds the bounds.  Not with
+        ``precision`` (the bound assumes products in one precision).
 
     Notes
     -----
@@ -70,6 +79,7 @@ class ConjugateGradients:
     num_tridiag: int = 0
     record_history: bool = False
     precision: PrecisionPolicy | None = None
+    error_floor: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "precision", as_policy(self.precision))
@@ -78,6 +88,14 @@ class ConjugateGradients:
         check_positive_int("max_iter", self.max_iter)
         check_positive_int("check_every", self.check_every)
         check_positive_int("num_tridiag", self.num_tridiag, minimum=0)
+        if self.error_floor is not None:
+            mu = check_tolerance("error_floor", self.error_floor)
+            if mu == 0:
+                raise ValueError("error_floor must be > 0 (a lower bound on the eigenvalues of P^-1 A), got 0; "
+                                 "pass None to stop on the residual")
+            if self.precision is not None:
+                raise ValueError("error_floor (Gauss-Radau error bounds) needs products in one precision; "
+                                 "pass precision=None, or drop error_floor to stop on the residual")
 
     def __call__(self, A, B: torch.Tensor, x0: torch.Tensor | None = None, preconditioner=None) -> CGResult:
         matmul = _as_matmul(A)
@@ -115,7 +133,8 @@ class ConjugateGradients:
         t, dev = B.shape[1], B.device
         st = _start(matmul, solve, B, X0)
         tol = torch.clamp(self.rtol * st.bnorm, min=self.atol) if tol is None else tol
-        st.classify(tol)
+        radau = None if self.error_floor is None else RadauBound(self.error_floor, st.rz, self.rtol, self.atol)
+        st.classify(tol, None if radau is None else radau.met())
         nt = min(self.num_tridiag if num_tridiag is None else num_tridiag, t)
         basis = ResidualBasis(reorth, B.shape[0], t, B.dtype, dev) if reorth else None
         if basis is not None:
@@ -132,7 +151,7 @@ class ConjugateGradients:
                     break
             Ap = _masked_matmul(matmul, st.p, cols)
             st.products += 1
-            alpha, beta = st.step(Ap, solve, tol, basis, stalls)
+            alpha, beta = st.step(Ap, solve, tol, basis, stalls, radau)
             if nt:
                 alphas.append(alpha[:nt])
                 betas.append(beta[:nt])
@@ -147,7 +166,10 @@ class ConjugateGradients:
         hist = None
         if history is not None:  # the loop sees convergence every check_every steps: trim the tail
             hist = torch.stack(history)[: (int(st.iters.max()) if t else 0) + 1]
-        return CGResult(st.x, worst, status, st.iters, st.rnorm, st.bnorm, tol, tri, st.products, hist)
+        if radau is not None:
+            tol = radau.tolerance()
+        return CGResult(st.x, worst, status, st.iters, st.rnorm, st.bnorm, tol, tri, st.products, hist,
+                        error_bound=None if radau is None else radau.error_norm)
 
 
 @dataclass
@@ -166,16 +188,19 @@ class _Iterate:
     status: torch.Tensor | None = None
     iters: torch.Tensor | None = None
 
-    def classify(self, tol: torch.Tensor) -> None:
-        """Columns already converged (or non-finite) at the start do not run."""
+    def classify(self, tol: torch.Tensor, done: torch.Tensor | None = None) -> None:
+        """Columns already converged (``done``, or by the residual) or non-finite at the start do not run."""
         # "not <=" rather than ">": a NaN residual must not count as converged.
         finite = torch.isfinite(self.rnorm)
-        self.active = ~(self.rnorm <= tol) & finite
+        self.active = ~((self.rnorm <= tol) if done is None else done) & finite
         self.status = torch.where(finite, CGStatus.CONVERGED.value, CGStatus.NON_FINITE.value)
         self.iters = torch.zeros(self.r.shape[1], dtype=torch.long, device=self.r.device)
 
-    def step(self, Ap, solve, tol, basis, stalls) -> tuple[torch.Tensor, torch.Tensor]:
-        """One masked CG step given ``Ap``; returns the step's ``(alpha, beta)`` (zero where stopped)."""
+    def step(self, Ap, solve, tol, basis, stalls, radau=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One masked CG step given ``Ap``; returns the step's ``(alpha, beta)`` (zero where stopped).
+
+        With ``radau`` (:class:`RadauBound`) a column stops on its error bound, otherwise on ``tol``.
+        """
         active, rz, p = self.active, self.rz, self.p
         pAp = (p * Ap).sum(0)
         bad = active & ~torch.isfinite(pAp)
@@ -198,7 +223,11 @@ class _Iterate:
         self.rnorm = rnorm = torch.where(active, self.r.norm(dim=0), self.rnorm)
         bad = active & ~torch.isfinite(rnorm)
         status = torch.where(bad, CGStatus.NON_FINITE.value, status)
-        active = active & ~bad & (rnorm > tol)
+        if radau is not None:
+            radau.update(alpha, beta, rz, rz_new, active)
+            active = active & ~bad & ~radau.met()
+        else:
+            active = active & ~bad & (rnorm > tol)
         if stalls is not None:
             stalled = stalls.update(rnorm, active)
             status = torch.where(stalled, CGStatus.STAGNATED.value, status)
@@ -277,7 +306,7 @@ def _precond_solve(preconditioner, A):
 
 def cg(A, B, *, rtol: float = 1e-2, atol: float = 0.0, max_iter: int = 1000, x0=None, preconditioner=None,
        num_tridiag: int = 0, check_every: int = 8, record_history: bool = False, warn: bool = True,
-       precision=None) -> CGResult:
+       precision=None, error_floor: float | None = None) -> CGResult:
     """Solve ``A X = B`` by batched preconditioned CG.
 
     Column ``j`` stops when :math:`\\|b_j - A x_j\\|_2 \\le \\max(\\mathrm{rtol}\\,\\|b_j\\|_2,\\ \\mathrm{atol})`
@@ -288,7 +317,7 @@ def cg(A, B, *, rtol: float = 1e-2, atol: float = 0.0, max_iter: int = 1000, x0=
     A : KernelOperator, tensor, or callable
         Symmetric positive-definite ``(n, n)`` operator.
     B : (n,) or (n, t) tensor
-    rtol, atol, max_iter, check_every, num_tridiag, record_history
+    rtol, atol, max_iter, check_every, num_tridiag, record_history, error_floor
         See :class:`ConjugateGradients`.
     x0 : tensor, optional
         Initial guess (warm start).
@@ -311,7 +340,8 @@ def cg(A, B, *, rtol: float = 1e-2, atol: float = 0.0, max_iter: int = 1000, x0=
     Wilson (UAI 2022) for low-precision CG.
     """
     solver = ConjugateGradients(rtol=rtol, atol=atol, max_iter=max_iter, check_every=check_every,
-                                num_tridiag=num_tridiag, record_history=record_history, precision=precision)
+                                num_tridiag=num_tridiag, record_history=record_history, precision=precision,
+                                error_floor=error_floor)
     res = solver(A, B, x0=x0, preconditioner=preconditioner)
     if warn and not res.converged:
         warnings.warn(f"CG ended with status {res.status.name}: {res.message}", CGWarning, stacklevel=2)

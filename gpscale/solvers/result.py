@@ -32,7 +32,7 @@ class CGStatus(enum.IntEnum):
 
 
 _MESSAGES = {
-    CGStatus.CONVERGED: "all columns reached ||r|| <= max(rtol*||b||, atol)",
+    CGStatus.CONVERGED: "all columns reached ||r|| <= max(rtol*||b||, atol) (or, with error_floor, their error bound)",
     CGStatus.MAX_ITERATIONS: (
         "some columns did not converge within max_iter; raise max_iter, loosen rtol, or use a stronger "
         "preconditioner (e.g. gpscale.precond.PivotedCholesky(rank=100)); a larger noise also helps"
@@ -89,6 +89,10 @@ class CGResult:
         Iterations each column ran in the low-precision phase (``iterations`` counts both phases).
     stagnated : (t,) bool tensor or None
         Columns whose stagnation detector fired in the low-precision phase.
+    error_bound : (t,) tensor or None
+        With ``error_floor``: a Gauss-Radau upper bound on :math:`\\|x_j - x^\\star_j\\|_A` per column
+        (:mod:`gpscale.solvers.error_bounds`), which is what the columns stopped on; :attr:`tolerance` is
+        then the threshold on it.
 
     Notes
     -----
@@ -110,6 +114,7 @@ class CGResult:
     finished_precision: tuple | None = None
     low_precision_iterations: torch.Tensor | None = None
     stagnated: torch.Tensor | None = None
+    error_bound: torch.Tensor | None = None
 
     @property
     def converged(self) -> bool:
