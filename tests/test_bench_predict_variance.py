@@ -1,0 +1,28 @@
+"""``benchmarks/predict_variance.py``: a tiny run on generated data (what it writes, never how fast)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import predict_variance as pv  # noqa: E402
+
+
+def test_tiny_run_certified_arms_meet_their_tolerance(tmp_path):
+    # an empty --data-dir: load_problem generates a synthetic problem of kin40k's width
+    argv = ["--datasets", "kin40k", "--n", "300", "--m", "25", "--fit-first", "120", "--rank", "20",
+            "--data-dir", str(tmp_path), "--out", str(tmp_path / "pv.json"), "--markdown", str(tmp_path / "b.md")]
+    assert pv.main(argv) == 0
+    payload = pv.C.read_json(tmp_path / "pv.json")
+    (ds,) = payload["datasets"]
+    assert ds["data"]["source"].startswith("synthetic")
+    assert [(a["rule"], a["rtol"]) for a in ds["arms"]] == list(pv.ARMS)
+    for a in ds["arms"]:
+        assert a["status"] == "CONVERGED"
+        if a["rule"] == "certified":
+            assert a["within_rtol"] and 0 <= a["var_y_rel_excess_max"] <= a["rtol"]
+    assert 0.99 < ds["spectrum_floor"] <= 1.0
+    text = (tmp_path / "b.md").read_text()
+    assert "<!-- BEGIN predict_variance" in text and "| kin40k |" in text
