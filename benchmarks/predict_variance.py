@@ -59,28 +59,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def residual_variance(op, Xs, Xt, kernel, P, prior: float, rtol: float):
-    """The previous rule: CG per test batch stopped at relative residual ``rtol`` (same quadratic form)."""
-    import torch
-
-    from gpscale import CrossKernelOperator, cg
-
-    Kb = CrossKernelOperator(Xt, Xs, kernel, backend="torch").rows(torch.arange(Xt.shape[0]))
-    res = cg(op, Kb, rtol=rtol, max_iter=5000, preconditioner=P, warn=False)
-    q = 2 * (Kb * res.x).sum(0) - (res.x * op.matmul(res.x)).sum(0)
-    return (prior - q).clamp_min(0.0), res
-
-
-def certified_variance(op, Xs, Xt, kernel, P, prior: float, noise: float, rtol: float):
-    """:func:`latent_variance`'s rule, with the CG result kept for its iteration counts."""
-    import torch
-
-    from gpscale import CrossKernelOperator, cg
+def stopping(rule: str, P, noise: float, rtol: float) -> dict:
+    """CG arguments of a rule: ``residual`` (gpscale up to 0.1.0) or ``certified`` (:func:`latent_variance`'s)."""
     from gpscale.models.predict import _variance_stopping
 
+    if rule == "residual":
+        return {"rtol": rtol}
     mu, atol = _variance_stopping(P, noise, rtol)
-    Kb = CrossKernelOperator(Xt, Xs, kernel, backend="torch").rows(torch.arange(Xt.shape[0]))
-    res = cg(op, Kb, rtol=0.0, atol=atol, max_iter=5000, preconditioner=P, warn=False, error_floor=mu)
+    return {"rtol": 0.0, "atol": atol, "error_floor": mu}
+
+
+def variances(op, Kb, P, prior: float, **stop):
+    """Latent variances from one CG solve on ``K(X, X*)`` (the quadratic form of :func:`latent_variance`),
+    and the CG result for its iteration counts."""
+    from gpscale import cg
+
+    res = cg(op, Kb, max_iter=5000, preconditioner=P, warn=False, **stop)
     q = 2 * (Kb * res.x).sum(0) - (res.x * op.matmul(res.x)).sum(0)
     return (prior - q).clamp_min(0.0), res
 
@@ -88,7 +82,7 @@ def certified_variance(op, Xs, Xt, kernel, P, prior: float, noise: float, rtol: 
 def run_dataset(name: str, args) -> dict:
     import torch
 
-    from gpscale import KernelOperator
+    from gpscale import CrossKernelOperator, KernelOperator
     from gpscale.models.predict import PredictCache, latent_variance
     from gpscale.precond import PivotedCholesky
 
@@ -109,12 +103,10 @@ def run_dataset(name: str, args) -> dict:
     P = PivotedCholesky(rank=args.rank).build(op)
     out["spectrum_floor"] = P.spectrum_floor()
     prior = float(kernel.outputscale) * float(kernel.profile(torch.zeros((), dtype=torch.float64)))
+    Kb = CrossKernelOperator(Xt, Xs, kernel, backend="torch").rows(torch.arange(args.n))  # once for all arms
     for rule, rtol in ARMS:
         t0 = time.perf_counter()
-        if rule == "residual":
-            v, res = residual_variance(op, Xs, Xt, kernel, P, prior, rtol)
-        else:
-            v, res = certified_variance(op, Xs, Xt, kernel, P, prior, noise, rtol)
+        v, res = variances(op, Kb, P, prior, **stopping(rule, P, noise, rtol))
         secs = time.perf_counter() - t0
         rel = (v - exact) / (exact + noise)
         std_rel = ((v + noise) / (exact + noise)).sqrt() - 1

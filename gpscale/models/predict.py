@@ -90,8 +90,8 @@ def _batch_size(n: int, m: int, element_size: int, per_column: int, memory_budge
 def _variance_stopping(precond, noise: float, rtol: float) -> tuple[float | None, float]:
     """``(error_floor, atol)`` of the variance solves: error :math:`\\le` ``rtol * noise`` per column.
 
-    With a spectrum floor :math:`\\mu`, CG stops on the Gauss-Radau bound of :math:`\\|v - v^\\star\\|_{\\hat K}`
-    at :math:`\\sqrt{\\mathrm{rtol}\\,\\sigma^2}`; without one, on the residual at :math:`\\sigma^2\\sqrt{\\mathrm{rtol}}`,
+    With a spectrum floor :math:`\\mu`, CG stops on the Gauss-Radau bound of
+    :math:`\\|v - v^\\star\\|_{\\hat K}` at :math:`\\sqrt{\\mathrm{rtol}\\,\\sigma^2}`; without one, on the residual at :math:`\\sigma^2\\sqrt{\\mathrm{rtol}}`,
     since :math:`r^T \\hat K^{-1} r \\le \\|r\\|^2 / \\sigma^2`.
     """
     floor = precond.spectrum_floor() if hasattr(precond, "spectrum_floor") else 0.0

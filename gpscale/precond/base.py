@@ -115,9 +115,7 @@ class Identity(BuiltPreconditioner):
         return cls(op.shape[0], dtype=op.dtype, device=op.device, noise=noise, kernel_scale=scale)
 
     def spectrum_floor(self) -> float:
-        # K is positive semi-definite, so lambda_min(K + noise I) >= noise.
-        if self.noise is None:
-            return 0.0
+        # K is positive semi-definite, so lambda_min(K + noise I) >= noise (0.0 when the noise is unknown).
         return spectrum_floor_from(self.dtype, self.n, 0, self.kernel_scale, self.noise, self.noise)
 
     def solve(self, R):

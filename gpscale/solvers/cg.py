@@ -134,7 +134,7 @@ class ConjugateGradients:
         st = _start(matmul, solve, B, X0)
         tol = torch.clamp(self.rtol * st.bnorm, min=self.atol) if tol is None else tol
         radau = None if self.error_floor is None else RadauBound(self.error_floor, st.rz, self.rtol, self.atol)
-        st.classify(tol, None if radau is None else radau.met())
+        st.classify(st.rnorm <= tol if radau is None else radau.met())
         nt = min(self.num_tridiag if num_tridiag is None else num_tridiag, t)
         basis = ResidualBasis(reorth, B.shape[0], t, B.dtype, dev) if reorth else None
         if basis is not None:
@@ -188,11 +188,11 @@ class _Iterate:
     status: torch.Tensor | None = None
     iters: torch.Tensor | None = None
 
-    def classify(self, tol: torch.Tensor, done: torch.Tensor | None = None) -> None:
-        """Columns already converged (``done``, or by the residual) or non-finite at the start do not run."""
-        # "not <=" rather than ">": a NaN residual must not count as converged.
+    def classify(self, done: torch.Tensor) -> None:
+        """Columns already converged (``done``: met the stopping test) or non-finite at the start do not run."""
+        # "not done" rather than "rnorm > tol": a NaN residual must not count as converged.
         finite = torch.isfinite(self.rnorm)
-        self.active = ~((self.rnorm <= tol) if done is None else done) & finite
+        self.active = ~done & finite
         self.status = torch.where(finite, CGStatus.CONVERGED.value, CGStatus.NON_FINITE.value)
         self.iters = torch.zeros(self.r.shape[1], dtype=torch.long, device=self.r.device)
 
