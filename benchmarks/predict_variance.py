@@ -11,7 +11,9 @@ given ``--n`` training points with rank-``--rank`` pivoted-Cholesky-precondition
 
 and compares both with the dense Cholesky variances: the largest relative excess of the predictive
 variance of ``y`` (what the certified rule guarantees to keep below ``rtol``), the same for the
-standard deviation, CG iterations and seconds.
+standard deviation, CG iterations and seconds.  Unless ``--no-gpytorch``, the same fitted model is
+also predicted by GPyTorch, stock and with ``use_gpscale`` (``_gpytorch_predict.py``), against the dense
+mean and variances.
 
 Examples
 --------
@@ -36,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
+from _gpytorch_predict import GPYTORCH_ARMS, gpytorch_arm, gpytorch_markdown  # noqa: E402
 from crossover import fit_hypers  # noqa: E402
 
 WIDTH = {"kin40k": 8, "protein": 9, "elevators": 18, "pol": 26, "bike": 17, "keggdirected": 20,
@@ -52,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--kernel", default="rbf")
     p.add_argument("--rank", type=int, default=100, help="pivoted-Cholesky preconditioner rank")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-gpytorch", dest="gpytorch", action="store_false",
+                   help="skip the stock-GPyTorch and gpscale-backend arms")
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--markdown", type=Path, default=None)
@@ -61,12 +66,9 @@ def parse_args(argv=None):
 
 def stopping(rule: str, P, noise: float, rtol: float) -> dict:
     """CG arguments of a rule: ``residual`` (gpscale up to 0.1.0) or ``certified`` (:func:`latent_variance`'s)."""
-    from gpscale.models.predict import _variance_stopping
+    from gpscale.solvers.error_bounds import energy_stopping
 
-    if rule == "residual":
-        return {"rtol": rtol}
-    mu, atol = _variance_stopping(P, noise, rtol)
-    return {"rtol": 0.0, "atol": atol, "error_floor": mu}
+    return {"rtol": rtol} if rule == "residual" else energy_stopping(P, noise, rtol)
 
 
 def variances(op, Kb, P, prior: float, **stop):
@@ -104,6 +106,12 @@ def run_dataset(name: str, args) -> dict:
     out["spectrum_floor"] = P.spectrum_floor()
     prior = float(kernel.outputscale) * float(kernel.profile(torch.zeros((), dtype=torch.float64)))
     Kb = CrossKernelOperator(Xt, Xs, kernel, backend="torch").rows(torch.arange(args.n))  # once for all arms
+    if args.gpytorch:
+        yt = y[:args.n]
+        exact_mean = h["mean"] + Kb.T @ torch.cholesky_solve((yt - h["mean"])[:, None], L)[:, 0]
+        for kind, rtol in GPYTORCH_ARMS:
+            out["arms"].append(gpytorch_arm(Xt, yt, Xs, h, exact_mean, exact, kind, rtol))
+            _report(name, out["arms"][-1])
     for rule, rtol in ARMS:
         t0 = time.perf_counter()
         v, res = variances(op, Kb, P, prior, **stopping(rule, P, noise, rtol))
@@ -116,11 +124,15 @@ def run_dataset(name: str, args) -> dict:
                             "var_y_rel_excess_max": float(rel.max()), "var_y_rel_excess_min": float(rel.min()),
                             "std_rel_error_max": float(std_rel.abs().max()),
                             "within_rtol": bool((rel <= rtol).all())})
-        a = out["arms"][-1]
-        print(f"  {name:10s} {rule:9s} rtol {rtol:.0e}: {secs:6.2f} s, CG its max {a['iterations_max']:4d} "
-              f"mean {a['iterations_mean']:6.1f}, var_y excess max {a['var_y_rel_excess_max']:.2e}, "
-              f"std err max {a['std_rel_error_max']:.2e}", flush=True)
+        _report(name, out["arms"][-1])
     return out
+
+
+def _report(name: str, a: dict) -> None:
+    its = f" CG its max {a['iterations_max']:4d} mean {a['iterations_mean']:6.1f}," if "iterations_max" in a else ""
+    rtol = "default" if a["rtol"] is None else f"{a['rtol']:.0e}"
+    print(f"  {name:10s} {a['rule']:15s} rtol {rtol}: {a['seconds']:6.2f} s,{its} var_y excess max "
+          f"{a['var_y_rel_excess_max']:.2e}, std err max {a['std_rel_error_max']:.2e}", flush=True)
 
 
 def run(args) -> dict:
@@ -153,10 +165,13 @@ def render_markdown(payload: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for ds in payload["datasets"]:
         for a in ds["arms"]:
+            if a["rule"] not in ("residual", "certified"):
+                continue
             lines.append(f"| {ds['dataset']} | {ds['noise']:.3g} | {a['rule']} | {a['rtol']:.0e} | "
                          f"{a['iterations_max']} / {a['iterations_mean']:.1f} | {a['seconds']:.2f} | "
                          f"{a['var_y_rel_excess_max']:.1e} | {a['std_rel_error_max']:.1e} | "
                          f"{'yes' if a['within_rtol'] else '**no**'} |")
+    lines += gpytorch_markdown(payload["datasets"])
     return "\n".join(lines) + "\n"
 
 

@@ -18,11 +18,19 @@ def test_tiny_run_certified_arms_meet_their_tolerance(tmp_path):
     payload = pv.C.read_json(tmp_path / "pv.json")
     (ds,) = payload["datasets"]
     assert ds["data"]["source"].startswith("synthetic")
-    assert [(a["rule"], a["rtol"]) for a in ds["arms"]] == list(pv.ARMS)
+    assert [(a["rule"], a["rtol"]) for a in ds["arms"]] == list(pv.GPYTORCH_ARMS) + list(pv.ARMS)
     for a in ds["arms"]:
-        assert a["status"] == "CONVERGED"
-        if a["rule"] == "certified":
-            assert a["within_rtol"] and 0 <= a["var_y_rel_excess_max"] <= a["rtol"]
+        assert a.get("status", "CONVERGED") == "CONVERGED"
+        if a["rule"] in ("certified", "gpscale-backend"):
+            assert a["within_rtol"] and 0 <= a["var_y_rel_excess_min"] <= a["var_y_rel_excess_max"] <= a["rtol"]
     assert 0.99 < ds["spectrum_floor"] <= 1.0
     text = (tmp_path / "b.md").read_text()
-    assert "<!-- BEGIN predict_variance" in text and "| kin40k |" in text
+    assert "<!-- BEGIN predict_variance" in text and "| kin40k |" in text and "| gpscale-backend |" in text
+
+
+def test_no_gpytorch_flag_runs_the_gpscale_arms_only(tmp_path):
+    argv = ["--datasets", "kin40k", "--n", "200", "--m", "10", "--fit-first", "80", "--rank", "10", "--no-gpytorch",
+            "--data-dir", str(tmp_path), "--out", str(tmp_path / "pv.json")]
+    assert pv.main(argv) == 0
+    (ds,) = pv.C.read_json(tmp_path / "pv.json")["datasets"]
+    assert [(a["rule"], a["rtol"]) for a in ds["arms"]] == list(pv.ARMS)

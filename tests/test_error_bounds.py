@@ -13,7 +13,7 @@ from gpscale.logdet.slq import build_preconditioner
 from gpscale.models.predict import PredictCache, latent_variance
 from gpscale.precond import Jacobi, Nystrom, PivotedCholesky, RPCholesky
 from gpscale.precond.base import Identity, LowRankPlusDiagonal, rounding_margin
-from gpscale.solvers.error_bounds import RadauBound
+from gpscale.solvers.error_bounds import RadauBound, energy_stopping
 
 
 def _spd(n=200, lo=1e-3, hi=10.0, seed=0):
@@ -200,3 +200,19 @@ def test_predictive_variance_error_is_certified(precond, rtol):
     excess = v - exact
     assert (excess >= -1e-9).all()
     assert (excess <= rtol * noise * (1 + 1e-6) + 1e-12).all()
+
+
+def test_energy_stopping_uses_the_floor_or_the_residual_equivalent():
+    op, _, _ = _kernel_op(n=120, noise=1e-2)
+    P = build_preconditioner(op, PivotedCholesky(rank=10))
+    stop = energy_stopping(P, 1e-2, 1e-4)
+    assert stop == {"rtol": 0.0, "atol": pytest.approx(1e-3), "error_floor": P.spectrum_floor()}
+    # no floor known: ||r|| <= σ² sqrt(rtol) implies rᵀK̂⁻¹r <= ||r||²/σ² <= rtol σ²
+    for floorless in (Identity(120), None):
+        assert energy_stopping(floorless, 1e-2, 1e-4) == {"rtol": 0.0, "atol": pytest.approx(1e-4)}
+
+
+@pytest.mark.parametrize("noise", [0.0, -1.0, float("nan")])
+def test_energy_stopping_needs_a_positive_noise(noise):
+    with pytest.raises(ValueError, match="sigma\\^2 > 0"):
+        energy_stopping(None, noise, 1e-3)

@@ -67,7 +67,11 @@ class BackendOptions:
     preconditioner : factory, default ``PivotedCholesky(rank=100)``
         Any :mod:`gpscale.precond` factory, or None.
     solve_rtol : float, default 1e-4
-        CG tolerance of prediction solves (mean cache, predictive covariance).
+        Accuracy of the prediction solves (mean cache, predictive covariance): each column stops when
+        CG's Gauss-Radau bound certifies its squared energy-norm error ``<= solve_rtol * σ²``, so every
+        predictive variance of y lies in ``[var⋆, var⋆ (1 + solve_rtol)]`` and the mean errs by at most
+        ``sqrt(outputscale * solve_rtol) * σ`` (docs/gpytorch.md).  The backward of a differentiated
+        solve stops on the relative residual ``solve_rtol``.
     max_iter : int, default 1000
     memory_budget : int, optional
         Bytes for one kernel operator's tile cache + workspace (gpscale's default: 1 GiB).

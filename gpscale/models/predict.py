@@ -16,6 +16,7 @@ from ..likelihood.cholesky import cholesky_factor
 from ..logdet.slq import build_preconditioner
 from ..operators import DEFAULT_MEMORY_BUDGET, CrossKernelOperator, KernelOperator
 from ..solvers.cg import CGWarning, cg
+from ..solvers.error_bounds import energy_stopping
 
 __all__ = ["PredictCache", "Standardizer", "latent_mean", "latent_variance", "prepare_predictor"]
 
@@ -87,19 +88,6 @@ def _batch_size(n: int, m: int, element_size: int, per_column: int, memory_budge
     return int(max(1, min(m, budget // max(1, per_column * n * element_size), 4096)))
 
 
-def _variance_stopping(precond, noise: float, rtol: float) -> tuple[float | None, float]:
-    """``(error_floor, atol)`` of the variance solves: error :math:`\\le` ``rtol * noise`` per column.
-
-    With a spectrum floor :math:`\\mu`, CG stops on the Gauss-Radau bound of
-    :math:`\\|v - v^\\star\\|_{\\hat K}` at :math:`\\sqrt{\\mathrm{rtol}\\,\\sigma^2}`; without one, on the residual at :math:`\\sigma^2\\sqrt{\\mathrm{rtol}}`,
-    since :math:`r^T \\hat K^{-1} r \\le \\|r\\|^2 / \\sigma^2`.
-    """
-    floor = precond.spectrum_floor() if hasattr(precond, "spectrum_floor") else 0.0
-    if floor > 0:
-        return floor, (rtol * noise) ** 0.5
-    return None, noise * rtol ** 0.5
-
-
 @torch.no_grad()
 def latent_variance(Xs, X_train, kernel, noise: float, cache: PredictCache, *, rtol: float, max_iter: int,
                     memory_budget=None, backend: str = "auto") -> torch.Tensor:
@@ -129,7 +117,7 @@ def latent_variance(Xs, X_train, kernel, noise: float, cache: PredictCache, *, r
     b = _batch_size(n, m, X_train.element_size(), per_col, memory_budget)
     op = None if cache.chol is not None else KernelOperator(X_train, kernel, noise=noise, memory_budget=memory_budget,
                                                             backend=backend)
-    mu, atol = _variance_stopping(cache.precond, noise, rtol)
+    stop = energy_stopping(cache.precond, noise, rtol)
     idx = torch.arange(n, device=X_train.device)
     out = torch.empty(m, dtype=torch.float64, device=X_train.device)
     failed = 0
@@ -140,8 +128,7 @@ def latent_variance(Xs, X_train, kernel, noise: float, cache: PredictCache, *, r
             V = torch.linalg.solve_triangular(cache.chol, Kb, upper=False)
             q = (V * V).sum(0)
         else:
-            res = cg(op, Kb, rtol=0.0, atol=atol, max_iter=max_iter, preconditioner=cache.precond, warn=False,
-                     error_floor=mu)
+            res = cg(op, Kb, max_iter=max_iter, preconditioner=cache.precond, warn=False, **stop)
             failed += int(not res.converged)
             q = 2 * (Kb * res.x).sum(0) - (res.x * op.matmul(res.x)).sum(0)
         out[j0:j1] = (prior - q.to(torch.float64)).clamp_min(0.0)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RadauBound"]
+__all__ = ["RadauBound", "energy_stopping"]
 
 
 class RadauBound:
@@ -91,3 +91,39 @@ class RadauBound:
     def met(self) -> torch.Tensor:
         """Columns whose :attr:`error_norm` is within :meth:`tolerance` (``(t,)`` bool; NaN is not met)."""
         return self.error_norm <= self.tolerance()
+
+
+def energy_stopping(precond, noise: float, rtol: float) -> dict:
+    """CG arguments that stop a column once its squared energy-norm error is certainly ``<= rtol * noise``.
+
+    For :math:`\\hat K = K + \\sigma^2 I` and a column :math:`b = k(X, x_*)`, the squared error
+    :math:`\\|x - x^\\star\\|_{\\hat K}^2` is the error of the predictive variance's quadratic form
+    (module docstring), so the variance is certified to within ``rtol * noise``; for any other vector
+    :math:`c`, :math:`c^T x` errs by at most :math:`\\|c\\|_{\\hat K^{-1}} \\sqrt{\\mathrm{rtol}}\\,\\sigma`
+    (Cauchy-Schwarz).
+
+    Parameters
+    ----------
+    precond : built preconditioner
+        A positive :meth:`~gpscale.precond.base.BuiltPreconditioner.spectrum_floor` :math:`\\mu` makes CG
+        stop on the Gauss-Radau bound at :math:`\\sqrt{\\mathrm{rtol}\\,\\sigma^2}`.  Without one, CG stops on
+        the residual at :math:`\\sigma^2 \\sqrt{\\mathrm{rtol}}`, which implies the same bound since
+        :math:`r^T \\hat K^{-1} r \\le \\|r\\|^2 / \\sigma^2` -- safe, but stricter.
+    noise : float
+        :math:`\\sigma^2 > 0`.
+    rtol : float
+        Target error relative to the noise variance.
+
+    Returns
+    -------
+    dict
+        ``rtol``, ``atol`` and (with a floor) ``error_floor`` for :func:`gpscale.cg` or
+        :class:`gpscale.solvers.cg.ConjugateGradients`.
+    """
+    if not noise > 0:
+        raise ValueError(f"energy_stopping needs the noise variance sigma^2 > 0 (the error scale), got {noise!r}; "
+                         "stop on the residual (cg's rtol) for a noise-free system")
+    floor = precond.spectrum_floor() if hasattr(precond, "spectrum_floor") else 0.0
+    if floor > 0:
+        return {"rtol": 0.0, "atol": (rtol * noise) ** 0.5, "error_floor": floor}
+    return {"rtol": 0.0, "atol": noise * rtol ** 0.5}

@@ -1,0 +1,91 @@
+"""GPyTorch arms of ``predict_variance.py``: the same fitted model predicted by stock GPyTorch and by the
+gpscale backend, compared with the dense Cholesky mean and variances.
+
+* ``gpytorch``: stock GPyTorch at its defaults (above ``max_cholesky_size`` its prediction caches are
+  linear_operator CG solves at ``eval_cg_tolerance``), what a user gets without gpscale;
+* ``gpscale-backend``: ``use_gpscale(model, method="iterative", solve_rtol=rtol)``, whose prediction
+  solves stop on the certified energy-norm error (:mod:`gpscale.integrations.gpytorch_operator`).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+GPYTORCH_ARMS = (("gpytorch", None), ("gpscale-backend", 1e-3), ("gpscale-backend", 1e-4))
+
+
+def _model(Xt, yt, h):
+    import gpytorch
+    import torch
+
+    class _GP(gpytorch.models.ExactGP):
+        def __init__(self, lik):
+            super().__init__(Xt, yt, lik)
+            self.mean_module = gpytorch.means.ConstantMean()
+            self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(ard_num_dims=Xt.shape[1]))
+
+        def forward(self, x):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+    lik = gpytorch.likelihoods.GaussianLikelihood().to(Xt.dtype)
+    model = _GP(lik).to(Xt.dtype)
+    model.covar_module.base_kernel.lengthscale = torch.tensor(h["lengthscale"], dtype=Xt.dtype)
+    model.covar_module.outputscale = h["outputscale"]
+    lik.noise = h["noise"]
+    model.mean_module.constant.data.fill_(h["mean"])
+    model.eval()
+    lik.eval()
+    return model, lik
+
+
+def gpytorch_arm(Xt, yt, Xs, h, exact_mean, exact_var, kind: str, rtol) -> dict:
+    """One GPyTorch prediction of ``Xs``: errors against the exact mean / latent variance, seconds."""
+    import torch
+
+    from gpscale.integrations.gpytorch import backend_stats, use_gpscale
+
+    model, lik = _model(Xt, yt, h)
+    if kind == "gpscale-backend":
+        # one block of columns, so that backend_stats' last solve holds every test point's iterations
+        use_gpscale(model, method="iterative", solve_rtol=rtol, solve_block=max(1, Xs.shape[0]))
+    noise = h["noise"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        pred = lik(model(Xs))
+        mu, var = pred.mean, pred.variance
+        secs = time.perf_counter() - t0
+    rel = (var - (exact_var + noise)) / (exact_var + noise)
+    std_rel = (var / (exact_var + noise)).sqrt() - 1
+    out = {"rule": kind, "rtol": rtol, "seconds": secs,
+           "mean_error_max_over_sigma": float((mu - exact_mean).abs().max() / noise ** 0.5),
+           "var_y_rel_excess_max": float(rel.max()), "var_y_rel_excess_min": float(rel.min()),
+           "std_rel_error_max": float(std_rel.abs().max()),
+           "within_rtol": None if rtol is None else bool(((rel >= 0) & (rel <= rtol)).all())}
+    if kind == "gpscale-backend":
+        st = backend_stats(model)["last"]["solve"]
+        out.update(iterations_max=int(st["iterations_max"]), iterations_mean=float(st["iterations_mean"]))
+    return out
+
+
+def gpytorch_markdown(datasets) -> list[str]:
+    """Table rows of the GPyTorch arms (empty if none ran)."""
+    rows = [(ds, a) for ds in datasets for a in ds["arms"] if a["rule"] in dict(GPYTORCH_ARMS)]
+    if not rows:
+        return []
+    lines = ["", "The same fitted model in GPyTorch: stock GPyTorch at its defaults and `use_gpscale(model, "
+             "method=\"iterative\", solve_rtol=rtol)` (certified prediction solves).  *mean err*: the largest "
+             "error of the predictive mean in units of the noise standard deviation; *excess min / max*: of the "
+             "predictive variance of y relative to the dense one (certified: within [0, rtol]).", "",
+             "| data | arm | solve_rtol | CG its max / mean | seconds | mean err / σ | excess min / max | "
+             "std err max | in [0, rtol] |", "|---|---|---|---|---|---|---|---|---|"]
+    for ds, a in rows:
+        its = f"{a['iterations_max']} / {a['iterations_mean']:.1f}" if "iterations_max" in a else "–"
+        held = "–" if a["within_rtol"] is None else ("yes" if a["within_rtol"] else "**no**")
+        rtol = "default" if a["rtol"] is None else f"{a['rtol']:.0e}"
+        lines.append(f"| {ds['dataset']} | {a['rule']} | {rtol} | "
+                     f"{its} | {a['seconds']:.2f} | {a['mean_error_max_over_sigma']:.1e} | "
+                     f"{a['var_y_rel_excess_min']:.1e} / {a['var_y_rel_excess_max']:.1e} | "
+                     f"{a['std_rel_error_max']:.1e} | {held} |")
+    return lines
