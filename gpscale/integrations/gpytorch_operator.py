@@ -136,8 +136,9 @@ def _prediction_solver(op, P, opts) -> ConjugateGradients:
     """CG for the prediction solves: each column's squared energy-norm error certified ``<= solve_rtol * σ²``.
 
     Why not a relative residual: GPyTorch's covariance correction :math:`k^T \\hat K^{-1} k` is off by that
-    energy-norm error (after :func:`_galerkin_rescaled`), which a residual test does not bound (it left
-    predictive standard deviations up to 0.5 % off at ``solve_rtol = 1e-4`` on elevators, n = 3000).
+    energy-norm error (after :func:`_galerkin_rescaled`), which a residual test does not bound (at
+    ``solve_rtol = 1e-4`` it left standard deviations up to 0.87 % off on kin40k, n = 4000, some variances
+    1.7 % too small; docs/benchmarks.md).
     ``op`` is a :class:`~gpscale.operators.KernelOperator`, whose noise is > 0 by construction.
     """
     return ConjugateGradients(max_iter=opts.max_iter, **energy_stopping(P, float(op.noise), opts.solve_rtol))
