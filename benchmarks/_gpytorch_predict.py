@@ -65,7 +65,8 @@ def gpytorch_arm(Xt, yt, Xs, h, exact_mean, exact_var, kind: str, rtol) -> dict:
            "within_rtol": None if rtol is None else bool(((rel >= 0) & (rel <= rtol)).all())}
     if kind == "gpscale-backend":
         st = backend_stats(model)["last"]["solve"]
-        out.update(iterations_max=int(st["iterations_max"]), iterations_mean=float(st["iterations_mean"]))
+        out.update(status=st["status"], iterations_max=int(st["iterations_max"]),
+                   iterations_mean=float(st["iterations_mean"]))
     return out
 
 

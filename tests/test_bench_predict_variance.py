@@ -20,7 +20,7 @@ def test_tiny_run_certified_arms_meet_their_tolerance(tmp_path):
     assert ds["data"]["source"].startswith("synthetic")
     assert [(a["rule"], a["rtol"]) for a in ds["arms"]] == list(pv.GPYTORCH_ARMS) + list(pv.ARMS)
     for a in ds["arms"]:
-        assert a.get("status", "CONVERGED") == "CONVERGED"
+        assert a["rule"] == "gpytorch" or a["status"] == "CONVERGED"  # stock GPyTorch reports no CG status
         if a["rule"] in ("certified", "gpscale-backend"):
             assert a["within_rtol"] and 0 <= a["var_y_rel_excess_min"] <= a["var_y_rel_excess_max"] <= a["rtol"]
     assert 0.99 < ds["spectrum_floor"] <= 1.0

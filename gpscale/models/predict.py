@@ -117,7 +117,7 @@ def latent_variance(Xs, X_train, kernel, noise: float, cache: PredictCache, *, r
     b = _batch_size(n, m, X_train.element_size(), per_col, memory_budget)
     op = None if cache.chol is not None else KernelOperator(X_train, kernel, noise=noise, memory_budget=memory_budget,
                                                             backend=backend)
-    stop = energy_stopping(cache.precond, noise, rtol)
+    stop = None if op is None else energy_stopping(cache.precond, noise, rtol)  # the CG path's stopping rule
     idx = torch.arange(n, device=X_train.device)
     out = torch.empty(m, dtype=torch.float64, device=X_train.device)
     failed = 0
