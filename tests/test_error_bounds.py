@@ -216,3 +216,9 @@ def test_energy_stopping_uses_the_floor_or_the_residual_equivalent():
 def test_energy_stopping_needs_a_positive_noise(noise):
     with pytest.raises(ValueError, match="sigma\\^2 > 0"):
         energy_stopping(None, noise, 1e-3)
+
+
+@pytest.mark.parametrize("rtol", [-1e-3, float("nan"), float("inf"), "1e-3"])
+def test_energy_stopping_rejects_a_bad_rtol(rtol):
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
+        energy_stopping(None, 1e-2, rtol)

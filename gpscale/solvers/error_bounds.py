@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import check_tolerance
+
 __all__ = ["RadauBound", "energy_stopping"]
 
 
@@ -120,6 +122,7 @@ def energy_stopping(precond, noise: float, rtol: float) -> dict:
         ``rtol``, ``atol`` and (with a floor) ``error_floor`` for :func:`gpscale.cg` or
         :class:`gpscale.solvers.cg.ConjugateGradients`.
     """
+    rtol = check_tolerance("rtol", rtol)
     if not noise > 0:
         raise ValueError(f"energy_stopping needs the noise variance sigma^2 > 0 (the error scale), got {noise!r}; "
                          "stop on the residual (cg's rtol) for a noise-free system")
