@@ -23,6 +23,9 @@ def test_tiny_run_certified_arms_meet_their_tolerance(tmp_path):
         assert a["rule"] == "gpytorch" or a["status"] == "CONVERGED"  # stock GPyTorch reports no CG status
         if a["rule"] in ("certified", "gpscale-backend"):
             assert a["within_rtol"] and 0 <= a["var_y_rel_excess_min"] <= a["var_y_rel_excess_max"] <= a["rtol"]
+        if a["rule"] == "gpscale-backend":  # the whole covariance: symmetric, too large by a small PSD matrix
+            assert a["cov_asymmetry_max_over_noise"] <= 1e-9 and a["cov_excess_eig_min_over_noise"] >= -1e-9
+            assert a["cov_entry_error_max_over_noise"] <= a["rtol"] * (1 + 1e-6)
     assert 0.99 < ds["spectrum_floor"] <= 1.0
     text = (tmp_path / "b.md").read_text()
     assert "<!-- BEGIN predict_variance" in text and "| kin40k |" in text and "| gpscale-backend |" in text

@@ -13,7 +13,7 @@ from gpscale.logdet.slq import build_preconditioner
 from gpscale.models.predict import PredictCache, latent_variance
 from gpscale.precond import Jacobi, Nystrom, PivotedCholesky, RPCholesky
 from gpscale.precond.base import Identity, LowRankPlusDiagonal, rounding_margin
-from gpscale.solvers.error_bounds import RadauBound, energy_stopping
+from gpscale.solvers.error_bounds import RadauBound, energy_stopping, second_order_quadratic
 
 
 def _spd(n=200, lo=1e-3, hi=10.0, seed=0):
@@ -222,3 +222,17 @@ def test_energy_stopping_needs_a_positive_noise(noise):
 def test_energy_stopping_rejects_a_bad_rtol(rtol):
     with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
         energy_stopping(None, 1e-2, rtol)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 1e-1])
+def test_second_order_quadratic_errs_by_exactly_the_squared_energy_error(scale):
+    A = _spd(n=80, seed=4)
+    g = make_generator(5)
+    B = torch.randn(80, 6, generator=g, dtype=torch.float64)
+    Xs = torch.linalg.solve(A, B)
+    V = Xs + scale * torch.randn(80, 6, generator=g, dtype=torch.float64)
+    exact = (B * Xs).sum(0)
+    q = second_order_quadratic(B, V, A @ V)
+    atol = 1e-9 * float(exact.abs().max())
+    torch.testing.assert_close(exact - q, _energy_error(A, V, Xs) ** 2, rtol=1e-6, atol=atol)
+    assert bool((q <= exact + atol).all())  # never above bᵀA⁻¹b

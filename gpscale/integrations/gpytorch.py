@@ -40,6 +40,8 @@ from .gpytorch_operator import (
     GpscaleKernelLinearOperator,
     GPyTorchFallbackWarning,
 )
+from .gpytorch_predict import _SLOT as _PREDICTION_SLOT
+from .gpytorch_predict import GpscaleModelMixin
 
 __all__ = [
     "BackendOptions",
@@ -180,14 +182,33 @@ class _GpscaleKernelMixin:
         return None
 
 
-_SWAPPED: dict[type, type] = {}
+_SWAPPED: dict[tuple[type, type], type] = {}
 
 
-def _swapped_class(cls: type) -> type:
-    if cls not in _SWAPPED:
-        _SWAPPED[cls] = type(f"Gpscale{cls.__name__}", (_GpscaleKernelMixin, cls),
-                             {"__module__": __name__, "_gpscale_original_class": cls})
-    return _SWAPPED[cls]
+def _swapped_class(cls: type, mixin: type) -> type:
+    """``cls`` with ``mixin`` in front (cached: one class per pair, so ``isinstance`` stays stable)."""
+    if (cls, mixin) not in _SWAPPED:
+        _SWAPPED[cls, mixin] = type(f"Gpscale{cls.__name__}", (mixin, cls),
+                                    {"__module__": __name__, "_gpscale_original_class": cls})
+    return _SWAPPED[cls, mixin]
+
+
+def _switch_model(model) -> None:
+    """Give an ``ExactGP`` gpscale's prediction strategy (:mod:`gpscale.integrations.gpytorch_predict`)."""
+    if isinstance(model, gpytorch.models.ExactGP) and not isinstance(model, GpscaleModelMixin):
+        model.__dict__.pop("prediction_strategy", None)  # the property below takes over the attribute
+        model.__class__ = _swapped_class(type(model), GpscaleModelMixin)
+    if hasattr(model, "prediction_strategy"):
+        model.prediction_strategy = None  # caches computed before the switch
+
+
+def _unswitch_model(model) -> None:
+    if isinstance(model, GpscaleModelMixin):
+        model.__dict__.pop(_PREDICTION_SLOT, None)
+        model.__class__ = model._gpscale_original_class
+        model.prediction_strategy = None  # a plain attribute again (GPyTorch rebuilds its own strategy)
+    elif hasattr(model, "prediction_strategy"):
+        model.prediction_strategy = None
 
 
 # ------------------------------------------------------------------------------------ the switch
@@ -218,7 +239,9 @@ def use_gpscale(model, options: BackendOptions | None = None, **kwargs):
     Returns
     -------
     model
-        Unchanged parameters, names and state; only the kernel's class is swapped.  An unsupported
+        Unchanged parameters, names and state; only the classes of the kernel and (for an ``ExactGP``, to
+        install gpscale's predictive covariance, :mod:`gpscale.integrations.gpytorch_predict`) of the model
+        are swapped for subclasses.  An unsupported
         model is returned unswitched with one :class:`GPyTorchFallbackWarning` saying why.
 
     Examples
@@ -238,11 +261,10 @@ def use_gpscale(model, options: BackendOptions | None = None, **kwargs):
         BackendState().fallback(reason)
         return model
     if not isinstance(kernel, _GpscaleKernelMixin):
-        kernel.__class__ = _swapped_class(type(kernel))
+        kernel.__class__ = _swapped_class(type(kernel), _GpscaleKernelMixin)
         kernel._gpscale_state = BackendState()
     kernel._gpscale_options = options
-    if hasattr(model, "prediction_strategy"):
-        model.prediction_strategy = None  # caches computed before the switch
+    _switch_model(model)
     return model
 
 
@@ -253,8 +275,7 @@ def restore_gpytorch(model):
         kernel.__class__ = kernel._gpscale_original_class
         for attr in ("_gpscale_state", "_gpscale_options"):
             kernel.__dict__.pop(attr, None)
-        if hasattr(model, "prediction_strategy"):
-            model.prediction_strategy = None
+        _unswitch_model(model)
     return model
 
 

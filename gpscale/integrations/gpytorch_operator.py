@@ -12,10 +12,10 @@ Which hooks are overridden and why:
   (preconditioned SLQ, Wenger et al. 2022) and a hand-written backward that reuses those solves
   (:func:`gpscale.operators.bilinear_derivative`).  Below the Cholesky crossover a dense Cholesky on
   the autograd-capable reference kernel.  linear_operator's own mBCG path is never entered.
-* ``solve`` -- prediction caches (``mean_cache``, predictive covariance): gpscale CG with its
-  preconditioner, each column stopped once its energy-norm error is certified small enough for the
-  predictive variance (Gauss-Radau bound) and rescaled so GPyTorch's ``kᵀ K̂⁻¹ k`` inherits that
-  certificate; columns chunked to bound memory, a custom backward.
+* ``solve`` -- prediction caches (``mean_cache``): gpscale CG with its preconditioner, each column
+  stopped once its energy-norm error is certified ``<= solve_rtol * σ²`` (Gauss-Radau bound); columns
+  chunked to bound memory, a custom backward.  The predictive covariance does not go through ``solve``:
+  :mod:`gpscale.integrations.gpytorch_predict` forms it in a second-order, symmetric form.
 * ``_matmul`` / ``_bilinear_derivative`` -- tiled products without storing ``K`` and a tiled
   derivative pass instead of autograd through the product.
 * ``__add__`` -- absorbs the likelihood's homoscedastic ``ConstantDiagLinearOperator`` so that
@@ -111,7 +111,7 @@ class _Solve(torch.autograd.Function):
     def forward(ctx, rhs, ls, s, noise, cfg):
         op, opts, state = cfg
         P = build_preconditioner(op, opts.preconditioner)
-        X = _chunked_cg(op, P, rhs, opts, state, "solve", _prediction_solver(op, P, opts), galerkin=True)
+        X = _chunked_cg(op, P, rhs, opts, state, "solve", _prediction_solver(op, P, opts))
         ctx.op, ctx.P, ctx.X, ctx.cfg = op, P, X, cfg
         ctx.shapes = [(v.shape, v.dtype) for v in (ls, s, noise)]
         return X
@@ -135,42 +135,23 @@ def _shaped(g: dict, shapes) -> tuple:
 def _prediction_solver(op, P, opts) -> ConjugateGradients:
     """CG for the prediction solves: each column's squared energy-norm error certified ``<= solve_rtol * σ²``.
 
-    Why not a relative residual: GPyTorch's covariance correction :math:`k^T \\hat K^{-1} k` is off by that
-    energy-norm error (after :func:`_galerkin_rescaled`), which a residual test does not bound (at
-    ``solve_rtol = 1e-4`` it left standard deviations up to 0.87 % off on kin40k, n = 4000, some variances
-    1.7 % too small; docs/benchmarks.md).
+    Why not a relative residual: the predictive covariance (:mod:`gpscale.integrations.gpytorch_predict`)
+    is off by exactly those energy-norm errors, which a residual test does not bound (at ``solve_rtol =
+    1e-4`` it left standard deviations up to 0.87 % off on kin40k, n = 4000, some variances 1.7 % too
+    small; docs/benchmarks.md), and the mean by at most ``sqrt(s * solve_rtol) * σ`` (Cauchy-Schwarz).
     ``op`` is a :class:`~gpscale.operators.KernelOperator`, whose noise is > 0 by construction.
     """
     return ConjugateGradients(max_iter=opts.max_iter, **energy_stopping(P, float(op.noise), opts.solve_rtol))
 
 
-def _galerkin_rescaled(op, B: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """Columns :math:`c_j x_j` with :math:`c_j = b_j^T x_j / x_j^T \\hat K x_j` (one product of width ``t``).
-
-    Exact CG from zero has :math:`b^T x_k = x_k^T \\hat K x_k` (Galerkin), so the first-order form
-    :math:`b^T x_k` that GPyTorch evaluates equals the second-order one, :math:`b^T \\hat K^{-1} b -
-    \\|x_k - x^\\star\\|_{\\hat K}^2`.  In floating point, preconditioned CG loses that identity by far more than
-    the error it certifies (kin40k, n = 2000: :math:`|x^T r|` up to 20x the certified error).  The scale
-    :math:`c_j` -- the best multiple of :math:`x_j` in the energy norm -- restores it exactly, never
-    increases :math:`\\|x_j - x_j^\\star\\|_{\\hat K}`, and makes :math:`b_j^T (c_j x_j) = (b_j^T x_j)^2 /
-    x_j^T \\hat K x_j \\le b_j^T \\hat K^{-1} b_j` (Cauchy-Schwarz): the variance is never too small.
-    """
-    q = (X * op.matmul(X)).sum(0)
-    ok = q > 0  # a zero or non-finite column keeps its (zero / NaN) value
-    c = torch.where(ok, (B * X).sum(0) / torch.where(ok, q, torch.ones_like(q)), torch.ones_like(q))
-    return X * c
-
-
-def _chunked_cg(op, P, B, opts, state, what: str, solver: ConjugateGradients, galerkin: bool = False
-                ) -> torch.Tensor:
-    """Solve in blocks of ``opts.solve_block`` columns (CG state is ``5 n`` numbers per column);
-    ``galerkin`` rescales each block's columns (:func:`_galerkin_rescaled`)."""
+def _chunked_cg(op, P, B, opts, state, what: str, solver: ConjugateGradients) -> torch.Tensor:
+    """Solve in blocks of ``opts.solve_block`` columns (CG state is ``5 n`` numbers per column)."""
     out = torch.empty_like(B)
     for c0 in range(0, B.shape[1], opts.solve_block):
         c1 = min(B.shape[1], c0 + opts.solve_block)
         res = solver(op, B[:, c0:c1], preconditioner=P)
         state.record(what, res)
-        out[:, c0:c1] = _galerkin_rescaled(op, B[:, c0:c1], res.x) if galerkin else res.x
+        out[:, c0:c1] = res.x
     return out
 
 

@@ -16,7 +16,7 @@ from ..likelihood.cholesky import cholesky_factor
 from ..logdet.slq import build_preconditioner
 from ..operators import DEFAULT_MEMORY_BUDGET, CrossKernelOperator, KernelOperator
 from ..solvers.cg import CGWarning, cg
-from ..solvers.error_bounds import energy_stopping
+from ..solvers.error_bounds import energy_stopping, second_order_quadratic
 
 __all__ = ["PredictCache", "Standardizer", "latent_mean", "latent_variance", "prepare_predictor"]
 
@@ -96,7 +96,8 @@ def latent_variance(Xs, X_train, kernel, noise: float, cache: PredictCache, *, r
     Test points go in batches whose ``(n, b)`` right-hand sides fit a quarter of the memory budget.
     With a Cholesky factor it is one triangular solve per batch.  Otherwise a batched CG solve
     :math:`\\hat K V = K(X, X_b)` per batch, and the quadratic form is evaluated as
-    :math:`2 k^T v - v^T \\hat K v`, whose error :math:`(v - v^\\star)^T \\hat K (v - v^\\star) \\ge 0` is
+    :math:`2 k^T v - v^T \\hat K v` (:func:`~gpscale.solvers.error_bounds.second_order_quadratic`), whose
+    error :math:`(v - v^\\star)^T \\hat K (v - v^\\star) \\ge 0` is
     *second* order in the CG error (the plain :math:`k^T v` is first order), so the variance stays
     accurate, and never too small, when it is a small difference of large numbers.
 
@@ -130,7 +131,7 @@ def latent_variance(Xs, X_train, kernel, noise: float, cache: PredictCache, *, r
         else:
             res = cg(op, Kb, max_iter=max_iter, preconditioner=cache.precond, warn=False, **stop)
             failed += int(not res.converged)
-            q = 2 * (Kb * res.x).sum(0) - (res.x * op.matmul(res.x)).sum(0)
+            q = second_order_quadratic(Kb, res.x, op.matmul(res.x))
         out[j0:j1] = (prior - q.to(torch.float64)).clamp_min(0.0)
     if failed:
         warnings.warn(f"predictive variance: CG did not converge in {failed} test batch(es); the variances "
