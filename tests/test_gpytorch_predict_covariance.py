@@ -54,7 +54,7 @@ def test_covariance_is_symmetric_and_too_large_by_a_certified_psd_matrix(m):
     exact = _latent(model, Xs).covariance_matrix
     f = _latent(model, Xs, **ITERATIVE)
     C = f.covariance_matrix
-    noise = float(lik.noise)
+    noise = float(lik.noise.detach())
     D = C - exact
     assert float((C - C.mT).abs().max()) <= 1e-12
     assert float(torch.linalg.eigvalsh((D + D.mT) / 2).min()) >= -1e-9 * noise  # EᵀK̂E ⪰ 0
@@ -69,7 +69,7 @@ def test_first_order_form_breaks_symmetry_on_the_same_problem(monkeypatch):
     _stock_first_order(monkeypatch)
     model, lik, Xs = _with_duplicates(150)
     C = _latent(model, Xs, **ITERATIVE).covariance_matrix
-    assert float((C - C.mT).abs().max()) > 1e-3 * RTOL * float(lik.noise)
+    assert float((C - C.mT).abs().max()) > 1e-3 * RTOL * float(lik.noise.detach())
 
 
 def test_sampling_needs_no_jitter():
@@ -90,7 +90,7 @@ def test_variances_only_never_form_the_m_by_m_matrix(monkeypatch):
     monkeypatch.setattr(gpp.MatmulLinearOperator, "to_dense", lambda self: calls.append(1) or original(self))
     var = _latent(model, Xs, **ITERATIVE).variance
     assert not calls
-    rel = (var - exact) / (exact + float(lik.noise))
+    rel = (var - exact) / (exact + float(lik.noise.detach()))
     assert float(rel.min()) >= -1e-10 and float(rel.max()) <= RTOL
 
 
@@ -164,5 +164,36 @@ def test_love_and_skipped_variances_run_gpytorch_code():
         model.prediction_strategy = None
         love = _latent(model, Xs).variance
     torch.testing.assert_close(love, exact, rtol=1e-3, atol=1e-6)
-    with gpytorch.settings.skip_posterior_variances():
+    with gpytorch.settings.skip_posterior_variances(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NumericalWarning)  # GPyTorch's own note on its zero variances
         assert float(_latent(model, Xs).variance.abs().max()) <= 1e-6  # GPyTorch's zero (clamped) variance
+
+
+@pytest.mark.parametrize("save", ["pickle", "torch.save"])
+def test_switched_model_pickles_as_switched(save, tmp_path):
+    import pickle
+
+    model, lik, Xs = _problem(m=30)
+    original, kernel_class = type(model), type(model.covar_module)
+    use_gpscale(model, **ITERATIVE)
+    var = _latent(model, Xs).variance
+    if save == "pickle":
+        copy_ = pickle.loads(pickle.dumps(model))
+    else:
+        torch.save(model, tmp_path / "model.pt")
+        copy_ = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert type(copy_) is type(model) and type(copy_.covar_module) is type(model.covar_module)
+    copy_.prediction_strategy = None
+    torch.testing.assert_close(_latent(copy_, Xs).variance, var, rtol=0, atol=0)
+    assert backend_stats(copy_)["options"] == backend_stats(model)["options"]
+    restore_gpytorch(copy_)
+    assert type(copy_) is original and type(copy_.covar_module) is kernel_class
+
+
+def test_pickling_with_protocol_below_2_says_so():
+    import pickle
+
+    model, _, _ = _problem(m=5)
+    use_gpscale(model, **ITERATIVE)
+    with pytest.raises(pickle.PicklingError, match="protocol >= 2"):
+        pickle.dumps(model, protocol=1)

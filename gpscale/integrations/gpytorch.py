@@ -10,7 +10,9 @@ prediction (``model.eval(); likelihood(model(Xs))``) run on gpscale's tiled kern
 preconditioned CG, preconditioners and preconditioned SLQ log-det.  ``restore_gpytorch(model)`` (or the
 context manager :func:`gpscale_backend`) switches back.  Parameters, their names, ``state_dict`` and
 optimiser state are untouched: the switch changes the *class* of ``model.covar_module`` to a subclass
-whose ``__call__`` returns a :class:`~gpscale.integrations.gpytorch_operator.GpscaleKernelLinearOperator`.
+whose ``__call__`` returns a :class:`~gpscale.integrations.gpytorch_operator.GpscaleKernelLinearOperator`, and
+that of an ``ExactGP`` to a subclass whose prediction strategy forms a symmetric, certified predictive
+covariance (:mod:`gpscale.integrations.gpytorch_predict`).
 
 Supported: ``ScaleKernel(RBFKernel | MaternKernel(nu))`` or the bare base kernel, shared or ARD
 lengthscale, ``GaussianLikelihood`` (homoscedastic noise), any mean, 2-D inputs, no batch shape.
@@ -24,7 +26,9 @@ gpytorch is an optional dependency: importing this module imports it.
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import dataclasses
+import pickle
 from dataclasses import dataclass
 
 import gpytorch
@@ -71,7 +75,8 @@ class BackendOptions:
     solve_rtol : float, default 1e-4
         Accuracy of the prediction solves (mean cache, predictive covariance): each column stops when
         CG's Gauss-Radau bound certifies its squared energy-norm error ``<= solve_rtol * σ²``, so every
-        predictive variance of y lies in ``[var⋆, var⋆ (1 + solve_rtol)]`` and the mean errs by at most
+        predictive variance of y lies in ``[var⋆, var⋆ (1 + solve_rtol)]``, the whole covariance is too
+        large by a PSD matrix with entries ``<= solve_rtol * σ²``, and the mean errs by at most
         ``sqrt(outputscale * solve_rtol) * σ`` (docs/gpytorch.md).  The backward of a differentiated
         solve stops on the relative residual ``solve_rtol``.
     max_iter : int, default 1000
@@ -189,8 +194,26 @@ def _swapped_class(cls: type, mixin: type) -> type:
     """``cls`` with ``mixin`` in front (cached: one class per pair, so ``isinstance`` stays stable)."""
     if (cls, mixin) not in _SWAPPED:
         _SWAPPED[cls, mixin] = type(f"Gpscale{cls.__name__}", (mixin, cls),
-                                    {"__module__": __name__, "_gpscale_original_class": cls})
+                                    {"__module__": __name__, "_gpscale_original_class": cls,
+                                     "__reduce_ex__": _reduce_swapped})
     return _SWAPPED[cls, mixin]
+
+
+def _new_swapped(cls: type, mixin: type):
+    """Unpickling a switched kernel or model: a bare instance of its swapped class (its state follows)."""
+    swapped = _swapped_class(cls, mixin)
+    return swapped.__new__(swapped)
+
+
+def _reduce_swapped(self, protocol):
+    # A swapped class is made at run time, so pickle cannot find it by name: record the user's class and
+    # the mixin instead (both importable), so that torch.save(model) / copy.deepcopy keep the switch.
+    swapped = type(self)
+    reduced = super(swapped, self).__reduce_ex__(protocol)
+    if protocol < 2 or reduced[0] is not copyreg.__newobj__ or reduced[1][:1] != (swapped,):
+        raise pickle.PicklingError(f"{swapped.__name__} (a gpscale-switched {swapped._gpscale_original_class.__name__}) "
+                                   "pickles with protocol >= 2 only (pickle's and torch.save's defaults)")
+    return (_new_swapped, (swapped._gpscale_original_class, swapped.__mro__[1]), *reduced[2:])
 
 
 def _switch_model(model) -> None:
