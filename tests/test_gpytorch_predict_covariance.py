@@ -140,8 +140,11 @@ def test_switch_installs_and_restore_removes_the_strategy():
     keys = set(model.state_dict())
     use_gpscale(model, **ITERATIVE)
     assert isinstance(model, original) and isinstance(model, GpscaleModelMixin) and set(model.state_dict()) == keys
-    use_gpscale(model, **ITERATIVE)  # idempotent: one swapped class
-    assert type(model).__mro__[1:3] == (GpscaleModelMixin, original)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # switching again only changes the options, silently
+        use_gpscale(model, **dict(ITERATIVE, solve_rtol=2e-3))
+    assert backend_stats(model)["options"].solve_rtol == 2e-3
+    assert type(model).__mro__[1:3] == (GpscaleModelMixin, original)  # one swapped class
     var = _latent(model, Xs).variance
     assert type(model.prediction_strategy) is GpscalePredictionStrategy
     twin = copy.deepcopy(model)

@@ -138,7 +138,8 @@ def _kernel_kind(base) -> str | None:
 
 def _unsupported_reason(kernel) -> str | None:
     """Why ``kernel`` cannot run on gpscale (``None`` if it can)."""
-    scale = kernel if type(kernel) is gpytorch.kernels.ScaleKernel else None
+    # a kernel switched earlier is judged by its own class: use_gpscale again only changes the options
+    scale = kernel if getattr(kernel, "_gpscale_original_class", type(kernel)) is gpytorch.kernels.ScaleKernel else None
     base = kernel.base_kernel if scale is not None else kernel
     if _kernel_kind(base) is None:
         return (f"covar_module {type(kernel).__name__}({type(base).__name__}) is not supported (gpscale runs "
@@ -211,8 +212,9 @@ def _reduce_swapped(self, protocol):
     swapped = type(self)
     reduced = super(swapped, self).__reduce_ex__(protocol)
     if protocol < 2 or reduced[0] is not copyreg.__newobj__ or reduced[1][:1] != (swapped,):
-        raise pickle.PicklingError(f"{swapped.__name__} (a gpscale-switched {swapped._gpscale_original_class.__name__}) "
-                                   "pickles with protocol >= 2 only (pickle's and torch.save's defaults)")
+        raise pickle.PicklingError(f"{swapped.__name__} (a gpscale-switched "
+                                   f"{swapped._gpscale_original_class.__name__}) pickles with protocol >= 2 only "
+                                   "(pickle's and torch.save's defaults)")
     return (_new_swapped, (swapped._gpscale_original_class, swapped.__mro__[1]), *reduced[2:])
 
 
