@@ -266,8 +266,8 @@ def use_gpscale(model, options: BackendOptions | None = None, **kwargs):
     model
         Unchanged parameters, names and state; only the classes of the kernel and (for an ``ExactGP``, to
         install gpscale's predictive covariance, :mod:`gpscale.integrations.gpytorch_predict`) of the model
-        are swapped for subclasses.  An unsupported
-        model is returned unswitched with one :class:`GPyTorchFallbackWarning` saying why.
+        are swapped for subclasses.  An unsupported model is returned unswitched with one
+        :class:`GPyTorchFallbackWarning` saying why.  Calling it again on a switched model changes its options.
 
     Examples
     --------

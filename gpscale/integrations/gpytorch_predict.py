@@ -64,7 +64,7 @@ def negative_covariance_correction(K: GpscaleKernelLinearOperator, B: torch.Tens
         ``−WᵀW`` (Cholesky path) or ``−(BᵀV + VᵀR)`` with ``R = B − K̂V`` (CG path), ``(m, m)``.
 
     Complexity: the CG path is one certified CG solve of width ``m`` (in blocks of ``solve_block``) plus one
-    kernel product; memory three ``(n, m)`` blocks.  The Cholesky path is ``O(n³ + n² m)``.
+    kernel product; memory four ``(n, m)`` blocks (``B``, ``V``, ``K̂V``, ``R``).  The Cholesky path is ``O(n³ + n² m)``.
     """
     if K._use_cholesky():
         W = torch.linalg.solve_triangular(cholesky_factor(K.to_dense()), B, upper=False)
