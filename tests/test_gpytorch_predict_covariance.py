@@ -203,3 +203,24 @@ def test_pickling_with_protocol_below_2_says_so():
     use_gpscale(model, **ITERATIVE)
     with pytest.raises(pickle.PicklingError, match="protocol >= 2"):
         pickle.dumps(model, protocol=1)
+
+
+def test_first_prediction_solves_mean_cache_and_covariance_in_one_cg_call():
+    model, lik, Xs = _problem(m=150)
+    with torch.no_grad(), EXACT:
+        exact = lik(model(Xs))
+        exact_mean, exact_var = exact.mean, exact.variance
+    f = _latent(model, Xs, **ITERATIVE)
+    counts = backend_stats(model)["counts"]
+    assert counts == {"predictive_covariance": 1}  # no separate mean-cache solve
+    s, noise = float(model.covar_module.outputscale.detach()), float(lik.noise.detach())
+    assert float((f.mean - exact_mean).abs().max()) <= (s * RTOL * noise) ** 0.5  # the mean's certificate
+    _latent(model, Xs[:7])  # later predictions reuse GPyTorch's mean cache
+    assert backend_stats(model)["counts"] == {"predictive_covariance": 2}
+    model.prediction_strategy = None
+    with gpytorch.settings.fast_pred_var():  # LOVE: GPyTorch's covariance, the mean cache by its own solve
+        torch.testing.assert_close(_latent(model, Xs).mean, f.mean, rtol=0, atol=(s * RTOL * noise) ** 0.5)
+    assert backend_stats(model)["counts"]["solve"] == 1
+    with torch.no_grad():
+        var = lik(f).variance
+    assert float(((var - exact_var) / exact_var).min()) >= -1e-10

@@ -36,19 +36,30 @@ from __future__ import annotations
 import torch
 from gpytorch import settings
 from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
+from gpytorch.utils.errors import CachingError
+from gpytorch.utils.memoize import add_to_cache, get_from_cache
 from linear_operator import to_dense, to_linear_operator
 from linear_operator.operators import LinearOperator, MatmulLinearOperator
 
+from .._validation import check_finite
 from ..likelihood.cholesky import cholesky_factor
 from ..logdet.slq import build_preconditioner
 from .gpytorch_operator import GpscaleKernelLinearOperator, _chunked_cg, _prediction_solver
 
-__all__ = ["GpscaleModelMixin", "GpscalePredictionStrategy", "negative_covariance_correction"]
+__all__ = ["GpscaleModelMixin", "GpscalePredictionStrategy", "certified_solve", "negative_covariance_correction"]
 
 _SLOT = "_gpscale_prediction_strategy"
 
 
-def negative_covariance_correction(K: GpscaleKernelLinearOperator, B: torch.Tensor) -> LinearOperator:
+def certified_solve(K: GpscaleKernelLinearOperator, op, B: torch.Tensor) -> torch.Tensor:
+    """``K̂⁻¹B`` by preconditioned CG, each column's squared energy-norm error certified ``<= solve_rtol σ²``."""
+    opts = K.options
+    P = build_preconditioner(op, opts.preconditioner)
+    return _chunked_cg(op, P, B, opts, K.state, "predictive_covariance", _prediction_solver(op, P, opts))
+
+
+def negative_covariance_correction(K: GpscaleKernelLinearOperator, B: torch.Tensor,
+                                   V: torch.Tensor | None = None) -> LinearOperator:
     """``−Bᵀ K̂⁻¹ B`` as a lazy, symmetric operator (module docstring).
 
     Parameters
@@ -57,6 +68,8 @@ def negative_covariance_correction(K: GpscaleKernelLinearOperator, B: torch.Tens
         The symmetric training covariance ``s K_f(X, X) + σ² I``.
     B : (n, m) tensor
         The train/test kernel block ``K(X, X*)`` (may require gradients).
+    V : (n, m) tensor, optional
+        :func:`certified_solve` of ``B``, if already computed (CG path only).
 
     Returns
     -------
@@ -69,10 +82,9 @@ def negative_covariance_correction(K: GpscaleKernelLinearOperator, B: torch.Tens
     if K._use_cholesky():
         W = torch.linalg.solve_triangular(cholesky_factor(K.to_dense()), B, upper=False)
         return MatmulLinearOperator(W.mT, -W)
-    op, opts = K._gpscale_op(), K.options
+    op = K._gpscale_op()
     with torch.no_grad():
-        P = build_preconditioner(op, opts.preconditioner)
-        V = _chunked_cg(op, P, B.detach(), opts, K.state, "predictive_covariance", _prediction_solver(op, P, opts))
+        V = certified_solve(K, op, B.detach()) if V is None else V
         KV = op.matmul(V)
     if any(t.requires_grad for t in (K.lengthscale, K.outputscale, K.noise)):
         KV = K.matmul(V)  # one more product, differentiable in the hyperparameters (-Vᵀ ∂K̂ V)
@@ -80,7 +92,50 @@ def negative_covariance_correction(K: GpscaleKernelLinearOperator, B: torch.Tens
 
 
 class GpscalePredictionStrategy(DefaultPredictionStrategy):
-    """GPyTorch's default strategy with the predictive covariance of :func:`negative_covariance_correction`."""
+    """GPyTorch's default strategy with the predictive covariance of :func:`negative_covariance_correction`.
+
+    The first prediction also solves for GPyTorch's mean cache ``K̂⁻¹(y − μ)`` in the *same* CG call as the
+    covariance's columns: every kernel product serves both, instead of a separate single-column solve that
+    costs about as many products (the tiles are recomputed whatever the width).
+    """
+
+    _gpscale_solved = None  # (B, V) of the running prediction's joint solve
+
+    def exact_prediction(self, test_mean, test_test_covar, test_train_covar):
+        K = self._joint_solve_operator(test_train_covar)
+        if K is None:
+            return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
+        B = to_dense(test_train_covar).mT
+        train = self.likelihood(self.train_prior_dist, self.train_inputs)
+        r = (self.train_labels - train.loc).detach()
+        check_finite("training targets minus mean (GPyTorch mean cache)", r)
+        with torch.no_grad():
+            V = certified_solve(K, K._gpscale_op(), torch.cat([r[:, None], B.detach()], dim=1))
+        add_to_cache(self, "mean_cache", V[:, 0], "ignore")  # GPyTorch's key: _mean_cache(nan_policy)
+        self._gpscale_solved = (B, V[:, 1:])
+        try:
+            return super().exact_prediction(test_mean, test_test_covar, B.mT)
+        finally:
+            self._gpscale_solved = None
+
+    def _joint_solve_operator(self, test_train_covar) -> GpscaleKernelLinearOperator | None:
+        """The training operator if this prediction can solve mean cache and covariance together."""
+        if (settings.fast_pred_var.on() or settings.skip_posterior_variances.on() or settings.detach_test_caches.off()
+                or settings.observation_nan_policy.value() != "ignore" or test_train_covar.dim() != 2):
+            return None
+        try:
+            get_from_cache(self, "mean_cache", "ignore")
+            return None  # later predictions: the mean cache is there, the covariance solves alone
+        except CachingError:
+            pass
+        K = self._gpscale_train_covar()
+        return None if K is None or K._use_cholesky() else K
+
+    def _solved(self, B: torch.Tensor) -> torch.Tensor | None:
+        solved = self._gpscale_solved
+        if solved is None or solved[0].shape != B.shape or solved[0].data_ptr() != B.data_ptr():
+            return None
+        return solved[1]
 
     def exact_predictive_covar(self, test_test_covar, test_train_covar):
         if settings.fast_pred_var.on() or settings.skip_posterior_variances.on():
@@ -88,7 +143,8 @@ class GpscalePredictionStrategy(DefaultPredictionStrategy):
         K = self._gpscale_train_covar()
         if K is None or test_train_covar.dim() != 2:
             return super().exact_predictive_covar(test_test_covar, test_train_covar)
-        correction = negative_covariance_correction(K, to_dense(test_train_covar).mT)
+        B = to_dense(test_train_covar).mT
+        correction = negative_covariance_correction(K, B, None if K._use_cholesky() else self._solved(B))
         if torch.is_tensor(test_test_covar):  # small joints: GPyTorch hands dense blocks over
             return to_linear_operator(test_test_covar + correction.to_dense())
         return test_test_covar + correction
