@@ -61,8 +61,9 @@ def gpytorch_arm(Xt, yt, Xs, h, exact_mean, exact_var, kind: str, rtol, exact_co
 
     model, lik = _model(Xt, yt, h)
     if kind == "gpscale-backend":
-        # one block of columns, so that backend_stats' last solve holds every test point's iterations
-        use_gpscale(model, method="iterative", solve_rtol=rtol, solve_block=max(1, Xs.shape[0]))
+        # one block of columns (the mean cache's and the test points'), so that backend_stats' last solve
+        # holds every column's iterations
+        use_gpscale(model, method="iterative", solve_rtol=rtol, solve_block=Xs.shape[0] + 1)
     noise = h["noise"]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
