@@ -79,13 +79,18 @@ def test_backend_variances_are_certified(rtol):
     assert float(rel.max()) <= rtol
 
 
+def stock_first_order_covariance(monkeypatch):
+    """GPyTorch's own covariance, ``K** - K*ᵀ solve(K*)``: the first-order form, in place of gpscale's."""
+    stock = gpytorch.models.exact_prediction_strategies.DefaultPredictionStrategy.exact_predictive_covar
+    monkeypatch.setattr(gpp.GpscalePredictionStrategy, "exact_predictive_covar", stock)
+
+
 def first_order_residual_rule(monkeypatch):
     """The backend before certification: residual rule at solve_rtol, GPyTorch's first-order ``kᵀx``."""
     residual = lambda op, P, opts: ConjugateGradients(rtol=opts.solve_rtol, max_iter=opts.max_iter)  # noqa: E731
     monkeypatch.setattr(gop, "_prediction_solver", residual)
     monkeypatch.setattr(gpp, "_prediction_solver", residual)
-    stock = gpytorch.models.exact_prediction_strategies.DefaultPredictionStrategy.exact_predictive_covar
-    monkeypatch.setattr(gpp.GpscalePredictionStrategy, "exact_predictive_covar", stock)
+    stock_first_order_covariance(monkeypatch)
 
 
 def test_residual_rule_breaks_the_bound_on_this_problem(monkeypatch):
@@ -100,8 +105,7 @@ def test_residual_rule_breaks_the_bound_on_this_problem(monkeypatch):
 def test_certified_stopping_alone_with_first_order_form_is_not_enough(monkeypatch):
     # certified stopping, but GPyTorch's first-order kᵀx: rounding breaks CG's Galerkin identity, so some
     # variances leave [var⋆, var⋆(1 + rtol)] -- the second-order form is what makes the certificate hold
-    stock = gpytorch.models.exact_prediction_strategies.DefaultPredictionStrategy.exact_predictive_covar
-    monkeypatch.setattr(gpp.GpscalePredictionStrategy, "exact_predictive_covar", stock)
+    stock_first_order_covariance(monkeypatch)
     model, lik, Xs = _problem()
     rel = _excess(model, lik, Xs, 1e-2)
     assert float(rel.min()) < -1e-10 or float(rel.max()) > 1e-2

@@ -23,7 +23,7 @@ from gpscale.integrations.gpytorch import backend_stats, restore_gpytorch, use_g
 from gpscale.integrations.gpytorch_predict import GpscaleModelMixin, GpscalePredictionStrategy
 from linear_operator.operators import DenseLinearOperator
 from linear_operator.utils.warnings import NumericalWarning
-from test_gpytorch_predict_certified import EXACT, _problem
+from test_gpytorch_predict_certified import EXACT, _problem, stock_first_order_covariance
 
 RTOL = 1e-3
 ITERATIVE = dict(method="iterative", solve_rtol=RTOL, preconditioner=gpscale.precond.PivotedCholesky(rank=20),
@@ -41,11 +41,6 @@ def _latent(model, Xs, **backend):
     with torch.no_grad(), EXACT, warnings.catch_warnings():
         warnings.simplefilter("ignore", gpscale.CGWarning)
         return model(Xs)
-
-
-def _stock_first_order(monkeypatch):
-    stock = gpytorch.models.exact_prediction_strategies.DefaultPredictionStrategy.exact_predictive_covar
-    monkeypatch.setattr(gpp.GpscalePredictionStrategy, "exact_predictive_covar", stock)
 
 
 @pytest.mark.parametrize("m", [60, 150])  # n + m below / above GPyTorch's max_eager_kernel_size (512)
@@ -66,7 +61,7 @@ def test_covariance_is_symmetric_and_too_large_by_a_certified_psd_matrix(m):
 
 def test_first_order_form_breaks_symmetry_on_the_same_problem(monkeypatch):
     # the case above discriminates: GPyTorch's kᵢᵀvⱼ with the same certified solves is far from symmetric
-    _stock_first_order(monkeypatch)
+    stock_first_order_covariance(monkeypatch)
     model, lik, Xs = _with_duplicates(150)
     C = _latent(model, Xs, **ITERATIVE).covariance_matrix
     assert float((C - C.mT).abs().max()) > 1e-3 * RTOL * float(lik.noise.detach())
@@ -224,3 +219,4 @@ def test_first_prediction_solves_mean_cache_and_covariance_in_one_cg_call():
     with torch.no_grad():
         var = lik(f).variance
     assert float(((var - exact_var) / exact_var).min()) >= -1e-10
+

@@ -77,7 +77,8 @@ def negative_covariance_correction(K: GpscaleKernelLinearOperator, B: torch.Tens
         ``−WᵀW`` (Cholesky path) or ``−(BᵀV + VᵀR)`` with ``R = B − K̂V`` (CG path), ``(m, m)``.
 
     Complexity: the CG path is one certified CG solve of width ``m`` (in blocks of ``solve_block``) plus one
-    kernel product; memory four ``(n, m)`` blocks (``B``, ``V``, ``K̂V``, ``R``).  The Cholesky path is ``O(n³ + n² m)``.
+    kernel product; memory four ``(n, m)`` blocks (``B``, ``V``, ``K̂V``, ``R``).  The Cholesky path is
+    ``O(n³ + n² m)``.
     """
     if K._use_cholesky():
         W = torch.linalg.solve_triangular(cholesky_factor(K.to_dense()), B, upper=False)
@@ -85,9 +86,11 @@ def negative_covariance_correction(K: GpscaleKernelLinearOperator, B: torch.Tens
     op = K._gpscale_op()
     with torch.no_grad():
         V = certified_solve(K, op, B.detach()) if V is None else V
-        KV = op.matmul(V)
     if any(t.requires_grad for t in (K.lengthscale, K.outputscale, K.noise)):
-        KV = K.matmul(V)  # one more product, differentiable in the hyperparameters (-Vᵀ ∂K̂ V)
+        KV = K.matmul(V)  # differentiable in the hyperparameters (-Vᵀ ∂K̂ V), detach_test_caches(False)
+    else:
+        with torch.no_grad():
+            KV = op.matmul(V)
     return MatmulLinearOperator(B.mT, -V) + MatmulLinearOperator(V.mT, KV - B)
 
 
@@ -144,7 +147,7 @@ class GpscalePredictionStrategy(DefaultPredictionStrategy):
         if K is None or test_train_covar.dim() != 2:
             return super().exact_predictive_covar(test_test_covar, test_train_covar)
         B = to_dense(test_train_covar).mT
-        correction = negative_covariance_correction(K, B, None if K._use_cholesky() else self._solved(B))
+        correction = negative_covariance_correction(K, B, self._solved(B))  # None: no joint solve ran
         if torch.is_tensor(test_test_covar):  # small joints: GPyTorch hands dense blocks over
             return to_linear_operator(test_test_covar + correction.to_dense())
         return test_test_covar + correction
