@@ -236,3 +236,11 @@ def test_second_order_quadratic_errs_by_exactly_the_squared_energy_error(scale):
     atol = 1e-9 * float(exact.abs().max())
     torch.testing.assert_close(exact - q, _energy_error(A, V, Xs) ** 2, rtol=1e-6, atol=atol)
     assert bool((q <= exact + atol).all())  # never above bᵀA⁻¹b
+
+
+def test_second_order_quadratic_refuses_mismatched_shapes_and_dtypes():
+    B = torch.ones(5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="one shape"):
+        second_order_quadratic(B, B[:, :1], B)  # would broadcast
+    with pytest.raises(TypeError, match="dtype"):
+        second_order_quadratic(B, B.float(), B)

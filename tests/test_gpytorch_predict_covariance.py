@@ -220,3 +220,11 @@ def test_first_prediction_solves_mean_cache_and_covariance_in_one_cg_call():
         var = lik(f).variance
     assert float(((var - exact_var) / exact_var).min()) >= -1e-10
 
+
+def test_covariance_correction_refuses_a_wrong_shape():
+    model, lik, Xs = _problem(m=5)
+    use_gpscale(model, **ITERATIVE)
+    with torch.no_grad():
+        K = lik(model.forward(model.train_inputs[0])).lazy_covariance_matrix
+    with pytest.raises(ValueError, match="shape"):
+        gpp.negative_covariance_correction(K, torch.ones(3, 2, dtype=torch.float64))

@@ -80,6 +80,9 @@ def negative_covariance_correction(K: GpscaleKernelLinearOperator, B: torch.Tens
     kernel product; memory four ``(n, m)`` blocks (``B``, ``V``, ``K̂V``, ``R``).  The Cholesky path is
     ``O(n³ + n² m)``.
     """
+    if B.dim() != 2 or B.shape[0] != K.shape[0] or (V is not None and V.shape != B.shape):
+        raise ValueError(f"negative_covariance_correction needs B = K(X, X*) of shape ({K.shape[0]}, m) and V of "
+                         f"B's shape; got B {tuple(B.shape)}, V {None if V is None else tuple(V.shape)}")
     if K._use_cholesky():
         W = torch.linalg.solve_triangular(cholesky_factor(K.to_dense()), B, upper=False)
         return MatmulLinearOperator(W.mT, -W)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_tolerance
+from .._validation import check_same, check_tolerance
 
 __all__ = ["RadauBound", "energy_stopping", "second_order_quadratic"]
 
@@ -153,4 +153,10 @@ def second_order_quadratic(B: torch.Tensor, V: torch.Tensor, AV: torch.Tensor) -
     -------
     (t,) tensor
     """
+    if B.dim() != 2 or V.shape != B.shape or AV.shape != B.shape:
+        # elementwise products would broadcast a mismatch silently into a wrong answer
+        raise ValueError(f"second_order_quadratic needs B, V and AV of one shape (n, t); got {tuple(B.shape)}, "
+                         f"{tuple(V.shape)} and {tuple(AV.shape)} (reshape a vector to (n, 1))")
+    check_same(B, V, "B", "V")
+    check_same(B, AV, "B", "AV")
     return (B * V).sum(0) + (V * (B - AV)).sum(0)
